@@ -1,0 +1,122 @@
+"""Find the MLP of every transformer block, whatever the model family calls its layers.
+
+An ``MlpSite`` names the Linear layers that read the block input into hidden units (one, or two
+for gated MLPs), the Linear that writes them back, and an optional LayerNorm over the hidden
+units. Family-specific attribute names live here and nowhere else in ``pruning``.
+
+Gated MLPs (SwiGLU) compute ``act(gate) * value``: one index set is kept in both halves. The
+selection importance is computed on the gate half, the one that passes through the
+non-linearity, like fc1 in a plain MLP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+PLAIN = "plain"  # fc_in -> act -> fc_out
+GATED_SPLIT = "gated_split"  # act(fc1_g(x)) * fc1_x(x) -> fc2 (timm SwiGLU)
+GATED_FUSED = "gated_fused"  # one Linear of 2M rows, chunked into two halves (timm GluMlp, DINOv2 w12)
+
+# (input Linear names, output Linear name, layout) per family, checked in this order.
+_SPLIT_GATED_NAMES = (("fc1_g", "fc1_x"), "fc2")  # timm SwiGLU (EVA02)
+_FUSED_GATED_NAMES = (("w12",), "w3")  # DINOv2 SwiGLUFFN
+_PLAIN_NAMES = ((("c_fc",), "c_proj"), (("fc1",), "fc2"))  # open_clip, timm Mlp
+
+
+@dataclass(frozen=True)
+class MlpSite:
+    """One block's MLP: module path, its layout, and the attribute names of its layers."""
+
+    path: str
+    """Dotted module path of the MLP inside the model, e.g. ``visual.transformer.resblocks.0.mlp``."""
+    layout: str
+    """``plain``, ``gated_split`` or ``gated_fused``."""
+    in_names: tuple[str, ...]
+    """Attributes of the Linear layers producing hidden units; for ``gated_split`` (gate, value)."""
+    out_name: str
+    """Attribute of the Linear consuming hidden units."""
+    hidden: int
+    """Number of hidden units (M)."""
+    width: int
+    """Block width (N), the input size of the MLP."""
+    norm_name: str | None = None
+    """LayerNorm over the hidden units (timm ``scale_mlp``), sliced with them; None if absent."""
+    gate_last: bool = False
+    """For ``gated_fused``: the second half is the gate (timm ``GluMlp(gate_last=True)``)."""
+
+    def module(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.path)
+
+    def selection_weight(self, model: nn.Module) -> torch.Tensor:
+        """The [hidden, width] weight whose rows rank the hidden units (gate half when gated)."""
+        mlp = self.module(model)
+        weight = getattr(mlp, self.in_names[0]).weight
+        if self.layout == GATED_FUSED:
+            gate, value = weight.chunk(2, dim=0)
+            return value if self.gate_last else gate
+        return weight
+
+    def parameter_names(self) -> list[str]:
+        """Names of every tensor (relative to ``path``) whose shape depends on the hidden width."""
+        names = [f"{n}.{p}" for n in self.in_names for p in ("weight", "bias")]
+        names.append(f"{self.out_name}.weight")
+        if self.norm_name is not None:
+            names += [f"{self.norm_name}.weight", f"{self.norm_name}.bias"]
+        return names
+
+
+def find_mlp_sites(model: nn.Module) -> list[MlpSite]:
+    """Every recognised MLP in ``model``, in module order. Raises ValueError if there is none."""
+    sites = [site for path, module in model.named_modules() if (site := mlp_site_of(path, module))]
+    if not sites:
+        raise ValueError(f"no MLP block found in {type(model).__name__}: expected open_clip (c_fc/c_proj), "
+                         "timm (fc1/fc2, fc1_g/fc1_x/fc2) or DINOv2 (w12/w3) layouts")
+    return sites
+
+
+def mlp_site_of(path: str, module: nn.Module) -> MlpSite | None:
+    """The site if ``module`` is an MLP of a known layout, else None."""
+
+    def linear(name: str) -> nn.Linear | None:
+        child = getattr(module, name, None)
+        return child if isinstance(child, nn.Linear) else None
+
+    (gate_name, value_name), out_name = _SPLIT_GATED_NAMES
+    gate, value, out = linear(gate_name), linear(value_name), linear(out_name)
+    if gate and value and out and gate.out_features == value.out_features == out.in_features:
+        return _site(path, module, GATED_SPLIT, (gate_name, value_name), out_name, gate)
+
+    (fused_name,), out_name = _FUSED_GATED_NAMES
+    fused, out = linear(fused_name), linear(out_name)
+    if fused and out and fused.out_features == 2 * out.in_features:
+        return _site(path, module, GATED_FUSED, (fused_name,), out_name, fused)
+
+    for (in_name,), out_name in _PLAIN_NAMES:
+        fc_in, out = linear(in_name), linear(out_name)
+        if not (fc_in and out):
+            continue
+        if fc_in.out_features == out.in_features:
+            return _site(path, module, PLAIN, (in_name,), out_name, fc_in)
+        if fc_in.out_features == 2 * out.in_features:  # timm GluMlp / SwiGLUPacked
+            return _site(path, module, GATED_FUSED, (in_name,), out_name, fc_in)
+    return None
+
+
+def _site(path: str, module: nn.Module, layout: str, in_names: tuple[str, ...], out_name: str,
+          first: nn.Linear) -> MlpSite:
+    hidden = getattr(module, out_name).in_features
+    norm = getattr(module, "norm", None)
+    has_norm = isinstance(norm, nn.LayerNorm) and tuple(norm.normalized_shape) == (hidden,)
+    return MlpSite(
+        path=path,
+        layout=layout,
+        in_names=in_names,
+        out_name=out_name,
+        hidden=hidden,
+        width=first.in_features,
+        norm_name="norm" if has_norm else None,
+        gate_last=bool(getattr(module, "gate_last", False)),
+    )

@@ -1,0 +1,58 @@
+"""First-order Taylor importance of hidden units: sum over samples and tokens of |a * dL/da|.
+
+``a`` is the input of the MLP's output Linear (the hidden units after the activation, or the
+gated product), so the score is the loss change predicted by removing one unit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .sites import MlpSite, find_mlp_sites
+
+
+def collect_taylor_scores(
+    model: nn.Module,
+    batches: Iterable,
+    loss_fn: Callable[[nn.Module, object], torch.Tensor],
+    sites: list[MlpSite] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run ``loss_fn(model, batch)`` and backward on each batch; return float64 scores per site path.
+
+    Parameter gradients are left as they were before the call.
+    """
+    sites = sites if sites is not None else find_mlp_sites(model)
+    scores = {s.path: torch.zeros(s.hidden, dtype=torch.float64) for s in sites}
+    saved_grads = {id(p): p.grad for p in model.parameters()}
+    handles = []
+
+    def hook_for(path: str):
+        def forward_pre_hook(_module: nn.Module, args: tuple) -> None:
+            act = args[0]
+            if not act.requires_grad:
+                return
+
+            def grad_hook(grad: torch.Tensor) -> None:
+                contrib = (act.detach() * grad).abs().flatten(0, -2).sum(0)
+                scores[path] += contrib.to(device="cpu", dtype=torch.float64)
+
+            act.register_hook(grad_hook)
+
+        return forward_pre_hook
+
+    try:
+        for site in sites:
+            out = getattr(site.module(model), site.out_name)
+            handles.append(out.register_forward_pre_hook(hook_for(site.path)))
+        with torch.enable_grad():
+            for batch in batches:
+                loss_fn(model, batch).backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p in model.parameters():
+            p.grad = saved_grads[id(p)]
+    return scores
