@@ -1,0 +1,1 @@
+"""The DGMR prune-and-distill training application."""
