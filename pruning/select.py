@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 METHODS = ("diversity", "l2", "random", "taylor")
 
 # A round of Gram-Schmidt ends early once every remaining residual is below this fraction of
-# the round's largest row norm: those rows are (numerically) spanned by the rows already
-# picked, and the next round restarts from their original weights. Full-rank fc1 weights
-# never reach it; it only decides what happens for rank-deficient ones.
+# the round's largest row norm (float64 / float32 working precision): those rows are
+# numerically spanned by the rows already picked, and the next round restarts from their
+# original weights. Full-rank fc1 weights never reach it; it decides rank-deficient cases.
 RANK_TOL = 1e-6
+RANK_TOL_FP32 = 1e-3
 
-_CPU_BLOCK = 64
+_CPU_BLOCK = 32
 
 
 def select_mlp_channels(
@@ -72,18 +75,34 @@ def _top_by_score(score: torch.Tensor, num_keep: int) -> torch.LongTensor:
     return torch.sort(score, descending=True, stable=True).indices[:num_keep]
 
 
-def diversity_order(weight: torch.Tensor, num_keep: int, *, algorithm: str = "auto") -> torch.LongTensor:
+def diversity_order(weight: torch.Tensor, num_keep: int, *, algorithm: str = "auto",
+                    dtype: torch.dtype = torch.float32) -> torch.LongTensor:
     """DGMR order: greedy Gram-Schmidt on fc1 rows by largest residual norm, in rounds of N.
 
-    Computed in float64. ``algorithm`` is ``blocked`` (exact blocked method, default on CPU) or
-    ``dense`` (one rank-1 update per pick with no host sync, default on CUDA).
+    ``algorithm``: ``blocked`` (the blocked method, default on CPU) or ``dense`` (one rank-1
+    update per pick, no host sync inside a round, default on CUDA). Both make the same picks
+    as the plain loop. ``dtype`` is the working precision (float32 or float64; squared norms
+    are always accumulated in float64). Two implementations in the same precision can only
+    disagree where two residual norms tie to within rounding (about 1e-6 relative in float32);
+    float64 pushes that to about 1e-14.
     """
     if algorithm == "auto":
         algorithm = "dense" if weight.is_cuda else "blocked"
     if algorithm not in ("blocked", "dense"):
         raise ValueError(f"unknown algorithm {algorithm!r}; expected 'blocked' or 'dense'")
-    one_round = _round_blocked if algorithm == "blocked" else _round_dense
-    w = weight.detach().to(torch.float64)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    w = weight.detach().to(dtype)
+    if algorithm == "dense":
+        return _rounds(w, num_keep, _round_dense)
+    # The per-pick vector work runs in NumPy; its BLAS threads would spin against torch's for
+    # the two cores' worth of matrix products, so they are held to one thread.
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _rounds(w, num_keep, _round_blocked)
+
+
+def _rounds(w: torch.Tensor, num_keep: int, one_round) -> torch.LongTensor:
+    """Rounds of at most N picks, each on the rows not picked yet, until ``num_keep`` are chosen."""
     remaining = torch.arange(w.shape[0], device=w.device)
     chosen: list[torch.Tensor] = []
     left = num_keep
@@ -103,8 +122,8 @@ def diversity_order(weight: torch.Tensor, num_keep: int, *, algorithm: str = "au
 def _round_dense(rows: torch.Tensor, max_picks: int) -> torch.LongTensor:
     """One round, one rank-1 update per pick; the loop never waits for the device."""
     residual = rows.clone()
-    sq_norm = (residual * residual).sum(1)
-    tol2 = RANK_TOL**2 * sq_norm.max()
+    sq_norm = _row_sq_norms(residual)
+    tol2 = _rank_tol(rows.dtype) ** 2 * sq_norm.max()
     order = torch.empty(max_picks, dtype=torch.long, device=rows.device)
     valid = torch.empty(max_picks, dtype=torch.bool, device=rows.device)
     for k in range(max_picks):
@@ -116,81 +135,144 @@ def _round_dense(rows: torch.Tensor, max_picks: int) -> torch.LongTensor:
         q = torch.where(ok, r / r.norm().clamp_min(torch.finfo(r.dtype).tiny), torch.zeros_like(r))
         coeff = residual @ q
         residual.addr_(coeff, q, alpha=-1.0)
-        sq_norm = (sq_norm - coeff * coeff).index_fill_(0, idx.view(1), -math.inf)
+        sq_norm = (sq_norm - coeff.double().square()).index_fill_(0, idx.view(1), -math.inf)
     # Once a pick is invalid every later one is too (q is zero, nothing changes), so the valid
     # picks are a prefix; one host sync per round to learn its length.
     return order[: int(valid.sum())]
 
 
-def _round_blocked(rows: torch.Tensor, max_picks: int, block: int = _CPU_BLOCK) -> torch.LongTensor:
+def _round_blocked(rows: torch.Tensor, max_picks: int, block: int | None = None) -> torch.LongTensor:
     """One round, exact and mostly BLAS-3.
 
-    The residual matrix is updated once per block of picks. Within a block, norms computed at
-    the block start (or at an earlier pick) are upper bounds of the current ones, so only the
-    rows whose bound beats the best exactly refreshed norm are refreshed. This is the same
-    arithmetic as the plain loop (classical Gram-Schmidt projections), regrouped.
+    Residuals of all rows are brought up to date once per block of picks (one pair of matrix
+    products). Within a block, residual norms from the block start bound the current ones from
+    above (they only shrink), so only a pool of the rows with the largest bounds is followed
+    pick by pick; the pool grows whenever a row outside it could still win. After each block
+    the residuals are rotated into the orthogonal complement of the block's directions and
+    those coordinates are dropped, so the work shrinks as the round goes on.
     """
+    block = block or _CPU_BLOCK
     residual = rows.clone()
-    m = residual.shape[0]
     sq_norm = _row_sq_norms(residual)
-    tol2 = RANK_TOL**2 * float(sq_norm.max())
-    picked = torch.zeros(m, dtype=torch.bool)
+    tol2 = _rank_tol(rows.dtype) ** 2 * float(sq_norm.max())
+    available = torch.ones(residual.shape[0], dtype=torch.bool)
     order: list[int] = []
     while len(order) < max_picks:
-        n = residual.shape[1]
-        b = min(block, max_picks - len(order), n)
-        basis = torch.zeros(n, b, dtype=residual.dtype)
-        bound = sq_norm.masked_fill(picked, -math.inf)
-        active = m - int(picked.sum())
-        done = False
-        for j in range(b):
-            idx, coeff, best = _argmax_current(residual, sq_norm, bound, basis[:, :j], active)
-            if best <= tol2:
-                done = True
-                break
-            r = residual[idx] - basis[:, :j] @ coeff
-            r -= basis[:, :j] @ (basis[:, :j].T @ r)  # second pass keeps the basis orthonormal
-            basis[:, j] = r / r.norm()
-            picked[idx] = True
-            bound[idx] = -math.inf
-            active -= 1
-            order.append(idx)
-        if done or len(order) == max_picks:
+        b = min(block, max_picks - len(order), residual.shape[1])
+        picks, basis, exhausted = _pick_block(residual, sq_norm, available, b, tol2)
+        order += picks
+        if exhausted or len(order) == max_picks:
             break
-        residual = _project_out(residual, basis)
-        sq_norm = _row_sq_norms(residual)
+        residual, sq_norm = _drop_directions(residual, sq_norm, torch.from_numpy(basis))
     return torch.tensor(order, dtype=torch.long)
 
 
-def _argmax_current(
-    residual: torch.Tensor, sq_norm: torch.Tensor, bound: torch.Tensor, basis: torch.Tensor, active: int
-) -> tuple[int, torch.Tensor, float]:
-    """Index of the largest current residual norm, its coefficients on ``basis``, and the norm².
+class _CandidatePool:
+    """Rows followed exactly during one block: their residuals, coefficients and current norms².
 
-    ``bound`` holds upper bounds of the current squared norms and is tightened in place for
-    every row refreshed here. Ties go to the lowest index, like ``torch.argmax``.
+    Small per-pick vector work runs in NumPy on views of the same memory: at these sizes the
+    per-call overhead, not arithmetic, is what costs.
     """
-    take = 8
-    while True:
-        take = min(take, active)
-        top, cand = torch.topk(bound, take)
-        coeff = residual[cand] @ basis
-        current = sq_norm[cand] - (coeff * coeff).sum(1)
-        bound[cand] = current
-        best = current.max()
-        # Rows outside ``cand`` are bounded by the smallest bound taken; strictly beating it
-        # proves no outside row can win or tie.
-        if take == active or best > top[-1]:
-            ties = (current == best).nonzero().squeeze(1)
-            pos = int(ties[torch.argmin(cand[ties])])
-            return int(cand[pos]), coeff[pos], float(best)
-        take *= 4
+
+    def __init__(self, residual: torch.Tensor, sq_norm: torch.Tensor, available: torch.Tensor, block: int):
+        self.residual = residual
+        self.sq_norm = sq_norm
+        self.bound = sq_norm.masked_fill(~available, -math.inf)
+        self.left = int(available.sum())
+        self.block = block
+        self.index = np.empty(0, dtype=np.int64)
+        self.rows = np.empty((0, residual.shape[1]), dtype=_np_dtype(residual))
+        self.coef = np.empty((0, block), dtype=_np_dtype(residual))
+        self.current = np.empty(0)
+        self.outside = math.inf  # every row outside the pool has a current norm² <= this
+
+    def grow(self, basis: np.ndarray, count: int) -> None:
+        """Add the ``count`` rows with the largest bounds, with exact current norms²."""
+        count = min(count, self.left)
+        top, new = torch.topk(self.bound, count)
+        self.bound[new] = -math.inf
+        self.left -= count
+        self.outside = float(top[-1]) if self.left else -math.inf
+        rows = self.residual[new].numpy()
+        coef = np.zeros((count, self.block), dtype=self.rows.dtype)
+        coef[:, : basis.shape[1]] = rows @ basis
+        current = self.sq_norm[new].numpy() - (coef * coef).sum(1)
+        self.index = np.concatenate([self.index, new.numpy()])
+        self.rows = np.concatenate([self.rows, rows])
+        self.coef = np.concatenate([self.coef, coef])
+        self.current = np.concatenate([self.current, current])
+
+    def best(self) -> int:
+        """Position in the pool of the largest current norm²; ties go to the lowest row index."""
+        k = int(np.argmax(self.current))
+        is_max = self.current == self.current[k]
+        if np.count_nonzero(is_max) == 1:
+            return k
+        ties = np.flatnonzero(is_max)
+        return int(ties[np.argmin(self.index[ties])])
+
+
+def _pick_block(residual: torch.Tensor, sq_norm: torch.Tensor, available: torch.Tensor, block: int,
+                tol2: float) -> tuple[list[int], np.ndarray, bool]:
+    """Up to ``block`` greedy picks on residuals fixed at the block start.
+
+    Returns the picked rows, the orthonormal directions they add ([n, picks], NumPy) and
+    whether the round is exhausted (every remaining residual is below the rank tolerance).
+    """
+    basis = np.zeros((residual.shape[1], block), dtype=_np_dtype(residual))
+    pool = _CandidatePool(residual, sq_norm, available, block)
+    pool.grow(basis[:, :0], 2 * block)
+    picks: list[int] = []
+    for j in range(block):
+        k = pool.best()
+        # Strictly beating every outside bound proves no outside row can win or tie.
+        while pool.current[k] <= pool.outside and pool.left:
+            pool.grow(basis[:, :j], 2 * len(pool.index))
+            k = pool.best()
+        if pool.current[k] <= tol2:
+            available[picks] = False
+            return picks, basis[:, :j], True
+        q_basis = basis[:, :j]
+        r = pool.rows[k] - q_basis @ pool.coef[k, :j]
+        r -= q_basis @ (q_basis.T @ r)  # a second pass keeps the directions orthonormal
+        q = r / np.linalg.norm(r)
+        basis[:, j] = q
+        column = pool.rows @ q
+        pool.coef[:, j] = column
+        pool.current -= column * column
+        pool.current[k] = -math.inf
+        picks.append(int(pool.index[k]))
+    available[picks] = False
+    return picks, basis, False
 
 
 def _row_sq_norms(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x, dim=1).square_()
+    """Squared row norms, accumulated and returned in float64 whatever the working precision."""
+    return x.square().sum(1, dtype=torch.float64)
 
 
-def _project_out(residual: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """Remove the block's orthonormal directions from every residual row (two BLAS-3 products)."""
-    return residual.addmm_(residual @ basis, basis.T, alpha=-1.0)
+def _np_dtype(x: torch.Tensor) -> np.dtype:
+    return np.dtype(np.float32) if x.dtype == torch.float32 else np.dtype(np.float64)
+
+
+def _rank_tol(dtype: torch.dtype) -> float:
+    return RANK_TOL if dtype == torch.float64 else RANK_TOL_FP32
+
+
+def _drop_directions(residual: torch.Tensor, sq_norm: torch.Tensor, basis: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residuals and norms² in an orthonormal basis of the complement of span(basis).
+
+    A Householder QR of ``basis`` gives H = I - V T V^T whose first b columns span it, so
+    ``(residual @ H)[:, b:]`` is the residual with the block's directions projected out, in
+    b fewer coordinates; the first b columns are the removed parts, subtracted from the norms².
+    """
+    n, b = basis.shape
+    reflectors, tau = torch.geqrf(basis)
+    v = reflectors.tril(-1) + torch.eye(n, b, dtype=basis.dtype)
+    t_inv = torch.diag(1.0 / tau) + torch.triu(v.T @ v, diagonal=1)
+    t = torch.linalg.solve_triangular(t_inv, torch.eye(b, dtype=basis.dtype), upper=True)
+    coeff = (residual @ v) @ t
+    removed = torch.addmm(residual[:, :b], coeff, v[:b].T, alpha=-1.0)
+    kept = torch.addmm(residual[:, b:], coeff, v[b:].T, alpha=-1.0)
+    return kept, sq_norm - _row_sq_norms(removed)

@@ -52,12 +52,19 @@ class MlpSite:
 
     def selection_weight(self, model: nn.Module) -> torch.Tensor:
         """The [hidden, width] weight whose rows rank the hidden units (gate half when gated)."""
-        mlp = self.module(model)
-        weight = getattr(mlp, self.in_names[0]).weight
+        return self.selection_rows(getattr(self.module(model), self.in_names[0]).weight)
+
+    def selection_rows(self, fc_in_weight: torch.Tensor) -> torch.Tensor:
+        """The ranking rows of a ``{in_names[0]}.weight`` tensor, so modules and state dicts share one rule."""
         if self.layout == GATED_FUSED:
-            gate, value = weight.chunk(2, dim=0)
+            gate, value = fc_in_weight.chunk(2, dim=0)
             return value if self.gate_last else gate
-        return weight
+        return fc_in_weight
+
+    @property
+    def selection_tensor_name(self) -> str:
+        """Name (relative to ``path``) of the tensor that ``selection_rows`` takes."""
+        return f"{self.in_names[0]}.weight"
 
     def parameter_names(self) -> list[str]:
         """Names of every tensor (relative to ``path``) whose shape depends on the hidden width."""

@@ -87,6 +87,9 @@ def prune_site(model: nn.Module, site: MlpSite, keep: torch.Tensor) -> MlpSite:
     if int(keep.min()) < 0 or int(keep.max()) >= site.hidden:
         raise ValueError(f"{site.path}: kept indices must be in [0, {site.hidden})")
     mlp = site.module(model)
+    # Units stay in their original order: the function does not depend on it, and keeping
+    # all units then reproduces the original bit for bit.
+    keep = keep.sort().values
     # Rows of a fused gated layer are [gate half; value half]: the same units in both.
     in_index = torch.cat([keep, keep + site.hidden]) if site.layout == GATED_FUSED else keep
     for name in site.in_names:
@@ -155,3 +158,37 @@ def prune_model(
                                   site_param_count(model, new_site), keep.tolist()))
     total_after = sum(p.numel() for p in model.parameters())
     return PruneReport(method, records, total_before, total_after)
+
+
+def prune_site_tensors(site: MlpSite, tensors: dict[str, torch.Tensor], keep: torch.Tensor
+                       ) -> dict[str, torch.Tensor]:
+    """Slice a site's tensors (names relative to ``site.path``) to hidden units ``keep``.
+
+    The state-dict form of ``prune_site`` (same validation, same unit order), for checkpoints
+    that are never built as modules. Tensors whose shape does not depend on the hidden width
+    are returned unchanged.
+    """
+    keep = torch.as_tensor(keep, dtype=torch.long).flatten()
+    if keep.numel() == 0 or keep.unique().numel() != keep.numel():
+        raise ValueError(f"{site.path}: kept indices must be non-empty and distinct")
+    if int(keep.min()) < 0 or int(keep.max()) >= site.hidden:
+        raise ValueError(f"{site.path}: kept indices must be in [0, {site.hidden})")
+    keep = keep.sort().values  # the unit order prune_site gives
+    fused = site.layout == GATED_FUSED
+    in_index = torch.cat([keep, keep + site.hidden]) if fused else keep
+    rules = {f"{n}.{p}": (0, in_index, 2 * site.hidden if fused else site.hidden)
+             for n in site.in_names for p in ("weight", "bias")}
+    rules[f"{site.out_name}.weight"] = (1, keep, site.hidden)
+    if site.norm_name is not None:
+        rules.update({f"{site.norm_name}.{p}": (0, keep, site.hidden) for p in ("weight", "bias")})
+    out = {}
+    for name, tensor in tensors.items():
+        if name not in rules:
+            out[name] = tensor
+            continue
+        dim, index, size = rules[name]
+        if tensor.dim() <= dim or tensor.shape[dim] != size:
+            raise ValueError(f"{site.path}.{name}: expected size {size} along dim {dim} (the hidden "
+                             f"width), got shape {tuple(tensor.shape)}")
+        out[name] = tensor.index_select(dim, index.to(tensor.device))
+    return out

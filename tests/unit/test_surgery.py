@@ -1,0 +1,171 @@
+"""Surgery on every MLP layout: keep-all is the identity, pruning equals zeroing the dropped units."""
+
+import copy
+
+import pytest
+import torch
+from open_clip.transformer import VisionTransformer as OpenClipViT
+from timm.models.eva import Eva
+from timm.models.vision_transformer import VisionTransformer as TimmViT
+from torch import nn
+
+from pruning import GATED_FUSED, GATED_SPLIT, PLAIN, find_mlp_sites, prune_model, select_mlp_channels
+from pruning.surgery import prune_site
+
+pytestmark = pytest.mark.unit
+
+
+class Dinov2SwiGLUFFN(nn.Module):
+    """DINOv2's fused SwiGLU layout: w12 holds [gate; value] rows, w3 projects back."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(nn.functional.silu(gate) * value)
+
+
+class TinyDinov2Blocks(nn.Module):
+    def __init__(self, dim: int = 32, hidden: int = 48, depth: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Dinov2SwiGLUFFN(dim, hidden) for _ in range(depth))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def tiny(kind: str) -> tuple[nn.Module, torch.Tensor, str]:
+    torch.manual_seed(0)
+    common = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+    image = torch.randn(2, 3, 32, 32)
+    if kind == "open_clip":
+        model = OpenClipViT(image_size=32, patch_size=8, width=64, layers=2, heads=2, mlp_ratio=4.0,
+                            output_dim=32)
+        return model, image, PLAIN
+    if kind == "timm_vit":
+        return TimmViT(**common, num_classes=0), image, PLAIN
+    if kind == "eva_plain":
+        return Eva(**common, num_classes=0, mlp_ratio=4.0), image, PLAIN
+    if kind == "eva_swiglu":
+        return Eva(**common, num_classes=0, swiglu_mlp=True, scale_mlp=False, swiglu_align_to=8), image, GATED_SPLIT
+    if kind == "eva_glu_fused":
+        return Eva(**common, num_classes=0, swiglu_mlp=True, scale_mlp=False), image, GATED_FUSED
+    if kind == "dinov2_w12":
+        return TinyDinov2Blocks(), torch.randn(2, 5, 32), GATED_FUSED
+    raise AssertionError(kind)
+
+
+KINDS = ["open_clip", "timm_vit", "eva_plain", "eva_swiglu", "eva_glu_fused", "dinov2_w12"]
+
+
+def mask_dropped_units(model: nn.Module, keep: dict[str, torch.Tensor]) -> None:
+    """Zero the output weights of the hidden units not kept: the pruned model's masked twin."""
+    for site in find_mlp_sites(model):
+        out = getattr(site.module(model), site.out_name)
+        dropped = torch.ones(site.hidden, dtype=torch.bool)
+        dropped[keep[site.path]] = False
+        with torch.no_grad():
+            out.weight[:, dropped] = 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sites_found_with_their_layout(kind):
+    model, _, layout = tiny(kind)
+    sites = find_mlp_sites(model)
+    assert len(sites) == 2
+    assert {s.layout for s in sites} == {layout}
+    for site in sites:
+        assert site.selection_weight(model).shape == (site.hidden, site.width)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_keeping_every_unit_is_the_identity(kind):
+    model, image, _ = tiny(kind)
+    model.eval()
+    pruned = copy.deepcopy(model)
+    report = prune_model(pruned, num_keep=max(s.hidden for s in find_mlp_sites(model)))
+    assert report.model_params_after == report.model_params_before
+    with torch.no_grad():
+        assert torch.equal(pruned(image), model(image))
+
+
+@pytest.mark.parametrize("method", ["diversity", "l2", "random"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_pruned_equals_original_with_dropped_units_zeroed(kind, method):
+    model, image, _ = tiny(kind)
+    model.eval()
+    pruned = copy.deepcopy(model)
+    report = prune_model(pruned, num_keep=13, method=method, generator=torch.Generator().manual_seed(0))
+    assert report.widths == [13, 13]
+    masked = copy.deepcopy(model)
+    mask_dropped_units(masked, {s.path: torch.tensor(s.kept) for s in report.sites})
+    for site in find_mlp_sites(pruned):
+        mlp = site.module(pruned)
+        assert getattr(mlp, site.out_name).weight.shape[1] == 13
+        assert all(isinstance(getattr(mlp, n), nn.Linear) for n in site.in_names)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(image), masked(image), rtol=1e-5, atol=1e-5)
+    assert report.model_params_after < report.model_params_before
+    assert report.model_params_after == sum(p.numel() for p in pruned.parameters())
+
+
+def test_gated_halves_keep_the_same_units():
+    model, _, _ = tiny("eva_glu_fused")
+    site = find_mlp_sites(model)[0]
+    fc1 = site.module(model).fc1.weight.detach().clone()
+    keep = torch.tensor([5, 1, 9])
+    new_site = prune_site(model, site, keep)
+    w = new_site.module(model).fc1.weight
+    sorted_keep = keep.sort().values
+    assert torch.equal(w[:3], fc1[sorted_keep])
+    assert torch.equal(w[3:], fc1[sorted_keep + site.hidden])
+
+
+def test_ratio_is_relative_to_block_width():
+    model, _, _ = tiny("timm_vit")  # width 64, hidden 256
+    report = prune_model(model, ratio=1.0)
+    assert report.widths == [64, 64]
+    with pytest.raises(ValueError, match="keeps 320 hidden units"):
+        prune_model(tiny("timm_vit")[0], ratio=5.0)
+
+
+def test_hidden_norm_is_sliced_with_the_units():
+    model = Eva(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, num_classes=0,
+                swiglu_mlp=True, scale_mlp=True)
+    site = find_mlp_sites(model)[0]
+    assert site.norm_name == "norm"
+    norm_weight = torch.randn(site.hidden)
+    with torch.no_grad():
+        site.module(model).norm.weight.copy_(norm_weight)
+    prune_site(model, site, torch.tensor([3, 0, 7]))
+    assert torch.equal(site.module(model).norm.weight.detach(), norm_weight[[0, 3, 7]])
+    model(torch.randn(1, 3, 32, 32))
+
+
+def test_selection_is_what_select_returns_on_the_gate_half():
+    model, _, _ = tiny("dinov2_w12")
+    sites = find_mlp_sites(model)
+    expected = select_mlp_channels(model.blocks[0].w12.weight[:48], 10)
+    report = prune_model(model, num_keep=10)
+    assert report.sites[0].kept == expected.tolist()
+    assert sites[0].path == "blocks.0"
+
+
+def test_bad_prune_arguments():
+    model, _, _ = tiny("timm_vit")
+    with pytest.raises(ValueError, match="exactly one"):
+        prune_model(model)
+    with pytest.raises(ValueError, match="unknown MLP sites"):
+        prune_model(model, num_keep={"blocks.9.mlp": 3})
+    site = find_mlp_sites(model)[0]
+    with pytest.raises(ValueError, match="distinct"):
+        prune_site(model, site, torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match=r"in \[0, 256\)"):
+        prune_site(model, site, torch.tensor([256]))
+    with pytest.raises(ValueError, match="no MLP block"):
+        find_mlp_sites(nn.Sequential(nn.Linear(3, 3)))
