@@ -21,7 +21,8 @@ METHODS = ("diversity", "l2", "random", "taylor")
 RANK_TOL = 1e-6
 RANK_TOL_FP32 = 1e-3
 
-_CPU_BLOCK = 32
+_CPU_BLOCK = 64
+_POOL_LIMIT = 4  # pool rows per block pick before a block ends early
 
 
 def select_mlp_channels(
@@ -147,7 +148,8 @@ def _round_blocked(rows: torch.Tensor, max_picks: int, block: int | None = None)
     Residuals of all rows are brought up to date once per block of picks (one pair of matrix
     products). Within a block, residual norms from the block start bound the current ones from
     above (they only shrink), so only a pool of the rows with the largest bounds is followed
-    pick by pick; the pool grows whenever a row outside it could still win. After each block
+    pick by pick; the pool grows whenever a row outside it could still win, and when it would
+    grow too large the block ends early (rows with similar norms make bounds stale fast). After each block
     the residuals are rotated into the orthogonal complement of the block's directions and
     those coordinates are dropped, so the work shrinks as the round goes on.
     """
@@ -227,6 +229,11 @@ def _pick_block(residual: torch.Tensor, sq_norm: torch.Tensor, available: torch.
         k = pool.best()
         # Strictly beating every outside bound proves no outside row can win or tie.
         while pool.current[k] <= pool.outside and pool.left:
+            if j and len(pool.index) >= _POOL_LIMIT * block:
+                # The block-start bounds have gone stale: bringing every residual up to date
+                # now costs less than following ever more rows pick by pick.
+                available[picks] = False
+                return picks, basis[:, :j], False
             pool.grow(basis[:, :j], 2 * len(pool.index))
             k = pool.best()
         if pool.current[k] <= tol2:
@@ -274,5 +281,7 @@ def _drop_directions(residual: torch.Tensor, sq_norm: torch.Tensor, basis: torch
     t = torch.linalg.solve_triangular(t_inv, torch.eye(b, dtype=basis.dtype), upper=True)
     coeff = (residual @ v) @ t
     removed = torch.addmm(residual[:, :b], coeff, v[:b].T, alpha=-1.0)
-    kept = torch.addmm(residual[:, b:], coeff, v[b:].T, alpha=-1.0)
+    # In place on a column view of the same buffer: a fresh allocation per block costs more
+    # (page faults) than the product itself at these sizes.
+    kept = residual[:, b:].addmm_(coeff, v[b:].T, alpha=-1.0)
     return kept, sq_norm - _row_sq_norms(removed)
