@@ -1,0 +1,254 @@
+"""Typed training configuration: one frozen dataclass per section, validated on construction.
+
+Every error names the dotted key (``optim.base_lr``) so a bad YAML or override fails before any
+process group starts. ``from_dict`` builds the tree from plain data (YAML + overrides, see cli.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainer.data.config import DataConfig
+from trainer.engines.names import ENGINES
+from trainer.models.names import FAMILIES
+
+PRECISIONS = ("fp32", "bf16")
+PRUNE_METHODS = ("diversity", "l2", "random")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}: {message}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where the run writes, how long it lasts, how often it reports."""
+
+    dir: str = "runs/default"
+    """Run directory: resolved config, TensorBoard events (later: checkpoints)."""
+    seed: int = 0
+    """Seeds model init, pruning ties and data; identical on every rank."""
+    steps: int = 100
+    """Optimizer steps (each = grad_accum_steps micro-batches per rank)."""
+    log_every_steps: int = 10
+    """Steps between TensorBoard scalar writes and progress lines."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "run.steps", f"must be >= 1, got {self.steps}")
+        _check(self.log_every_steps >= 1, "run.log_every_steps", f"must be >= 1, got {self.log_every_steps}")
+        _check(bool(self.dir), "run.dir", "must not be empty")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The teacher: which family and architecture, with which weights."""
+
+    family: str = "timm"
+    """Adapter in trainer/models: 'open_clip' (the visual tower of a CLIP) or 'timm'."""
+    name: str = "vit_tiny_patch16_224"
+    """Architecture name as the family's factory knows it (open_clip config name, timm model name)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the factory (timm: img_size, depth, ...)."""
+    pretrained: str | None = None
+    """Local checkpoint path (.pt/.bin/.safetensors) for the teacher; None keeps random init."""
+
+    def __post_init__(self) -> None:
+        _check(self.family in FAMILIES, "model.family", f"must be one of {FAMILIES}, got {self.family!r}")
+        _check(bool(self.name), "model.name", "must not be empty")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """How the student is made from the teacher (pruning package)."""
+
+    ratio: float = 1.0
+    """Kept MLP hidden units per block = int(ratio * block width), the paper's r."""
+    method: str = "diversity"
+    """Channel selection: diversity (DGMR), l2 or random."""
+
+    def __post_init__(self) -> None:
+        _check(self.ratio > 0, "prune.ratio", f"must be > 0, got {self.ratio}")
+        _check(self.method in PRUNE_METHODS, "prune.method",
+               f"must be one of {PRUNE_METHODS}, got {self.method!r}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Feature distillation loss, taken on tokens before the final norm/head."""
+
+    cls_weight: float = 1.0
+    """Weight of MSE on the class (or pooled) token."""
+    patch_weight: float = 1.0
+    """Weight of MSE on the patch tokens."""
+
+    def __post_init__(self) -> None:
+        _check(self.cls_weight >= 0, "loss.cls_weight", f"must be >= 0, got {self.cls_weight}")
+        _check(self.patch_weight >= 0, "loss.patch_weight", f"must be >= 0, got {self.patch_weight}")
+        _check(self.cls_weight + self.patch_weight > 0, "loss.cls_weight",
+               "cls_weight and patch_weight are both 0: nothing to train")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW, batch sizes and the lr / weight-decay schedules."""
+
+    base_lr: float = 6e-5
+    """Learning rate per 256 images; peak lr = base_lr * global_batch / 256."""
+    batch_size_per_rank: int = 8
+    """Images per rank per micro-batch."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step; global batch = batch_size_per_rank * world * this."""
+    warmup_steps: int = 0
+    """Linear lr warmup from 0 to the peak over this many steps, then cosine to min_lr_ratio * peak."""
+    min_lr_ratio: float = 0.0
+    """Final lr of the cosine as a fraction of the peak."""
+    weight_decay_start: float = 0.04
+    """Weight decay at step 0; follows a cosine to weight_decay_end (bias and norm params get none)."""
+    weight_decay_end: float = 0.2
+    """Weight decay at the last step."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Max global grad L2 norm; 0 disables clipping (the norm is still logged)."""
+
+    def __post_init__(self) -> None:
+        _check(self.base_lr > 0, "optim.base_lr", f"must be > 0, got {self.base_lr}")
+        _check(self.batch_size_per_rank >= 1, "optim.batch_size_per_rank", f"must be >= 1, got {self.batch_size_per_rank}")
+        _check(self.grad_accum_steps >= 1, "optim.grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.weight_decay_start >= 0, "optim.weight_decay_start", f"must be >= 0, got {self.weight_decay_start}")
+        _check(self.weight_decay_end >= 0, "optim.weight_decay_end", f"must be >= 0, got {self.weight_decay_end}")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+               f"must be two numbers in [0, 1), got {self.betas}")
+        _check(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
+        _check(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Which distributed engine runs the step, and its precision and memory settings."""
+
+    name: str = "single"
+    """'single' (one process, plain torch: debugging and reference), 'fsdp' (FSDP2) or 'deepspeed'."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage for the student (2 or 3); the teacher is always stage-3 sharded."""
+    precision: str = "fp32"
+    """'fp32' or 'bf16' (autocast for single, MixedPrecisionPolicy for fsdp, bf16 mode for deepspeed)."""
+    activation_checkpointing: bool = False
+    """Recompute each student transformer block in backward instead of storing its activations."""
+    dist_timeout_s: int = 1800
+    """Process-group timeout for collectives."""
+
+    def __post_init__(self) -> None:
+        _check(self.name in ENGINES, "engine.name", f"must be one of {ENGINES}, got {self.name!r}")
+        _check(self.zero_stage in (2, 3), "engine.zero_stage", f"must be 2 or 3, got {self.zero_stage}")
+        _check(self.precision in PRECISIONS, "engine.precision",
+               f"must be one of {PRECISIONS}, got {self.precision!r}")
+        _check(self.dist_timeout_s > 0, "engine.dist_timeout_s", f"must be > 0, got {self.dist_timeout_s}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The whole experiment; the resolved form is saved in the run directory."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (tuples as lists) for YAML, TensorBoard text and hparams."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Build a validated TrainConfig; unknown keys and wrong types are ValueErrors naming the key."""
+    return _build(TrainConfig, data, "")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        keys = ", ".join(f"{prefix}{k}" for k in unknown)
+        raise ValueError(f"unknown config key(s): {keys} (known in {prefix or 'top level'}: {sorted(names)})")
+    kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required field without default missing
+        raise ValueError(f"{prefix or 'config'}: {err}") from None
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        last_error = None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key)
+            except ValueError as err:
+                last_error = err
+        raise last_error or ValueError(f"{key}: None is not allowed")
+    if hint is Any:
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or (args[-1] is not Ellipsis and len(value) != len(args)):
+            raise ValueError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        item_hints = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        return tuple(_coerce(h, v, f"{key}[{i}]") for i, (h, v) in enumerate(zip(item_hints, value, strict=True)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ValueError(f"{key}: unsupported config type {hint!r}")

@@ -1,0 +1,128 @@
+"""The engine protocol: everything that differs between single-process, FSDP2 and DeepSpeed.
+
+The loop calls, per optimizer step: ``set_hparams`` once, then for each micro-batch the task
+(through ``student``/``teacher``) and ``backward``, then ``step``. Checkpointing (next issue)
+becomes ``save``/``load`` methods here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from trainer.config import EngineConfig, OptimConfig
+from trainer.dist import DistEnv
+
+
+@dataclass
+class Models:
+    """What the engine gets: raw fp32 CPU models and the per-family block list function."""
+
+    student: nn.Module
+    teacher: nn.Module
+    blocks: Callable[[nn.Module], list[nn.Module]]
+    """Transformer blocks of a model: the sharding / checkpointing units."""
+    enable_activation_checkpointing: Callable[[nn.Module], None]
+
+
+class Engine(Protocol):
+    """Wraps student (trainable, with optimizer) and teacher (frozen, no optimizer), runs the step."""
+
+    env: DistEnv
+
+    def setup(self, models: Models) -> None:
+        """Shard / place both models and build the optimizer; call once, before the first step."""
+        ...
+
+    def student(self, images: torch.Tensor) -> object:
+        """Student forward on this rank's images (its graph is kept)."""
+        ...
+
+    def teacher(self, images: torch.Tensor) -> object:
+        """Teacher forward; the caller holds torch.no_grad."""
+        ...
+
+    def autocast(self) -> AbstractContextManager:
+        """Context for the forward passes (bf16 autocast where the engine does no casting itself)."""
+        ...
+
+    def backward(self, loss: torch.Tensor, *, last_micro_batch: bool) -> None:
+        """Accumulate gradients of one micro-batch's loss (scaled for accumulation here)."""
+        ...
+
+    def step(self) -> torch.Tensor | float:
+        """Clip, optimizer step, zero grads; returns the global grad norm before clipping (not synced)."""
+        ...
+
+    def set_hparams(self, *, lr: float, weight_decay: float) -> None:
+        """lr for every group, weight_decay for the groups that decay (ndim >= 2)."""
+        ...
+
+    def mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """Average a small float tensor over ranks (logging only)."""
+        ...
+
+    def teacher_local_numel(self) -> int:
+        """Teacher parameter elements held by this rank (about total / world size when sharded)."""
+        ...
+
+    def gather_teacher_state(self) -> dict[str, torch.Tensor]:
+        """Full (unsharded) teacher parameters on every rank; a collective."""
+        ...
+
+    def close(self) -> None:
+        """Release engine resources before the process group goes."""
+        ...
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices decay, biases / norm / 1-d params (ndim <= 1) do not; frozen excluded."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay, "decays": True},
+            {"params": no_decay, "weight_decay": 0.0, "decays": False}]
+
+
+def make_adamw(groups: list[dict], optim: OptimConfig) -> torch.optim.AdamW:
+    """torch AdamW; lr and weight decay are set every step by the schedule."""
+    return torch.optim.AdamW(groups, lr=0.0, betas=optim.betas, eps=optim.eps)
+
+
+def apply_hparams(optimizer: torch.optim.Optimizer, *, lr: float, weight_decay: float) -> None:
+    """Write the scheduled lr / wd into the optimizer's groups."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        group["weight_decay"] = weight_decay if group.get("decays", True) else 0.0
+
+
+def local_numel(module: nn.Module) -> int:
+    """Elements of the parameters as stored on this rank (DTensor shards counted locally)."""
+    total = 0
+    for p in module.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel()
+    return total
+
+
+def build_engine(cfg: EngineConfig, optim: OptimConfig, env: DistEnv) -> Engine:
+    """The engine named by ``engine.name``; libraries are imported only when chosen."""
+    if cfg.name == "single":
+        from trainer.engines.single import SingleEngine
+
+        return SingleEngine(cfg, optim, env)
+    if cfg.name == "fsdp":
+        from trainer.engines.fsdp import FsdpEngine
+
+        return FsdpEngine(cfg, optim, env)
+    if cfg.name == "deepspeed":
+        from trainer.engines.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, optim, env)
+    raise ValueError(f"engine.name: unknown engine {cfg.name!r}")

@@ -1,0 +1,94 @@
+"""PyTorch FSDP2: ``fully_shard`` per transformer block, then the root, for student and teacher.
+
+The teacher is sharded the same way and has no optimizer. bf16 uses a MixedPrecisionPolicy
+(bf16 compute and all-gathers, fp32 gradient reduction) plus autocast, because some families
+keep fp32 buffers that meet bf16 parameters in one op (timm Eva's k_bias).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextlib import AbstractContextManager
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from trainer.config import EngineConfig, OptimConfig
+from trainer.dist import DistEnv, init_process_group
+from trainer.engines.base import Models, apply_hparams, local_numel, make_adamw, param_groups
+from trainer.engines.collectives import mean_over_ranks
+
+
+class FsdpEngine:
+    """FSDP2 on a 1-D mesh over all ranks (gloo on CPU, nccl on GPU)."""
+
+    def __init__(self, cfg: EngineConfig, optim: OptimConfig, env: DistEnv) -> None:
+        self.cfg, self.optim_cfg, self.env = cfg, optim, env
+        init_process_group(env, cfg.dist_timeout_s)
+
+    def _shard(self, model: nn.Module, blocks: list[nn.Module]) -> nn.Module:
+        policy = MixedPrecisionPolicy()
+        if self.cfg.precision == "bf16":
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in blocks:
+            fully_shard(block, mesh=self.mesh, mp_policy=policy)
+        # The root last: it takes the parameters no block claimed (embeddings, final norm).
+        fully_shard(model, mesh=self.mesh, mp_policy=policy)
+        return model
+
+    def setup(self, models: Models) -> None:
+        self.mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
+        student, teacher = models.student.to(self.env.device), models.teacher.to(self.env.device)
+        # Order: activation checkpointing wraps block internals first, then sharding wraps the blocks.
+        if self.cfg.activation_checkpointing:
+            models.enable_activation_checkpointing(student)
+        self.student_model = self._shard(student, models.blocks(student))
+        self.teacher_model = self._shard(teacher, models.blocks(teacher))
+        self.params = [p for p in self.student_model.parameters() if p.requires_grad]
+        self.optimizer = make_adamw(param_groups(self.student_model, 0.0), self.optim_cfg)
+
+    def student(self, images: torch.Tensor) -> object:
+        return self.student_model(images.to(self.env.device, non_blocking=True))
+
+    def teacher(self, images: torch.Tensor) -> object:
+        tokens = self.teacher_model(images.to(self.env.device, non_blocking=True))
+        # FSDP2 keeps the root's parameters gathered after forward, expecting a backward; the teacher has none.
+        assert isinstance(self.teacher_model, FSDPModule)
+        self.teacher_model.reshard()
+        return tokens
+
+    def autocast(self) -> AbstractContextManager:
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, *, last_micro_batch: bool) -> None:
+        # Reduce-scatter gradients only once per optimizer step; earlier micro-batches accumulate locally.
+        assert isinstance(self.student_model, FSDPModule)
+        self.student_model.set_requires_gradient_sync(last_micro_batch)
+        (loss / self.optim_cfg.grad_accum_steps).backward()
+
+    def step(self) -> torch.Tensor:
+        max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def set_hparams(self, *, lr: float, weight_decay: float) -> None:
+        apply_hparams(self.optimizer, lr=lr, weight_decay=weight_decay)
+
+    def mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        return mean_over_ranks(values, self.env)
+
+    def teacher_local_numel(self) -> int:
+        return local_numel(self.teacher_model)
+
+    def gather_teacher_state(self) -> dict[str, torch.Tensor]:
+        """Full teacher parameters on every rank (a collective; tests and export)."""
+        return {name: p.full_tensor().detach().cpu().clone() for name, p in self.teacher_model.named_parameters()}
+
+    def close(self) -> None:
+        pass

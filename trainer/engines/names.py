@@ -1,0 +1,3 @@
+"""Known engine names, importable without loading any engine library (config validation)."""
+
+ENGINES = ("single", "fsdp", "deepspeed")

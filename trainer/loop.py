@@ -1,0 +1,103 @@
+"""The training loop: the one place where the order of a step is written."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from trainer.build import build_models
+from trainer.config import TrainConfig
+from trainer.data import BatchStream, build_stream
+from trainer.dist import destroy_process_group, read_env
+from trainer.engines.base import Engine, Models, build_engine
+from trainer.metrics import Metrics, flat_hparams, memory_bytes
+from trainer.models.registry import get_adapter
+from trainer.schedule import lr_at, peak_lr, weight_decay_at
+from trainer.task import DistillTask, freeze_teacher
+
+LOSS_TERMS = ("loss", "loss_cls", "loss_patch")
+
+
+@dataclass
+class TrainResult:
+    """What a finished run hands back (tests and benchmarks read it; the CLI ignores it)."""
+
+    engine: Engine
+    losses: dict[int, float] = field(default_factory=dict)
+    """Rank-averaged total loss by step (0-based), for every logged step."""
+
+
+def train(cfg: TrainConfig, *, stream: BatchStream | None = None) -> TrainResult:
+    """Build everything from ``cfg`` and run ``cfg.run.steps`` optimizer steps."""
+    env = read_env()
+    engine = build_engine(cfg.engine, cfg.optim, env)  # starts the process group where needed
+    adapter = get_adapter(cfg.model.family)
+    teacher, student, prune_report = build_models(cfg, adapter)
+    freeze_teacher(teacher)
+    # Before the engine wraps them: the heads go, so both models end at the pre-norm tokens.
+    student_layout, teacher_layout = adapter.strip_head(student), adapter.strip_head(teacher)
+    engine.setup(Models(student, teacher, adapter.blocks, adapter.enable_activation_checkpointing))
+    task = DistillTask(engine.student, engine.teacher, student_layout=student_layout,
+                       teacher_layout=teacher_layout, loss=cfg.loss)
+
+    optim, steps, accum = cfg.optim, cfg.run.steps, cfg.optim.grad_accum_steps
+    global_batch = optim.batch_size_per_rank * env.world_size * accum
+    peak = peak_lr(optim.base_lr, global_batch)
+    if stream is None:
+        stream = build_stream(cfg.data, adapter.input_spec(teacher), batch_size=optim.batch_size_per_rank,
+                              rank=env.rank, world_size=env.world_size, seed=cfg.run.seed)
+    run_dir = Path(cfg.run.dir)
+    metrics = Metrics(run_dir, enabled=env.is_main, total_steps=steps)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (run_dir / "prune_report.json").write_text(json.dumps(prune_report.to_dict()))
+        metrics.log_config(cfg.to_dict(), flat_hparams(cfg.to_dict()))
+
+    result = TrainResult(engine)
+    batches = iter(stream)
+    last_logged, last_log_time = 0, time.perf_counter()
+    for step in range(steps):
+        lr = lr_at(step, peak=peak, warmup_steps=optim.warmup_steps, total_steps=steps,
+                   min_lr_ratio=optim.min_lr_ratio)
+        wd = weight_decay_at(step, start=optim.weight_decay_start, end=optim.weight_decay_end, total_steps=steps)
+        engine.set_hparams(lr=lr, weight_decay=wd)
+        terms: torch.Tensor | float = 0.0  # stays on the device: no sync per step
+        for micro in range(accum):
+            images = next(batches).images
+            with engine.autocast():
+                out = task(images)
+            engine.backward(out["loss"], last_micro_batch=micro == accum - 1)
+            terms = terms + torch.stack([out[k].detach().float() for k in LOSS_TERMS]) / accum
+        grad_norm = engine.step()
+
+        if (step + 1) % cfg.run.log_every_steps == 0 or step + 1 == steps:
+            # Every rank joins the reduction; only rank 0's Metrics writes.
+            skipped = float(stream.counters().get("samples_skipped", 0))
+            reduced = engine.mean_over_ranks(torch.cat([terms.cpu(), torch.tensor([skipped])]))
+            step_time = (time.perf_counter() - last_log_time) / (step + 1 - last_logged)
+            result.losses[step] = float(reduced[0])
+            metrics.log(step + 1, {
+                "loss/total": float(reduced[0]), "loss/cls": float(reduced[1]), "loss/patch": float(reduced[2]),
+                "opt/lr": lr, "opt/weight_decay": wd, "opt/grad_norm": float(grad_norm),
+                "perf/images_per_s": global_batch / step_time, "perf/step_time_s": step_time,
+                "perf/samples_seen": global_batch * (step + 1), "perf/memory_bytes": memory_bytes(),
+                "data/samples_skipped": float(reduced[3]) * env.world_size,
+            })
+            last_logged, last_log_time = step + 1, time.perf_counter()
+    metrics.close({"steps": steps, "final_loss": result.losses.get(steps - 1),
+                   "student_params": prune_report.model_params_after,
+                   "teacher_params": prune_report.model_params_before})
+    return result
+
+
+def main(cfg: TrainConfig) -> None:
+    """CLI entry: train, then release the engine and the process group."""
+    result = train(cfg)
+    result.engine.close()
+    destroy_process_group()

@@ -1,0 +1,79 @@
+"""TensorBoard scalars and a progress line, written by rank 0 only; other ranks are silent."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+
+def memory_bytes() -> int:
+    """CUDA max allocated on GPU, else the process's resident set size."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    with open("/proc/self/statm") as f:
+        resident_pages = int(f.read().split()[1])
+    import resource
+
+    return resident_pages * resource.getpagesize()
+
+
+class Metrics:
+    """Rank 0: SummaryWriter under ``run_dir/tensorboard`` and a progress line on stderr."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int) -> None:
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.start = time.perf_counter()
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log_config(self, config: dict, hparams: dict[str, float | int | str | bool]) -> None:
+        """The resolved config as text (YAML) and the flat scalar settings as hparams."""
+        if self.writer is None:
+            return
+        self.writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
+        self.writer.add_hparams(hparams, {"hparam/final_loss": float("nan")}, run_name=".")
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        """Scalars at ``step`` (the optimizer step count) plus a progress line with ETA."""
+        if self.writer is None:
+            return
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / step * (self.total_steps - step) if step else float("nan")
+        print(f"step {step}/{self.total_steps} loss {scalars['loss/total']:.5g} "
+              f"lr {scalars['opt/lr']:.3g} {scalars['perf/images_per_s']:.1f} img/s "
+              f"eta {eta:.0f}s", file=sys.stderr, flush=True)
+
+    def close(self, summary: dict) -> None:
+        """Flush events; rank 0 also prints a one-line JSON summary."""
+        if self.writer is None:
+            return
+        self.writer.flush()
+        self.writer.close()
+        print(json.dumps(summary), flush=True)
+
+
+def flat_hparams(config: dict, prefix: str = "") -> dict[str, float | int | str | bool]:
+    """Nested config -> {'optim.base_lr': 6e-5, ...} with only TensorBoard-hparam-able values."""
+    out: dict[str, float | int | str | bool] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_hparams(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            out[name] = value
+        elif value is None:
+            out[name] = "none"
+        else:
+            out[name] = str(value)
+    return out
