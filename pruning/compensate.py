@@ -1,0 +1,327 @@
+"""Closed-form compensation after pruning: predict the removed hidden units from the kept ones.
+
+On calibration activations ``a`` at the input of a site's output Linear (hidden units after the
+activation; for gated MLPs the gate * value product), the removed units are modelled as an
+affine function of the kept ones, ``a_R ~ B a_K + c``, by ridge regression solved in fp64. The
+prediction is folded into the smaller output Linear:
+
+    W_out' = W_out[:, K] + W_out[:, R] @ B        b_out' = b_out + W_out[:, R] @ c
+
+so the result has exactly the shapes of plain pruning and loads, exports and distils the same.
+
+Choices:
+- Centred regression (``c`` from the means) when the output Linear has a bias; without a bias
+  the regression has no intercept (``c = 0``), so the module keeps its structure.
+- Ridge ``lambda = ridge * mean(diag(Cov_KK))``: one scale-free number for every block, whatever
+  the activation magnitudes. ``ridge=0`` is allowed; a singular ``Cov_KK`` then gets the
+  minimum-norm least-squares solution (the limit of ``ridge -> 0``).
+- A LayerNorm over the hidden units (timm ``scale_mlp``) renormalises the kept units once others
+  are removed, so the regression on unpruned activations does not describe the pruned block:
+  such sites raise ValueError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .select import select_mlp_channels
+from .sites import MlpSite, find_mlp_sites
+from .surgery import PruneReport, SiteReport, num_keep_for_ratio, prune_site, site_param_count
+
+MODES = ("teacher", "sequential")
+
+
+class ActivationStats:
+    """Streaming fp64 mean and covariance of [tokens, units] activations, fed batch by batch."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        self.size = size
+        self.count = 0
+        # Moments are taken about the first batch's mean: E[xx^T] - mm^T then cancels far less
+        # than about zero when activations have a large mean.
+        self.shift: torch.Tensor | None = None
+        self.sum: torch.Tensor | None = None
+        self.outer: torch.Tensor | None = None
+
+    def update(self, acts: torch.Tensor) -> None:
+        """Add activations of shape [..., size] (every leading index is a token)."""
+        if acts.shape[-1] != self.size:
+            raise ValueError(f"acts: expected last dimension {self.size}, got shape {tuple(acts.shape)}")
+        x = acts.detach().reshape(-1, self.size).to(torch.float64)
+        if x.shape[0] == 0:
+            return
+        if self.shift is None:
+            self.shift = x.mean(0)
+            self.sum = torch.zeros_like(self.shift)
+            self.outer = torch.zeros(self.size, self.size, dtype=torch.float64, device=x.device)
+        x = x - self.shift
+        self.sum += x.sum(0)
+        self.outer.addmm_(x.T, x)
+        self.count += x.shape[0]
+
+    def _require_data(self) -> None:
+        if self.count == 0:
+            raise ValueError("ActivationStats has no tokens: feed activations with update() first")
+
+    def mean(self) -> torch.Tensor:
+        """Per-unit mean, [size] fp64."""
+        self._require_data()
+        return self.shift + self.sum / self.count
+
+    def covariance(self) -> torch.Tensor:
+        """Population covariance (divided by the token count), [size, size] fp64."""
+        self._require_data()
+        m = self.sum / self.count
+        cov = self.outer / self.count - torch.outer(m, m)
+        return (cov + cov.T) / 2
+
+
+def removed_units(kept: torch.Tensor, size: int) -> torch.Tensor:
+    """Hidden units not in ``kept``, ascending: the row order of ``B`` and ``c``."""
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[kept.cpu()] = False
+    return mask.nonzero().flatten()
+
+
+def fit_compensation_from_stats(stats: ActivationStats, kept: torch.Tensor, ridge: float = 1e-3,
+                                intercept: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridge fit of the removed units on the kept ones: ``B`` [R, K] (columns in ``kept`` order), ``c`` [R].
+
+    Rows follow ``removed_units(kept, stats.size)``. ``intercept=False`` fits ``a_R ~ B a_K``
+    on raw second moments and returns ``c = 0``.
+    """
+    if not ridge >= 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    kept = _check_kept(kept, stats.size)
+    mean = stats.mean()
+    moment = stats.covariance()
+    if not intercept:
+        moment = moment + torch.outer(mean, mean)
+    kept = kept.to(mean.device)
+    removed = removed_units(kept, stats.size).to(mean.device)
+    gram = moment[kept][:, kept]
+    cross = moment[kept][:, removed]
+    if removed.numel() == 0:
+        b = gram.new_zeros(0, kept.numel())
+    else:
+        gram = gram + ridge * gram.diagonal().mean() * torch.eye(kept.numel(), dtype=gram.dtype,
+                                                                    device=gram.device)
+        chol, info = torch.linalg.cholesky_ex(gram)
+        if int(info) == 0:
+            b = torch.cholesky_solve(cross, chol).T
+        else:  # singular only with ridge=0 or units constant on every token
+            b = (torch.linalg.pinv(gram, hermitian=True) @ cross).T
+    c = mean[removed] - b @ mean[kept] if intercept else mean.new_zeros(removed.numel())
+    return b, c
+
+
+def fit_compensation(acts: torch.Tensor, kept: torch.Tensor, ridge: float = 1e-3,
+                     intercept: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fit_compensation_from_stats`` on one in-memory [tokens, units] activation tensor."""
+    stats = ActivationStats(acts.shape[-1])
+    stats.update(acts)
+    return fit_compensation_from_stats(stats, kept, ridge, intercept)
+
+
+def reconstruction_error(stats: ActivationStats, weight: torch.Tensor, bias: torch.Tensor | None,
+                         kept: torch.Tensor, new_weight: torch.Tensor, new_bias: torch.Tensor | None) -> float:
+    """||y' - y|| / ||y|| over the tokens of ``stats``, y = weight a + bias, y' = new_weight a[kept] + new_bias.
+
+    Exact from the moments: sum_t ||P a_t + q||^2 = T (tr(P Cov P^T) + ||P mean + q||^2).
+    """
+    kept = _check_kept(kept, stats.size)
+    if tuple(weight.shape[1:]) != (stats.size,) or tuple(new_weight.shape) != (weight.shape[0], kept.numel()):
+        raise ValueError(f"weight {tuple(weight.shape)} and new_weight {tuple(new_weight.shape)} do not map "
+                         f"{stats.size} units and {kept.numel()} kept units to the same outputs")
+    device = stats.mean().device
+    w = weight.detach().to(device=device, dtype=torch.float64)
+    b = _bias64(bias, w)
+    diff_w = -w
+    diff_w[:, kept.to(device)] += new_weight.detach().to(device=device, dtype=torch.float64)
+    diff_b = _bias64(new_bias, w) - b
+    reference = _energy(stats, w, b)
+    if reference == 0:
+        raise ValueError("reconstruction_error: the reference output is zero on every token")
+    return (_energy(stats, diff_w, diff_b) / reference) ** 0.5
+
+
+def compensate_site(model: nn.Module, site: MlpSite, kept: torch.Tensor, stats: ActivationStats,
+                    ridge: float = 1e-3) -> MlpSite:
+    """Prune ``site`` to ``kept`` and fold the regression of the removed units into its output Linear."""
+    _refuse_hidden_norm(site)
+    if stats.size != site.hidden:
+        raise ValueError(f"{site.path}: activation stats have {stats.size} units, the site has {site.hidden}")
+    # prune_site orders the kept units ascending; fit in that order so B's columns match W_out'.
+    kept = _check_kept(kept, site.hidden).sort().values
+    out = getattr(site.module(model), site.out_name)
+    b, c = fit_compensation_from_stats(stats, kept, ridge, intercept=out.bias is not None)
+    w = out.weight.detach().to(torch.float64)
+    removed = removed_units(kept, site.hidden).to(w.device)
+    w_removed = w[:, removed]
+    new_site = prune_site(model, site, kept)
+    if removed.numel() == 0:
+        return new_site
+    new_out = getattr(new_site.module(model), site.out_name)
+    with torch.no_grad():
+        folded = w[:, kept.to(w.device)] + w_removed @ b.to(w.device)
+        new_out.weight.copy_(folded.to(new_out.weight.dtype))
+        if new_out.bias is not None:
+            shifted = out.bias.detach().to(torch.float64) + w_removed @ c.to(w.device)
+            new_out.bias.copy_(shifted.to(new_out.bias.dtype))
+    return new_site
+
+
+def prune_and_compensate(
+    model: nn.Module,
+    batches: Iterable,
+    forward: Callable[[nn.Module, Any], Any],
+    *,
+    ratio: float | None = None,
+    num_keep: int | dict[str, int] | None = None,
+    method: str = "diversity",
+    mode: str = "teacher",
+    ridge: float = 1e-3,
+    holdout_fraction: float = 0.2,
+    generator: torch.Generator | None = None,
+    scores: dict[str, torch.Tensor] | None = None,
+) -> PruneReport:
+    """Prune every MLP of ``model`` in place like ``prune_model``, compensating each block in closed form.
+
+    ``forward(model, batch)`` runs the model on one calibration batch (put the model in eval mode
+    first). ``mode='teacher'`` fits every block on the original model's activations in one pass;
+    ``'sequential'`` fits block i on the model whose blocks before i are already pruned and
+    compensated (one pass over ``batches`` per block). An evenly spread ``holdout_fraction`` of
+    each site's tokens is kept out of the fit and gives its ``recon_error_before/after``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not 0 <= holdout_fraction < 1:
+        raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+    if not ridge >= 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    if not isinstance(batches, Sequence):
+        batches = list(batches)
+    sites = find_mlp_sites(model)
+    for site in sites:
+        _refuse_hidden_norm(site)
+        if method == "taylor" and (scores is None or site.path not in scores):
+            raise ValueError(f"method='taylor' needs scores for site {site.path}")
+    counts = _keep_counts(sites, ratio, num_keep)
+    total_before = sum(p.numel() for p in model.parameters())
+    collected = _collect(model, sites, batches, forward, holdout_fraction) if mode == "teacher" else {}
+    records = []
+    for site in sites:
+        if mode == "sequential":
+            collected = _collect(model, [site], batches, forward, holdout_fraction)
+        fit_stats, held_stats = collected[site.path]
+        if fit_stats.count == 0:
+            raise ValueError(f"{site.path}: no calibration token reached this MLP")
+        site_scores = scores[site.path] if method == "taylor" else None
+        keep = select_mlp_channels(site.selection_weight(model), counts[site.path], method,
+                                   generator=generator, scores=site_scores)
+        out = getattr(site.module(model), site.out_name)
+        weight = out.weight.detach().clone()
+        bias = None if out.bias is None else out.bias.detach().clone()
+        params_before = site_param_count(model, site)
+        new_site = compensate_site(model, site, keep, fit_stats, ridge)
+        new_out = getattr(new_site.module(model), site.out_name)
+        errors = (None, None)
+        if held_stats is not None:
+            ordered = keep.sort().values
+            uncompensated = weight[:, ordered.to(weight.device)]
+            errors = (reconstruction_error(held_stats, weight, bias, ordered, uncompensated, bias),
+                      reconstruction_error(held_stats, weight, bias, ordered, new_out.weight, new_out.bias))
+        records.append(SiteReport(site.path, site.hidden, new_site.hidden, params_before,
+                                  site_param_count(model, new_site), keep.tolist(), *errors))
+    return PruneReport(method, records, total_before, sum(p.numel() for p in model.parameters()))
+
+
+def _collect(model: nn.Module, sites: list[MlpSite], batches: Sequence, forward: Callable,
+             holdout_fraction: float) -> dict[str, tuple[ActivationStats, ActivationStats | None]]:
+    """One pass over ``batches``: fit and held-out stats of every site's output-Linear input."""
+    stats = {s.path: (ActivationStats(s.hidden), ActivationStats(s.hidden) if holdout_fraction > 0 else None)
+             for s in sites}
+    seen = dict.fromkeys(stats, 0)
+
+    def hook_for(path: str):
+        def pre_hook(_module: nn.Module, args: tuple) -> None:
+            fit, held = stats[path]
+            acts = args[0].detach().reshape(-1, fit.size)
+            start, seen[path] = seen[path], seen[path] + acts.shape[0]
+            if held is None:
+                fit.update(acts)
+                return
+            mask = _holdout_mask(start, acts.shape[0], holdout_fraction).to(acts.device)
+            fit.update(acts[~mask])
+            held.update(acts[mask])
+
+        return pre_hook
+
+    handles = [getattr(s.module(model), s.out_name).register_forward_pre_hook(hook_for(s.path)) for s in sites]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    for path, (_, held) in stats.items():
+        if held is not None and held.count == 0:
+            raise ValueError(f"{path}: holdout_fraction {holdout_fraction} left no held-out token "
+                             f"out of {seen[path]}")
+    return stats
+
+
+def _holdout_mask(start: int, count: int, fraction: float) -> torch.Tensor:
+    """Tokens start..start+count-1 of a site's stream that are held out, spread evenly."""
+    index = torch.arange(start, start + count, dtype=torch.float64)
+    return torch.floor((index + 1) * fraction) > torch.floor(index * fraction)
+
+
+def _keep_counts(sites: list[MlpSite], ratio: float | None, num_keep: int | dict[str, int] | None
+                 ) -> dict[str, int]:
+    """Kept hidden units per site path, by ``prune_model``'s rules."""
+    if (ratio is None) == (num_keep is None):
+        raise ValueError("give exactly one of ratio or num_keep")
+    if ratio is not None:
+        return {s.path: num_keep_for_ratio(s.width, ratio, s.hidden) for s in sites}
+    if isinstance(num_keep, dict):
+        unknown = set(num_keep) - {s.path for s in sites}
+        if unknown:
+            raise ValueError(f"num_keep names unknown MLP sites: {sorted(unknown)}")
+        return {s.path: num_keep.get(s.path, s.hidden) for s in sites}
+    return {s.path: num_keep for s in sites}
+
+
+def _refuse_hidden_norm(site: MlpSite) -> None:
+    if site.norm_name is not None:
+        raise ValueError(f"{site.path}: compensation is not defined with a LayerNorm over the hidden "
+                         f"units ({site.norm_name}): removing units changes how the kept ones are normalised")
+
+
+def _check_kept(kept: torch.Tensor, size: int) -> torch.Tensor:
+    kept = torch.as_tensor(kept, dtype=torch.long).flatten()
+    if kept.numel() == 0 or kept.unique().numel() != kept.numel():
+        raise ValueError("kept indices must be non-empty and distinct")
+    if int(kept.min()) < 0 or int(kept.max()) >= size:
+        raise ValueError(f"kept indices must be in [0, {size})")
+    return kept
+
+
+def _bias64(bias: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+    if bias is None:
+        return weight.new_zeros(weight.shape[0])
+    return bias.detach().to(device=weight.device, dtype=torch.float64)
+
+
+def _energy(stats: ActivationStats, p: torch.Tensor, q: torch.Tensor) -> float:
+    """Mean over tokens of ||P a + q||^2."""
+    spread = ((p @ stats.covariance()) * p).sum()
+    offset = p @ stats.mean() + q
+    return max(float(spread + offset @ offset), 0.0)
