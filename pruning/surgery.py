@@ -25,6 +25,10 @@ class SiteReport:
     params_before: int
     params_after: int
     kept: list[int] = field(repr=False)
+    recon_error_before: float | None = None
+    """Relative error of fc_out's output on held-out calibration tokens, pruned without compensation."""
+    recon_error_after: float | None = None
+    """The same error after closed-form compensation (``pruning.compensate``); None without it."""
 
 
 @dataclass
