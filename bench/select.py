@@ -6,7 +6,7 @@ At the EVA-CLIP-E shape the plain loop would take minutes per run, so both are t
 same first ``--eva-slice`` picks (a measured ratio, not an extrapolation), and ours is also
 timed on the full layer.
 
-    python bench/select.py            # writes bench/results/select.json
+    python -m bench.select            # writes bench/results/select.json
 """
 
 from __future__ import annotations
