@@ -1,0 +1,82 @@
+"""Command line: ``python -m pruning prune --model NAME [--checkpoint FILE] --ratio R --out DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pruning", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    prune = commands.add_parser("prune", help="prune a checkpoint one block at a time into a loadable export")
+    prune.add_argument("--model", required=True,
+                       help="open_clip model config or timm model name; prefix open_clip: or timm: to choose")
+    prune.add_argument("--checkpoint", type=Path, default=None,
+                       help=".safetensors or .pt/.bin state dict (full CLIP or visual tower); "
+                            "default: the model's own seeded init weights")
+    widths = prune.add_mutually_exclusive_group(required=True)
+    widths.add_argument("--ratio", type=float, help="kept hidden = int(ratio * block width), the paper's r")
+    widths.add_argument("--num-keep", type=int, help="kept hidden units, the same for every block")
+    widths.add_argument("--num-keep-json", type=Path,
+                        help="JSON file: {site path: kept} (paths as in pruning_report.json) or a list, one per block")
+    prune.add_argument("--method", default="diversity", choices=("diversity", "l2", "random"))
+    prune.add_argument("--out", type=Path, required=True, help="output directory (created; must not exist)")
+    prune.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    prune.add_argument("--seed", type=int, default=0, help="seeds init weights (no --checkpoint) and --method random")
+    prune.add_argument("--model-config", type=Path, action="append", default=[],
+                       help="extra open_clip model config JSON to register first (name = file stem)")
+    prune.add_argument("--quiet", action="store_true", help="no per-block progress lines")
+    return parser
+
+
+def _num_keep_from_json(path: Path, model: str) -> dict[str, int]:
+    if not path.is_file():
+        raise FileNotFoundError(f"--num-keep-json file not found: {path}")
+    widths = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(widths, dict):
+        return widths
+    if not isinstance(widths, list):
+        raise ValueError(f"{path}: expected a JSON object {{site path: kept}} or a list, got {type(widths).__name__}")
+    from .export import resolve_architecture
+
+    sites = resolve_architecture(model).sites()
+    if len(widths) != len(sites):
+        raise ValueError(f"{path}: {len(widths)} widths for {len(sites)} MLP blocks")
+    return {s.path: w for s, w in zip(sites, widths, strict=True)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; user errors print one line and return 2."""
+    args = _parser().parse_args(argv)
+    from .stream import prune_checkpoint
+
+    try:
+        if args.model_config:
+            import open_clip
+
+            for path in args.model_config:
+                if not path.is_file():
+                    raise FileNotFoundError(f"--model-config file not found: {path}")
+                open_clip.add_model_config(path)
+        num_keep = _num_keep_from_json(args.num_keep_json, args.model) if args.num_keep_json else args.num_keep
+        start = time.perf_counter()
+        report = prune_checkpoint(
+            args.model, args.out, checkpoint=args.checkpoint, ratio=args.ratio, num_keep=num_keep,
+            method=args.method, overwrite=args.overwrite, seed=args.seed,
+            progress=None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    before, after = report.model_params_before, report.model_params_after
+    print(f"pruned {len(report.sites)} MLP blocks in {time.perf_counter() - start:.1f} s: tower parameters "
+          f"{before:,} -> {after:,} ({100 * (1 - after / before):.1f}% fewer); wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
