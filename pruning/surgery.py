@@ -83,17 +83,24 @@ def slice_linear(layer: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
     return new
 
 
-def prune_site(model: nn.Module, site: MlpSite, keep: torch.Tensor) -> MlpSite:
-    """Replace the site's layers by smaller ones keeping hidden units ``keep``; return the new site."""
+def sorted_keep(site: MlpSite, keep: torch.Tensor) -> torch.Tensor:
+    """Validated kept indices in ascending order, the unit order every pruned layer uses.
+
+    The function does not depend on the order of hidden units, and ascending order makes
+    keeping all units reproduce the original bit for bit.
+    """
     keep = torch.as_tensor(keep, dtype=torch.long).flatten()
     if keep.numel() == 0 or keep.unique().numel() != keep.numel():
         raise ValueError(f"{site.path}: kept indices must be non-empty and distinct")
     if int(keep.min()) < 0 or int(keep.max()) >= site.hidden:
         raise ValueError(f"{site.path}: kept indices must be in [0, {site.hidden})")
+    return keep.sort().values
+
+
+def prune_site(model: nn.Module, site: MlpSite, keep: torch.Tensor) -> MlpSite:
+    """Replace the site's layers by smaller ones keeping hidden units ``keep``; return the new site."""
+    keep = sorted_keep(site, keep)
     mlp = site.module(model)
-    # Units stay in their original order: the function does not depend on it, and keeping
-    # all units then reproduces the original bit for bit.
-    keep = keep.sort().values
     # Rows of a fused gated layer are [gate half; value half]: the same units in both.
     in_index = torch.cat([keep, keep + site.hidden]) if site.layout == GATED_FUSED else keep
     for name in site.in_names:
@@ -172,12 +179,7 @@ def prune_site_tensors(site: MlpSite, tensors: dict[str, torch.Tensor], keep: to
     that are never built as modules. Tensors whose shape does not depend on the hidden width
     are returned unchanged.
     """
-    keep = torch.as_tensor(keep, dtype=torch.long).flatten()
-    if keep.numel() == 0 or keep.unique().numel() != keep.numel():
-        raise ValueError(f"{site.path}: kept indices must be non-empty and distinct")
-    if int(keep.min()) < 0 or int(keep.max()) >= site.hidden:
-        raise ValueError(f"{site.path}: kept indices must be in [0, {site.hidden})")
-    keep = keep.sort().values  # the unit order prune_site gives
+    keep = sorted_keep(site, keep)
     fused = site.layout == GATED_FUSED
     in_index = torch.cat([keep, keep + site.hidden]) if fused else keep
     rules = {f"{n}.{p}": (0, in_index, 2 * site.hidden if fused else site.hidden)
