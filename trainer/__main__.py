@@ -1,7 +1,11 @@
-"""``python -m trainer <experiment.yaml> [key=value ...]``: parse and validate, then train."""
+"""``python -m trainer <experiment.yaml> [key=value ...]`` trains; ``python -m trainer export ...`` exports.
 
-from trainer.cli import parse_args
-from trainer.loop import main
+The first argument picks a subcommand when it names one; anything else is a training config.
+"""
+
+import sys
+
+from trainer.cli import run_subcommand
 
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(run_subcommand(sys.argv[1:]))

@@ -1,5 +1,8 @@
 """Command line: ``python -m trainer <experiment.yaml> [key=value ...]`` -> a validated TrainConfig.
 
+``python -m trainer export <checkpoint> --out <dir>`` is a subcommand (``SUBCOMMANDS``): a first
+argument naming one selects it, anything else is the training command.
+
 An experiment YAML may list ``defaults:`` (paths relative to itself, merged in order, each of
 which may list its own); the file's own keys override them, and ``key=value`` overrides win last.
 Dotted keys reach nested sections (``optim.base_lr=1e-4``); values are parsed as YAML.
@@ -84,3 +87,23 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_intermixed_args(argv)
     return load_config(args.config, args.overrides)
+
+
+def _export(argv: list[str]) -> int:
+    from trainer.export import main
+
+    return main(argv)
+
+
+SUBCOMMANDS = {"export": _export}
+"""First-argument name -> entry taking the remaining arguments and returning the exit status."""
+
+
+def run_subcommand(argv: list[str]) -> int:
+    """Dispatch ``python -m trainer``: a subcommand, or training (the default)."""
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
+    from trainer.loop import main
+
+    main(parse_args(argv))
+    return 0

@@ -30,7 +30,7 @@ class RunConfig:
     """Where the run writes, how long it lasts, how often it reports."""
 
     dir: str = "runs/default"
-    """Run directory: resolved config, TensorBoard events (later: checkpoints)."""
+    """Run directory: resolved config, TensorBoard events, checkpoints/."""
     seed: int = 0
     """Seeds model init, pruning ties and data; identical on every rank."""
     steps: int = 100
@@ -156,6 +156,25 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """Sharded checkpoints under ``<run.dir>/checkpoints`` and where a run starts from (see docs/checkpoints.md)."""
+
+    every_steps: int = 1000
+    """Optimizer steps between checkpoints; one is always written after the last step."""
+    keep_last: int = 3
+    """Complete checkpoints kept; older ones are deleted after each successful save."""
+    resume: str = "auto"
+    """'auto': newest complete checkpoint in the run directory (falling back past broken ones with a
+    warning), or a fresh start if there is none; 'none': always start fresh; else a checkpoint directory
+    (``<run.dir>/checkpoints/step-NNNNNNNN``), which must be complete and match model and prune."""
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 1, "checkpoint.every_steps", f"must be >= 1, got {self.every_steps}")
+        _check(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
+        _check(bool(self.resume), "checkpoint.resume", "must be 'auto', 'none' or a checkpoint path")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The whole experiment; the resolved form is saved in the run directory."""
 
@@ -166,6 +185,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (tuples as lists) for YAML, TensorBoard text and hparams."""

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from trainer.build import build_models
+from trainer.checkpoint import Checkpointer
 from trainer.config import TrainConfig
 from trainer.data import BatchStream, build_stream
 from trainer.dist import destroy_process_group, read_env
@@ -58,11 +59,13 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None) -> TrainResult
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (run_dir / "prune_report.json").write_text(json.dumps(prune_report.to_dict()))
         metrics.log_config(cfg.to_dict(), flat_hparams(cfg.to_dict()))
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir, env, cfg.to_dict())
+    state = checkpointer.resume(engine, stream)  # engine, stream and RNGs as saved, or a fresh TrainState
 
     result = TrainResult(engine)
     batches = iter(stream)
-    last_logged, last_log_time = 0, time.perf_counter()
-    for step in range(steps):
+    last_logged, last_log_time = state.step, time.perf_counter()
+    for step in range(state.step, steps):
         lr = lr_at(step, peak=peak, warmup_steps=optim.warmup_steps, total_steps=steps,
                    min_lr_ratio=optim.min_lr_ratio)
         wd = weight_decay_at(step, start=optim.weight_decay_start, end=optim.weight_decay_end, total_steps=steps)
@@ -75,6 +78,9 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None) -> TrainResult
             engine.backward(out["loss"], last_micro_batch=micro == accum - 1)
             terms = terms + torch.stack([out[k].detach().float() for k in LOSS_TERMS]) / accum
         grad_norm = engine.step()
+        state.step, state.samples_seen = step + 1, state.samples_seen + global_batch
+        if checkpointer.due(state.step, steps):
+            checkpointer.save(state, engine, stream)
 
         if (step + 1) % cfg.run.log_every_steps == 0 or step + 1 == steps:
             # Every rank joins the reduction; only rank 0's Metrics writes.
@@ -86,7 +92,7 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None) -> TrainResult
                 "loss/total": float(reduced[0]), "loss/cls": float(reduced[1]), "loss/patch": float(reduced[2]),
                 "opt/lr": lr, "opt/weight_decay": wd, "opt/grad_norm": float(grad_norm),
                 "perf/images_per_s": global_batch / step_time, "perf/step_time_s": step_time,
-                "perf/samples_seen": global_batch * (step + 1), "perf/memory_bytes": memory_bytes(),
+                "perf/samples_seen": state.samples_seen, "perf/memory_bytes": memory_bytes(),
                 "data/samples_skipped": float(reduced[3]) * env.world_size,
             })
             last_logged, last_log_time = step + 1, time.perf_counter()

@@ -1,15 +1,19 @@
 """The engine protocol: everything that differs between single-process, FSDP2 and DeepSpeed.
 
 The loop calls, per optimizer step: ``set_hparams`` once, then for each micro-batch the task
-(through ``student``/``teacher``) and ``backward``, then ``step``. Checkpointing (next issue)
-becomes ``save``/``load`` methods here.
+(through ``student``/``teacher``) and ``backward``, then ``step``. ``save``/``load`` write and
+read the student and its optimizer state in the engine's own sharded format; everything else in
+a checkpoint (step, data, RNG, layout, atomic commit) is trainer/checkpoint.py's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -34,6 +38,8 @@ class Engine(Protocol):
     """Wraps student (trainable, with optimizer) and teacher (frozen, no optimizer), runs the step."""
 
     env: DistEnv
+    checkpoint_format: str
+    """What ``save`` writes: 'dcp' (torch.distributed.checkpoint, any world size) or 'deepspeed'."""
 
     def setup(self, models: Models) -> None:
         """Shard / place both models and build the optimizer; call once, before the first step."""
@@ -75,6 +81,18 @@ class Engine(Protocol):
         """Full (unsharded) teacher parameters on every rank; a collective."""
         ...
 
+    def gather_student_state(self) -> dict[str, torch.Tensor]:
+        """Full (unsharded) student parameters and buffers on every rank, on CPU; a collective."""
+        ...
+
+    def save(self, path: Path) -> None:
+        """Write student weights and optimizer state under ``path`` (a collective; each rank its shards)."""
+        ...
+
+    def load(self, path: Path, *, saved_world_size: int) -> None:
+        """Read what ``save`` wrote, possibly at another world size (a collective), after ``setup``."""
+        ...
+
     def close(self) -> None:
         """Release engine resources before the process group goes."""
         ...
@@ -109,6 +127,62 @@ def local_numel(module: nn.Module) -> int:
         local = p.to_local() if hasattr(p, "to_local") else p
         total += local.numel()
     return total
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    # DCP warns on every call without a process group; the single engine has none on purpose.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def dcp_save(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Student and optimizer through torch.distributed.checkpoint: FQN-keyed, reshardable on load."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    with _single_process_quiet():
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path, no_dist=not _distributed())
+
+
+def dcp_load(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Load ``dcp_save`` output into the (sharded or plain) model and optimizer; DCP reshards as needed."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    try:
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
+    except Exception as err:  # DCP raises CheckpointException & co.; users need the path
+        raise ValueError(f"{path}: cannot load the DCP checkpoint: {err}") from err
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def read_student_state(checkpoint_format: str, path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The student weights of an engine checkpoint, full, on CPU, without a process group (export).
+
+    ``model`` is the unsharded student (head stripped, as trained): it gives the keys and shapes to read.
+    """
+    if checkpoint_format == "dcp":
+        import torch.distributed.checkpoint as dcp
+
+        state = {"model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=path, no_dist=True)  # only the "model" half: no optimizer state read
+        return state["model"]
+    if checkpoint_format == "deepspeed":
+        from trainer.engines.deepspeed import read_fp32_student
+
+        return read_fp32_student(path)
+    raise ValueError(f"{path}: unknown engine checkpoint format {checkpoint_format!r}")
 
 
 def build_engine(cfg: EngineConfig, optim: OptimConfig, env: DistEnv) -> Engine:

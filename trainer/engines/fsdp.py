@@ -9,15 +9,25 @@ from __future__ import annotations
 
 import contextlib
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from trainer.config import EngineConfig, OptimConfig
 from trainer.dist import DistEnv, init_process_group
-from trainer.engines.base import Models, apply_hparams, local_numel, make_adamw, param_groups
+from trainer.engines.base import (
+    Models,
+    apply_hparams,
+    dcp_load,
+    dcp_save,
+    local_numel,
+    make_adamw,
+    param_groups,
+)
 from trainer.engines.collectives import mean_over_ranks
 
 
@@ -26,6 +36,7 @@ class FsdpEngine:
 
     def __init__(self, cfg: EngineConfig, optim: OptimConfig, env: DistEnv) -> None:
         self.cfg, self.optim_cfg, self.env = cfg, optim, env
+        self.checkpoint_format = "dcp"
         init_process_group(env, cfg.dist_timeout_s)
 
     def _shard(self, model: nn.Module, blocks: list[nn.Module]) -> nn.Module:
@@ -89,6 +100,16 @@ class FsdpEngine:
     def gather_teacher_state(self) -> dict[str, torch.Tensor]:
         """Full teacher parameters on every rank (a collective; tests and export)."""
         return {name: p.full_tensor().detach().cpu().clone() for name, p in self.teacher_model.named_parameters()}
+
+    def gather_student_state(self) -> dict[str, torch.Tensor]:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False)
+        return get_model_state_dict(self.student_model, options=options)
+
+    def save(self, path: Path) -> None:
+        dcp_save(self.student_model, self.optimizer, path)
+
+    def load(self, path: Path, *, saved_world_size: int) -> None:
+        dcp_load(self.student_model, self.optimizer, path)
 
     def close(self) -> None:
         pass

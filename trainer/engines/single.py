@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import contextlib
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import torch
 
 from trainer.config import EngineConfig, OptimConfig
 from trainer.dist import DistEnv
-from trainer.engines.base import Models, apply_hparams, local_numel, make_adamw, param_groups
+from trainer.engines.base import (
+    Models,
+    apply_hparams,
+    dcp_load,
+    dcp_save,
+    local_numel,
+    make_adamw,
+    param_groups,
+)
 
 
 class SingleEngine:
@@ -19,6 +28,7 @@ class SingleEngine:
         if env.world_size != 1:
             raise ValueError(f"engine.name: 'single' runs one process, launched with WORLD_SIZE={env.world_size}")
         self.cfg, self.optim_cfg, self.env = cfg, optim, env
+        self.checkpoint_format = "dcp"
 
     def setup(self, models: Models) -> None:
         if self.cfg.activation_checkpointing:
@@ -61,6 +71,15 @@ class SingleEngine:
     def gather_teacher_state(self) -> dict[str, torch.Tensor]:
         """Full teacher parameters (copies)."""
         return {name: p.detach().cpu().clone() for name, p in self.teacher_model.named_parameters()}
+
+    def gather_student_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.student_model.state_dict().items()}
+
+    def save(self, path: Path) -> None:
+        dcp_save(self.student_model, self.optimizer, path)
+
+    def load(self, path: Path, *, saved_world_size: int) -> None:
+        dcp_load(self.student_model, self.optimizer, path)
 
     def close(self) -> None:
         pass
