@@ -45,8 +45,13 @@ def init_process_group(env: DistEnv, timeout_s: int) -> None:
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     backend = "nccl" if env.device.type == "cuda" else "gloo"
-    torch_dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
-                                  timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    # DeepSpeed makes its data-parallel group with new_group(ranks) and no timeout, and torch gives such
+    # groups its module default (30 min gloo, 10 min nccl), not the world group's: a peer lost without a
+    # TCP reset (link down, host frozen) would hang every rank that long. Make ours the default first.
+    torch_dist.distributed_c10d.default_pg_timeout = timeout
+    torch_dist.distributed_c10d.default_pg_nccl_timeout = timeout
+    torch_dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
 
 
 def destroy_process_group() -> None:
