@@ -32,8 +32,9 @@ test: $(STAMP) $(DATA_STAMP)
 	$(PY) -m ruff check trainer pruning tests bench
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
+# Prune a real DINOv2 ViT-S/14 with DGMR, distill it on 2 CPU ranks, evaluate; prints the report path.
 demo: $(STAMP) $(DATA_STAMP)
-	$(PY) -m pruning.demo
+	$(PY) -m trainer.demo --out demo_out
 
 lint: $(STAMP)
 	$(PY) -m ruff check trainer pruning tests bench

