@@ -3,8 +3,8 @@
     .venv/bin/python -m bench.data [--images 512] [--workers 2] [--size 224] [--repeats 3]
 
 Both read the same tar shards with the same number of processes: the pipeline through
-WebDatasetStream (DataLoader workers, shard split, shuffle buffer, decode, crop/resize, normalise,
-batching, hand-over to the training process), the bare loop as a process pool where each process
+WebDatasetStream (DataLoader workers, shard split, shuffle buffer, decode, crop/resize,
+uint8 batching, hand-over to the training process; normalising is the training device's job), the bare loop as a process pool where each process
 opens its shards with tarfile and calls the same decode and crop/resize functions. Also times JPEG
 decode alone with simplejpeg and with PIL (both with DCT downscaling). Rates are given per wall
 second and per CPU second (all processes of the run: robust on a machine shared with other jobs).

@@ -171,11 +171,11 @@ def read_shard_images(shard: Path, limit: int) -> torch.Tensor:
 
 
 def normalised_batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    from trainer.data.decode import normalise
+    from trainer.data.base import normalise
     from trainer.models.dinov2_onnx import INPUT_SPEC
 
     for i in range(0, len(images), batch_size):
-        yield normalise(images[i : i + batch_size].numpy(), INPUT_SPEC)
+        yield normalise(images[i : i + batch_size], INPUT_SPEC)
 
 
 # ---------------------------------------------------------------- models

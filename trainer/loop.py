@@ -72,7 +72,7 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None) -> TrainResult
         engine.set_hparams(lr=lr, weight_decay=wd)
         terms: torch.Tensor | float = 0.0  # stays on the device: no sync per step
         for micro in range(accum):
-            images = next(batches).images
+            images = next(batches).model_input(env.device)
             with engine.autocast():
                 out = task(images)
             engine.backward(out["loss"], last_micro_batch=micro == accum - 1)

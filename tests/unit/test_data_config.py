@@ -15,7 +15,7 @@ def test_defaults_are_synthetic_and_build_a_synthetic_stream():
     s = build_stream(DataConfig(), spec, batch_size=2, rank=1, world_size=2, seed=0)
     assert isinstance(s, SyntheticStream)
     batch = next(iter(s))
-    assert batch.images.shape == (2, 3, 8, 8) and batch.images.dtype == torch.float32
+    assert batch.images.shape == (2, 3, 8, 8) and batch.images.dtype == torch.float32 and batch.spec is None
     assert s.counters()["samples_skipped"] == 0
 
 

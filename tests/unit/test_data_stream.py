@@ -61,7 +61,8 @@ def test_two_ranks_two_workers_see_every_sample_once(shards):
         batches = list(s.iter_epoch())
         assert s.epoch == 1
         for b in batches:
-            assert b.images.shape[1:] == (3, 16, 16) and b.images.dtype == torch.float32
+            assert b.images.shape[1:] == (3, 16, 16) and b.images.dtype == torch.uint8
+            assert b.spec == SPEC and b.model_input().dtype == torch.float32
             assert b.captions == [f"caption {k}" for k in b.keys]
         seen += [k for b in batches for k in b.keys]
     assert sorted(seen) == sorted(keys)  # exactly once: no duplicate, nothing missing
@@ -80,10 +81,11 @@ def test_epochs_reshuffle_and_images_are_normalised(shards):
     box = ((raw.width - side) / 2, (raw.height - side) / 2, (raw.width + side) / 2, (raw.height + side) / 2)
     expected = np.asarray(raw.resize((16, 16), Image.Resampling.BICUBIC, box=box))
     k0 = next(i for i, k in enumerate(batch.keys) if k.endswith("k0"))  # every shard's k0 is jpeg_bytes(0)
-    pixels = batch.images[k0] * torch.tensor(SPEC.std).view(3, 1, 1)
+    pixels = batch.model_input()[k0] * torch.tensor(SPEC.std).view(3, 1, 1)
     pixels = (pixels + torch.tensor(SPEC.mean).view(3, 1, 1)) * 255
     # simplejpeg and PIL (libjpeg-turbo both) may differ by a rounding step in the IDCT
     assert (pixels.permute(1, 2, 0) - torch.tensor(expected).float()).abs().max() <= 2
+    assert torch.allclose(pixels.permute(1, 2, 0), batch.images[k0].permute(1, 2, 0).float(), atol=1e-3)
 
 
 def test_resampled_orders_differ_per_rank_and_epoch_length_holds(shards):

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .base import Batch, InputSpec
 from .config import DataConfig
-from .decode import SampleDecoder, normalise, to_chw
+from .decode import SampleDecoder, to_chw
 from .shards import check_rank_share, epoch_order, mix_seed, nth_share, resolve_sources
 from .tar_reader import COUNTER_NAMES, Counters, tar_samples
 
@@ -243,7 +243,7 @@ class WebDatasetStream:
             self._items += 1
             self._workers[meta["worker"]] = {k: meta[k] for k in ("raw", "batches", "done", "counters")}
             if images is not None:
-                yield Batch(normalise(images.numpy(), self.spec), list(captions), list(keys))
+                yield Batch(images, list(captions), list(keys), spec=self.spec)
         self._past = self.counters()
         self.epoch += 1
         self._items = 0
