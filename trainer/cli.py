@@ -1,6 +1,7 @@
 """Command line: ``python -m trainer <experiment.yaml> [key=value ...]`` -> a validated TrainConfig.
 
-``python -m trainer export <checkpoint> --out <dir>`` is a subcommand (``SUBCOMMANDS``): a first
+``python -m trainer export <checkpoint> --out <dir>`` and ``python -m trainer plan <yaml>`` are
+subcommands (``SUBCOMMANDS``): a first
 argument naming one selects it, anything else is the training command.
 
 An experiment YAML may list ``defaults:`` (paths relative to itself, merged in order, each of
@@ -95,7 +96,13 @@ def _export(argv: list[str]) -> int:
     return main(argv)
 
 
-SUBCOMMANDS = {"export": _export}
+def _plan(argv: list[str]) -> int:
+    from trainer.plan import main
+
+    return main(argv)
+
+
+SUBCOMMANDS = {"export": _export, "plan": _plan}
 """First-argument name -> entry taking the remaining arguments and returning the exit status."""
 
 

@@ -1,6 +1,6 @@
 """Memory planner: per-rank bytes of teacher and student for each engine, and the largest batch that fits.
 
-``python -m trainer.plan <config.yaml> [key=value ...] [--gpu-mem-gib 80] [--world-size 8 64] [--json]``
+``python -m trainer plan <config.yaml> [key=value ...] [--gpu-mem-gib 80] [--world-size 8 64] [--json]``
 
 Shapes come from a meta-device build of ``model`` (no memory, no weights) and ``prune.ratio``
 arithmetic (``trainer.models.meta``). The byte model is written out in docs/planner.md; in short:
@@ -282,7 +282,7 @@ def _gib(nbytes: int, digits: int = 2) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry: print the table, or the JSON with ``--json``."""
-    parser = argparse.ArgumentParser(prog="python -m trainer.plan", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m trainer plan", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="experiment YAML")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, as for training")
     parser.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU")

@@ -195,3 +195,12 @@ def test_activation_formula_bounds_real_saved_tensors(name: str, engine: str) ->
     # for) saves an fp32 copy for LayerNorm.
     low = 0.85 if (engine, name) == ("single", "eva02_enormous_patch14_clip_224") else 0.9
     assert low * predicted < measured <= predicted
+
+
+def test_trainer_plan_subcommand_prints_the_same_table(capsys: pytest.CaptureFixture[str]) -> None:
+    from trainer.cli import run_subcommand
+
+    assert main([str(EVA_R1), "--world-size", "8"]) == 0
+    direct = capsys.readouterr().out
+    assert run_subcommand(["plan", str(EVA_R1), "--world-size", "8"]) == 0
+    assert capsys.readouterr().out == direct
