@@ -30,7 +30,7 @@ from torch import nn
 
 from .select import select_mlp_channels
 from .sites import MlpSite, find_mlp_sites
-from .surgery import PruneReport, SiteReport, num_keep_for_ratio, prune_site, site_param_count
+from .surgery import PruneReport, SiteReport, keep_counts, prune_site, site_param_count
 
 MODES = ("teacher", "sequential")
 
@@ -212,7 +212,7 @@ def prune_and_compensate(
         _refuse_hidden_norm(site)
         if method == "taylor" and (scores is None or site.path not in scores):
             raise ValueError(f"method='taylor' needs scores for site {site.path}")
-    counts = _keep_counts(sites, ratio, num_keep)
+    counts = keep_counts(sites, ratio, num_keep)
     total_before = sum(p.numel() for p in model.parameters())
     collected = _collect(model, sites, batches, forward, holdout_fraction) if mode == "teacher" else {}
     records = []
@@ -282,21 +282,6 @@ def _holdout_mask(start: int, count: int, fraction: float) -> torch.Tensor:
     """Tokens start..start+count-1 of a site's stream that are held out, spread evenly."""
     index = torch.arange(start, start + count, dtype=torch.float64)
     return torch.floor((index + 1) * fraction) > torch.floor(index * fraction)
-
-
-def _keep_counts(sites: list[MlpSite], ratio: float | None, num_keep: int | dict[str, int] | None
-                 ) -> dict[str, int]:
-    """Kept hidden units per site path, by ``prune_model``'s rules."""
-    if (ratio is None) == (num_keep is None):
-        raise ValueError("give exactly one of ratio or num_keep")
-    if ratio is not None:
-        return {s.path: num_keep_for_ratio(s.width, ratio, s.hidden) for s in sites}
-    if isinstance(num_keep, dict):
-        unknown = set(num_keep) - {s.path for s in sites}
-        if unknown:
-            raise ValueError(f"num_keep names unknown MLP sites: {sorted(unknown)}")
-        return {s.path: num_keep.get(s.path, s.hidden) for s in sites}
-    return {s.path: num_keep for s in sites}
 
 
 def _refuse_hidden_norm(site: MlpSite) -> None:

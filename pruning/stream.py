@@ -34,7 +34,7 @@ from .export import (
 from .safetensors_stream import SafetensorsReader, SafetensorsWriter
 from .select import METHODS, select_mlp_channels
 from .sites import MlpSite
-from .surgery import PruneReport, SiteReport, num_keep_for_ratio, prune_site_tensors
+from .surgery import PruneReport, SiteReport, keep_counts, prune_site_tensors
 
 REPORT_JSON = "pruning_report.json"
 REPORT_MD = "pruning_report.md"
@@ -115,27 +115,6 @@ def _check_keys(source: Source, expected: dict[str, tuple[int, ...]], model: str
         if tuple(shape) != expected[key]:
             raise ValueError(f"{source.path}: tensor {key!r} has shape {tuple(shape)}, {model} expects "
                              f"{expected[key]}")
-
-
-def keep_counts(sites: list[MlpSite], ratio: float | None, num_keep: int | dict[str, int] | None
-                ) -> dict[str, int]:
-    """Kept hidden units per site path, validated against each site's hidden width."""
-    if (ratio is None) == (num_keep is None):
-        raise ValueError("give exactly one of ratio or num_keep")
-    if ratio is not None:
-        return {s.path: num_keep_for_ratio(s.width, ratio, s.hidden) for s in sites}
-    if isinstance(num_keep, dict):
-        unknown = sorted(set(num_keep) - {s.path for s in sites})
-        if unknown:
-            raise ValueError(f"num_keep names unknown MLP sites: {unknown}; sites are {sites[0].path} ...")
-        counts = {s.path: num_keep.get(s.path, s.hidden) for s in sites}
-    else:
-        counts = {s.path: num_keep for s in sites}
-    for site in sites:
-        count = counts[site.path]
-        if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= site.hidden:
-            raise ValueError(f"num_keep for {site.path} must be an int in [1, {site.hidden}], got {count!r}")
-    return counts
 
 
 def _site_tensor_names(site: MlpSite) -> list[str]:

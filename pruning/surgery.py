@@ -125,6 +125,30 @@ def site_param_count(model: nn.Module, site: MlpSite) -> int:
     return sum(p.numel() for n in names for p in getattr(mlp, n).parameters())
 
 
+def keep_counts(sites: list[MlpSite], ratio: float | None, num_keep: int | dict[str, int] | None
+                ) -> dict[str, int]:
+    """Kept hidden units per site path: ``ratio`` (the paper's r) or ``num_keep`` (one count, or per site path).
+
+    Validated against each site's hidden width; every pruning path counts with this.
+    """
+    if (ratio is None) == (num_keep is None):
+        raise ValueError("give exactly one of ratio or num_keep")
+    if ratio is not None:
+        return {s.path: num_keep_for_ratio(s.width, ratio, s.hidden) for s in sites}
+    if isinstance(num_keep, dict):
+        unknown = sorted(set(num_keep) - {s.path for s in sites})
+        if unknown:
+            raise ValueError(f"num_keep names unknown MLP sites: {unknown}; sites are {sites[0].path} ...")
+        counts = {s.path: num_keep.get(s.path, s.hidden) for s in sites}
+    else:
+        counts = {s.path: num_keep for s in sites}
+    for site in sites:
+        count = counts[site.path]
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= site.hidden:
+            raise ValueError(f"num_keep for {site.path} must be an int in [1, {site.hidden}], got {count!r}")
+    return counts
+
+
 def prune_model(
     model: nn.Module,
     *,
@@ -140,29 +164,18 @@ def prune_model(
     for every site, or a dict from site path to count for per-layer widths). ``scores`` maps
     site paths to per-unit importances for ``method='taylor'``.
     """
-    if (ratio is None) == (num_keep is None):
-        raise ValueError("give exactly one of ratio or num_keep")
     sites = find_mlp_sites(model)
-    if isinstance(num_keep, dict):
-        unknown = set(num_keep) - {s.path for s in sites}
-        if unknown:
-            raise ValueError(f"num_keep names unknown MLP sites: {sorted(unknown)}")
+    counts = keep_counts(sites, ratio, num_keep)
     total_before = sum(p.numel() for p in model.parameters())
     records = []
     for site in sites:
-        if ratio is not None:
-            keep_count = num_keep_for_ratio(site.width, ratio, site.hidden)
-        elif isinstance(num_keep, dict):
-            keep_count = num_keep.get(site.path, site.hidden)
-        else:
-            keep_count = num_keep
         site_scores = None
         if method == "taylor":
             if scores is None or site.path not in scores:
                 raise ValueError(f"method='taylor' needs scores for site {site.path}")
             site_scores = scores[site.path]
         before = site_param_count(model, site)
-        keep = select_mlp_channels(site.selection_weight(model), keep_count, method,
+        keep = select_mlp_channels(site.selection_weight(model), counts[site.path], method,
                                    generator=generator, scores=site_scores)
         new_site = prune_site(model, site, keep)
         records.append(SiteReport(site.path, site.hidden, new_site.hidden, before,
