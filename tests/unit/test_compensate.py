@@ -5,10 +5,9 @@ import copy
 
 import pytest
 import torch
-from open_clip.transformer import VisionTransformer as OpenClipViT
+from layouts import KINDS, TinyDinov2Blocks, tiny_model
 from timm.layers import Mlp
 from timm.models.eva import Eva
-from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import nn
 
 from pruning import (
@@ -27,54 +26,12 @@ from pruning.compensate import removed_units
 pytestmark = pytest.mark.unit
 
 
-class Dinov2SwiGLUFFN(nn.Module):
-    """DINOv2's fused SwiGLU layout: w12 holds [gate; value] rows, w3 projects back."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.w12 = nn.Linear(dim, 2 * hidden)
-        self.w3 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        gate, value = self.w12(x).chunk(2, dim=-1)
-        return self.w3(nn.functional.silu(gate) * value)
-
-
-class Residual(nn.Module):
-    def __init__(self, blocks: list[nn.Module]) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = x + block(x)
-        return x
-
-
 def tiny(kind: str) -> tuple[nn.Module, list[torch.Tensor]]:
     """A 2-block model of one MLP layout and calibration batches for it."""
-    torch.manual_seed(0)
-    common = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
-    images = [torch.randn(2, 3, 32, 32) for _ in range(4)]
-    if kind == "open_clip":
-        model = OpenClipViT(image_size=32, patch_size=8, width=64, layers=2, heads=2, mlp_ratio=4.0,
-                            output_dim=32)
-    elif kind == "timm_vit":
-        model = TimmViT(**common, num_classes=0)
-    elif kind == "eva_plain":
-        model = Eva(**common, num_classes=0, mlp_ratio=4.0)
-    elif kind == "eva_swiglu":
-        model = Eva(**common, num_classes=0, swiglu_mlp=True, scale_mlp=False, swiglu_align_to=8)
-    elif kind == "eva_glu_fused":
-        model = Eva(**common, num_classes=0, swiglu_mlp=True, scale_mlp=False)
-    elif kind == "dinov2_w12":
-        return Residual([Dinov2SwiGLUFFN(32, 48) for _ in range(2)]), [torch.randn(2, 17, 32) for _ in range(4)]
-    else:
-        raise AssertionError(kind)
-    return model.eval(), images
-
-
-KINDS = ["open_clip", "timm_vit", "eva_plain", "eva_swiglu", "eva_glu_fused", "dinov2_w12"]
+    model, shape, _ = tiny_model(kind)
+    if kind == "dinov2_w12":
+        shape = (2, 17, 32)
+    return model.eval(), [torch.randn(shape) for _ in range(4)]
 
 
 def run(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -117,7 +74,7 @@ def test_units_affine_in_the_kept_ones_are_reconstructed_exactly(bias, mode):
 @pytest.mark.parametrize("mode", ["teacher", "sequential"])
 def test_duplicated_gated_units_are_folded_back_exactly(mode):
     # Units 8..15 repeat units 0..7 in both gate and value halves: each removed copy equals a kept unit.
-    model = Residual([Dinov2SwiGLUFFN(32, 16) for _ in range(2)])
+    model = TinyDinov2Blocks(dim=32, hidden=16, depth=2)
     with torch.no_grad():
         for block in model.blocks:
             w, b = block.w12.weight, block.w12.bias
