@@ -1,4 +1,7 @@
-"""Construction of the models from the config: the teacher and its pruned copy, the student."""
+"""Host-side construction (``prune.in_engine=false``): the full teacher and its pruned copy, the student, on every rank.
+
+The sharded alternative, where no rank ever holds a full model, is trainer/sharded_prune.py.
+"""
 
 from __future__ import annotations
 
@@ -19,11 +22,15 @@ def build_models(cfg: TrainConfig, adapter: ModelAdapter) -> tuple[nn.Module, nn
     torch.manual_seed(cfg.run.seed)
     teacher = adapter.build(cfg.model)
     student = copy.deepcopy(teacher)
-    try:
-        report = pruning.prune_model(student, ratio=cfg.prune.ratio, method=cfg.prune.method,
-                                     generator=torch.Generator().manual_seed(cfg.run.seed))
-    except ValueError as err:
-        raise ValueError(f"prune.ratio / prune.method: {err}") from None
+    if not cfg.prune.enabled:
+        count = sum(p.numel() for p in teacher.parameters())
+        report = pruning.PruneReport("none", [], count, count)
+    else:
+        try:
+            report = pruning.prune_model(student, ratio=cfg.prune.ratio, method=cfg.prune.method,
+                                         generator=torch.Generator().manual_seed(cfg.run.seed))
+        except ValueError as err:
+            raise ValueError(f"prune.ratio / prune.method: {err}") from None
     if cfg.prune.student_init:
         load_student_init(student, Path(cfg.prune.student_init))
     return teacher, student, report

@@ -8,6 +8,8 @@ Layout of ``<run.dir>/checkpoints/`` (a filesystem every rank sees):
       config.yaml           resolved config of the run that wrote it
       manifest.json         written last: format, step, samples, world size, engine format, size of every file
     latest                  name of the newest complete checkpoint, replaced after the rename
+    best/                   a complete checkpoint of the step with the best held-out value (+ best.json);
+                            never rotated away; .best-previous/ only between the two renames of a swap
     .tmp-step-00000050/     a save in progress, or one killed mid-way: never read, removed by the next save
 
 A save writes everything under the temporary name; once every rank has finished, rank 0 writes
@@ -25,7 +27,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -41,6 +43,9 @@ log = logging.getLogger(__name__)
 FORMAT = "dgmr-trainer-checkpoint/1"
 MANIFEST = "manifest.json"
 LATEST = "latest"
+BEST = "best"
+BEST_PREVIOUS = ".best-previous"
+BEST_RECORD = "best.json"
 ENGINE_DIR = "engine"
 CONFIG = "config.yaml"
 TMP_PREFIX = ".tmp-"
@@ -71,6 +76,14 @@ class Manifest:
     """'dcp' (single, fsdp: interchangeable) or 'deepspeed'."""
     files: dict[str, int]
     """Every file under the checkpoint (relative path -> bytes) except the manifest itself."""
+
+
+class Stateful(Protocol):
+    """Trainer-side state saved in every rank file beside the data stream and RNGs (loss statistics, records)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -104,6 +117,37 @@ def validate(path: str | os.PathLike) -> Manifest:
         if actual != size:
             raise ValueError(f"{file}: truncated or altered ({actual} bytes, manifest says {size})")
     return manifest
+
+
+def best_checkpoint(root: Path) -> Path | None:
+    """``root/best``, or the previous best left by a kill between the two renames of a swap; None if neither."""
+    for candidate in (root / BEST, root / BEST_PREVIOUS):
+        if (candidate / MANIFEST).is_file():
+            return candidate
+    return None
+
+
+def resolve_checkpoint(path: str | os.PathLike, which: str = "latest") -> Path:
+    """A checkpoint directory as given, or ``which`` ('latest' | 'best') of a run directory or its checkpoints/."""
+    path = Path(path)
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if (path / MANIFEST).is_file() or not (complete_checkpoints(root) or best_checkpoint(root)):
+        validate(path)  # a checkpoint, or the error that names what is wrong with it
+        return path
+    if which == "best":
+        best = best_checkpoint(root)
+        if best is None:
+            raise FileNotFoundError(f"{root}: no best checkpoint (validation off, or no validation yet)")
+        return best
+    if which != "latest":
+        raise ValueError(f"which: must be 'latest' or 'best', got {which!r}")
+    for candidate in complete_checkpoints(root):
+        try:
+            validate(candidate)
+            return candidate
+        except ValueError as err:
+            log.warning("skipping %s: %s; trying the previous one", candidate, err)
+    raise FileNotFoundError(f"{root}: no complete checkpoint")
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -168,9 +212,12 @@ def _write_atomic(path: Path, text: str) -> None:
 class Checkpointer:
     """Saves every ``every_steps`` and at the end, keeps the last ``keep_last``, resumes per ``resume``."""
 
-    def __init__(self, cfg: CheckpointConfig, run_dir: Path, env: DistEnv, config: dict[str, Any]) -> None:
+    def __init__(self, cfg: CheckpointConfig, run_dir: Path, env: DistEnv, config: dict[str, Any],
+                 stateful: dict[str, Stateful] | None = None) -> None:
         self.cfg, self.env, self.config = cfg, env, config
         self.root = run_dir / "checkpoints"
+        self.stateful = stateful or {}
+        """Saved under 'trainer' in every rank file; identical on all ranks by construction."""
 
     def resume(self, engine: Any, stream: BatchStream) -> TrainState:
         """Restore engine, stream and RNGs from the chosen checkpoint (a collective); fresh state if none."""
@@ -190,6 +237,10 @@ class Checkpointer:
         stream.load_state_dict(ranked["data"])
         if same_world:
             set_rng_state(ranked["rng"])
+        saved_trainer = ranked.get("trainer", {})  # absent in checkpoints written before it existed
+        for key, obj in self.stateful.items():
+            if key in saved_trainer:
+                obj.load_state_dict(saved_trainer[key])
         if self.env.is_main:
             log.warning("resumed from %s at step %d (written by %d rank(s), now %d)", path, manifest.step,
                         manifest.world_size, self.env.world_size)
@@ -198,18 +249,22 @@ class Checkpointer:
     def due(self, step: int, total_steps: int) -> bool:
         return step % self.cfg.every_steps == 0 or step == total_steps
 
-    def save(self, state: TrainState, engine: Any, stream: BatchStream) -> Path:
-        """Write a complete checkpoint of ``state`` atomically (a collective); returns its path."""
-        name = checkpoint_name(state.step)
-        tmp, final = self.root / (TMP_PREFIX + name), self.root / name
+    def _prepare(self, tmp: Path) -> None:
+        """Rank 0: remove stale temporary directories and create ``tmp``."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(TMP_PREFIX + "*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+
+    def _write(self, tmp: Path, state: TrainState, engine: Any, stream: BatchStream) -> None:
+        """Every file of a complete checkpoint of ``state`` under ``tmp``, manifest last (a collective)."""
         if self.env.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(TMP_PREFIX + "*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir()
+            self._prepare(tmp)
         _barrier()
         engine.save(tmp / ENGINE_DIR)
-        torch.save({"data": stream.state_dict(), "rng": rng_state()}, tmp / rank_file(self.env.rank))
+        trainer = {key: obj.state_dict() for key, obj in self.stateful.items()}
+        torch.save({"data": stream.state_dict(), "rng": rng_state(), "trainer": trainer},
+                   tmp / rank_file(self.env.rank))
         _barrier()
         if self.env.is_main:
             (tmp / CONFIG).write_text(yaml.safe_dump(self.config, sort_keys=False))
@@ -217,6 +272,13 @@ class Checkpointer:
             manifest = Manifest(FORMAT, state.step, state.samples_seen, self.env.world_size,
                                 engine.checkpoint_format, files)
             _write_atomic(tmp / MANIFEST, json.dumps(asdict(manifest), indent=1))
+
+    def save(self, state: TrainState, engine: Any, stream: BatchStream) -> Path:
+        """Write a complete checkpoint of ``state`` atomically (a collective); returns its path."""
+        name = checkpoint_name(state.step)
+        tmp, final = self.root / (TMP_PREFIX + name), self.root / name
+        self._write(tmp, state, engine, stream)
+        if self.env.is_main:
             if final.exists():  # the same step saved again (a rerun of the last step): the new one wins
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -225,3 +287,36 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
         return final
+
+    def save_best(self, state: TrainState, engine: Any, stream: BatchStream, record: dict[str, Any],
+                  source: Path | None = None) -> Path:
+        """Keep the checkpoint of ``state.step`` as ``best/`` with ``record`` in best.json (a collective).
+
+        ``source``: the checkpoint this same step just saved, taken by hard links (no second engine save);
+        None: a fresh save. Built under a temporary name; the old best is swapped out only once it is complete.
+        """
+        tmp, best, previous = self.root / (TMP_PREFIX + BEST), self.root / BEST, self.root / BEST_PREVIOUS
+        if source is None:
+            self._write(tmp, state, engine, stream)
+        elif self.env.is_main:
+            self._prepare(tmp)
+            tmp.rmdir()
+            shutil.copytree(source, tmp, copy_function=_link_or_copy)
+        if self.env.is_main:
+            _write_atomic(tmp / BEST_RECORD, json.dumps({"step": state.step, **record}, indent=1))
+            if best.exists():
+                if previous.exists():
+                    shutil.rmtree(previous)
+                best.rename(previous)
+            tmp.rename(best)
+            shutil.rmtree(previous, ignore_errors=True)
+        _barrier()
+        return best
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    # Checkpoint files are never modified after the commit, so best/ may share them with step-N.
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(src, dst)

@@ -1,7 +1,7 @@
 """Command line: ``python -m trainer <experiment.yaml> [key=value ...]`` -> a validated TrainConfig.
 
-``python -m trainer export <checkpoint> --out <dir>`` and ``python -m trainer plan <yaml>`` are
-subcommands (``SUBCOMMANDS``): a first
+``python -m trainer export <checkpoint | run dir> --out <dir> [--which latest|best]`` and
+``python -m trainer plan <yaml>`` are subcommands (``SUBCOMMANDS``): a first
 argument naming one selects it, anything else is the training command.
 
 An experiment YAML may list ``defaults:`` (paths relative to itself, merged in order, each of

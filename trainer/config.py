@@ -17,7 +17,9 @@ from trainer.engines.names import ENGINES
 from trainer.models.names import FAMILIES
 
 PRECISIONS = ("fp32", "bf16")
-PRUNE_METHODS = ("diversity", "l2", "random")
+PRUNE_METHODS = ("diversity", "l2", "random", "taylor")
+LOSS_OBJECTIVES = ("mse", "mse_postnorm", "cosine", "mse_standardized")
+VALIDATION_METRICS = ("cos_cls", "cos_patch", "knn_top1")
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -66,16 +68,30 @@ class ModelConfig:
 class PruneConfig:
     """How the student is made from the teacher (pruning package)."""
 
+    enabled: bool = True
+    """False: the student is an unpruned copy of the teacher (ratio and method are ignored)."""
     ratio: float = 1.0
     """Kept MLP hidden units per block = int(ratio * block width), the paper's r."""
     method: str = "diversity"
-    """Channel selection: diversity (DGMR), l2 or random."""
+    """Channel selection: diversity (DGMR), l2, random or taylor (taylor needs in_engine)."""
+    in_engine: bool = False
+    """True (engine fsdp or deepspeed): teacher and student are built sharded from the start, the teacher
+    loaded shard by shard from model.pretrained, and each block's MLP is gathered, selected and shrunk
+    inside the engine (docs/inengine_pruning.md). False: every rank builds and prunes full copies on the
+    host before the engine shards them."""
+    taylor_batches: int = 4
+    """method=taylor: batches of the training stream whose |activation x gradient| rank the hidden units."""
     student_init: str = ""
     """A .safetensors state dict loaded into the pruned student (strict), e.g. a compensated student
     made with the same ratio and method; empty: the student keeps the teacher's surviving weights."""
 
     def __post_init__(self) -> None:
         _check(self.ratio > 0, "prune.ratio", f"must be > 0, got {self.ratio}")
+        _check(self.taylor_batches >= 1, "prune.taylor_batches", f"must be >= 1, got {self.taylor_batches}")
+        _check(self.method != "taylor" or self.in_engine, "prune.method",
+               "taylor needs training batches: set prune.in_engine=true (engine fsdp or deepspeed)")
+        _check(not (self.in_engine and self.student_init), "prune.student_init",
+               "cannot be combined with prune.in_engine=true")
         _check(not self.student_init or self.student_init.endswith(".safetensors"), "prune.student_init",
                f"must be a .safetensors file, got {self.student_init!r}")
         _check(self.method in PRUNE_METHODS, "prune.method",
@@ -84,18 +100,25 @@ class PruneConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Feature distillation loss, taken on tokens before the final norm/head."""
+    """Feature distillation loss per term (class/pooled token, patch tokens); see trainer/losses.py."""
 
     cls_weight: float = 1.0
-    """Weight of MSE on the class (or pooled) token."""
+    """Weight of the class (or pooled) token term."""
     patch_weight: float = 1.0
-    """Weight of MSE on the patch tokens."""
+    """Weight of the patch token term."""
+    cls_objective: str = "mse"
+    """Objective of the class term: one of LOSS_OBJECTIVES ('mse' = MSE before the final norm, the paper's)."""
+    patch_objective: str = "mse"
+    """Objective of the patch term: one of LOSS_OBJECTIVES."""
 
     def __post_init__(self) -> None:
         _check(self.cls_weight >= 0, "loss.cls_weight", f"must be >= 0, got {self.cls_weight}")
         _check(self.patch_weight >= 0, "loss.patch_weight", f"must be >= 0, got {self.patch_weight}")
         _check(self.cls_weight + self.patch_weight > 0, "loss.cls_weight",
                "cls_weight and patch_weight are both 0: nothing to train")
+        for name in ("cls_objective", "patch_objective"):
+            value = getattr(self, name)
+            _check(value in LOSS_OBJECTIVES, f"loss.{name}", f"must be one of {LOSS_OBJECTIVES}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -180,6 +203,49 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class ValidationConfig:
+    """Held-out fidelity of the student during training (trainer/validate.py); off while ``shards`` is empty."""
+
+    shards: str = ""
+    """Held-out webdataset shards, same syntax as ``data.shards`` (brace pattern, ``::``, ``.txt`` list); empty: off."""
+    every_steps: int = 500
+    """Optimizer steps between validations; one also runs at step 0 (before training) and after the last step."""
+    num_images: int = 1024
+    """The first this many samples of ``shards`` (in listed order), split over ranks; decoded once, kept in memory."""
+    batch_size: int = 32
+    """Images per rank per validation forward."""
+    best_metric: str = "cos_patch"
+    """Held-out value whose maximum selects ``checkpoints/best``: cos_cls, cos_patch or knn_top1."""
+    knn_train_shards: str = ""
+    """Labelled shards (json 'label' or a .cls file) whose student features are the kNN memory; empty: no kNN."""
+    knn_eval_shards: str = ""
+    """Labelled shards classified by kNN against ``knn_train_shards``; required with it."""
+    knn_max_images: int = 10000
+    """At most this many samples read from each kNN shard list."""
+    knn_k: int = 20
+    """Neighbours voting in the kNN classifier (cosine, weighted as DINO)."""
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 1, "validation.every_steps", f"must be >= 1, got {self.every_steps}")
+        _check(self.num_images >= 1, "validation.num_images", f"must be >= 1, got {self.num_images}")
+        _check(self.batch_size >= 1, "validation.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.best_metric in VALIDATION_METRICS, "validation.best_metric",
+               f"must be one of {VALIDATION_METRICS}, got {self.best_metric!r}")
+        _check(bool(self.knn_train_shards) == bool(self.knn_eval_shards), "validation.knn_eval_shards",
+               "knn_train_shards and knn_eval_shards are given together or not at all")
+        _check(self.best_metric != "knn_top1" or bool(self.knn_train_shards), "validation.best_metric",
+               "knn_top1 needs validation.knn_train_shards and validation.knn_eval_shards")
+        _check(not self.knn_train_shards or bool(self.shards), "validation.shards",
+               "kNN runs with the held-out validation: set validation.shards too")
+        _check(self.knn_max_images >= 1, "validation.knn_max_images", f"must be >= 1, got {self.knn_max_images}")
+        _check(self.knn_k >= 1, "validation.knn_k", f"must be >= 1, got {self.knn_k}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.shards)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The whole experiment; the resolved form is saved in the run directory."""
 
@@ -191,6 +257,7 @@ class TrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (tuples as lists) for YAML, TensorBoard text and hparams."""

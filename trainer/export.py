@@ -1,4 +1,7 @@
-"""``python -m trainer export <checkpoint> --out <dir>``: the trained student in a stock-loadable format.
+"""``python -m trainer export <checkpoint or run dir> --out <dir> [--which latest|best]``: the trained student.
+
+The checkpoint is a directory with a manifest (``step-N`` or ``best``), or a run directory (or its
+``checkpoints/``) of which ``--which`` picks the newest complete checkpoint or the best-validated one.
 
 The output is what ``python -m pruning prune`` writes (pruning/export.py): timm ``config.json`` +
 ``model.safetensors``, or open_clip ``open_clip_config.json`` + the visual tower's weights, so the
@@ -35,7 +38,7 @@ from pruning.export import (
 )
 from pruning.safetensors_stream import SafetensorsWriter
 from pruning.sites import find_mlp_sites
-from trainer.checkpoint import CONFIG, ENGINE_DIR, validate
+from trainer.checkpoint import CONFIG, ENGINE_DIR, resolve_checkpoint, validate
 from trainer.config import TrainConfig, from_dict
 from trainer.engines.base import read_student_state
 from trainer.models.base import TokenLayout
@@ -74,11 +77,14 @@ def trained_student(checkpoint: str | Path) -> tuple[nn.Module, TrainConfig]:
     return model.eval(), cfg
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Write the student of ``checkpoint`` to ``out_dir`` (assembled beside it, renamed when complete)."""
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False,
+                      which: str = "latest") -> Path:
+    """Write the student of ``checkpoint`` (see ``resolve_checkpoint`` for ``which``) to ``out_dir``
+    (assembled beside it, renamed when complete)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"output directory exists: {out_dir} (pass --overwrite)")
+    checkpoint = resolve_checkpoint(checkpoint, which)
     model, cfg = trained_student(checkpoint)
     widths = {s.path: s.hidden for s in find_mlp_sites(model)}
     if cfg.model.family == TIMM:
@@ -119,12 +125,15 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, overwrite:
 def main(argv: list[str]) -> int:
     """``export`` subcommand; user errors print one line and return 2."""
     parser = argparse.ArgumentParser(prog="python -m trainer export", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="a complete checkpoint directory, e.g. runs/x/checkpoints/step-00001000")
+    parser.add_argument("checkpoint", help="a complete checkpoint directory (runs/x/checkpoints/step-00001000, "
+                        "runs/x/checkpoints/best) or a run directory, see --which")
+    parser.add_argument("--which", choices=("latest", "best"), default="latest",
+                        help="for a run directory: the newest complete checkpoint or the best-validated one")
     parser.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
+        out = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite, which=args.which)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

@@ -19,7 +19,9 @@ from trainer.engines.base import Engine, Models, build_engine
 from trainer.metrics import Metrics, flat_hparams, memory_bytes
 from trainer.models.registry import get_adapter
 from trainer.schedule import lr_at, peak_lr, weight_decay_at
+from trainer.sharded_prune import InEngineBuild, log_prune_report, prune_and_build_optimizer, setup_sharded
 from trainer.task import DistillTask, freeze_teacher
+from trainer.validate import FidelityRecord, Validator
 
 LOSS_TERMS = ("loss", "loss_cls", "loss_patch")
 
@@ -31,6 +33,8 @@ class TrainResult:
     engine: Engine
     losses: dict[int, float] = field(default_factory=dict)
     """Rank-averaged total loss by step (0-based), for every logged step."""
+    validation: dict[int, dict[str, float]] = field(default_factory=dict)
+    """Held-out metrics by optimizer steps done (0 = before training), identical on every rank."""
 
 
 def train(cfg: TrainConfig, *, stream: BatchStream | None = None) -> TrainResult:
@@ -38,13 +42,21 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None) -> TrainResult
     env = read_env()
     engine = build_engine(cfg.engine, cfg.optim, env)  # starts the process group where needed
     adapter = get_adapter(cfg.model.family)
-    teacher, student, prune_report = build_models(cfg, adapter)
-    freeze_teacher(teacher)
-    # Before the engine wraps them: the heads go, so both models end at the pre-norm tokens.
-    student_layout, teacher_layout = adapter.strip_head(student), adapter.strip_head(teacher)
-    engine.setup(Models(student, teacher, adapter.blocks, adapter.enable_activation_checkpointing))
+    if cfg.prune.in_engine:
+        # Sharded before any weight exists: teacher loaded shard by shard, student MLPs at pruned widths,
+        # filled by prune_in_engine below (it may read the stream), then the optimizer.
+        build = InEngineBuild(cfg.model, cfg.prune, adapter, cfg.run.seed)
+        setup_sharded(engine, build)
+        teacher, student_layout, teacher_layout = build.teacher, build.student_layout, build.teacher_layout
+    else:
+        teacher, student, prune_report = build_models(cfg, adapter)
+        freeze_teacher(teacher)
+        # Before the engine wraps them: the heads go, so both models end at the pre-norm tokens.
+        student_layout, teacher_layout = adapter.strip_head(student), adapter.strip_head(teacher)
+        engine.setup(Models(student, teacher, adapter.blocks, adapter.enable_activation_checkpointing))
     task = DistillTask(engine.student, engine.teacher, student_layout=student_layout,
-                       teacher_layout=teacher_layout, loss=cfg.loss)
+                       teacher_layout=teacher_layout, loss=cfg.loss, student_norm=adapter.final_norm(student_layout),
+                       teacher_norm=adapter.final_norm(teacher_layout), device=env.device)
 
     optim, steps, accum = cfg.optim, cfg.run.steps, cfg.optim.grad_accum_steps
     global_batch = optim.batch_size_per_rank * env.world_size * accum
@@ -52,19 +64,43 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None) -> TrainResult
     if stream is None:
         stream = build_stream(cfg.data, adapter.input_spec(teacher), batch_size=optim.batch_size_per_rank,
                               rank=env.rank, world_size=env.world_size, seed=cfg.run.seed)
+    prune_extra: dict = {}
+    if cfg.prune.in_engine:
+        # Per block: gather its MLP -> owner rank selects -> every rank writes its student shard; then AdamW.
+        prune_report, prune_extra = prune_and_build_optimizer(engine, build, stream, env.device)
     run_dir = Path(cfg.run.dir)
     metrics = Metrics(run_dir, enabled=env.is_main, total_steps=steps)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        (run_dir / "prune_report.json").write_text(json.dumps(prune_report.to_dict()))
+        (run_dir / "prune_report.json").write_text(json.dumps({**prune_report.to_dict(), **prune_extra}))
+        log_prune_report(metrics, prune_report)
         metrics.log_config(cfg.to_dict(), flat_hparams(cfg.to_dict()))
-    checkpointer = Checkpointer(cfg.checkpoint, run_dir, env, cfg.to_dict())
-    state = checkpointer.resume(engine, stream)  # engine, stream and RNGs as saved, or a fresh TrainState
+    validator = Validator(cfg.validation, adapter.input_spec(teacher), env) if cfg.validation.enabled else None
+    record = FidelityRecord(cfg.validation.best_metric)
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir, env, cfg.to_dict(), {"task": task, "validation": record})
+    state = checkpointer.resume(engine, stream)  # engine, stream, RNGs, task and record as saved, or fresh
 
     result = TrainResult(engine)
-    batches = iter(stream)
+
     last_logged, last_log_time = state.step, time.perf_counter()
+
+    def validate() -> bool:
+        """Held-out metrics at ``state.step`` (a collective); True when they beat every earlier validation."""
+        nonlocal last_log_time
+        assert validator is not None
+        start = time.perf_counter()
+        # Eval mode for the student meanwhile (drop_path); the in-engine build hands out no module yet.
+        values = validator.run(task, None if cfg.prune.in_engine else student, engine.autocast)
+        result.validation[state.step] = values
+        is_best = record.update(state.step, values[record.metric])
+        metrics.log_validation(state.step, values, record)
+        last_log_time += time.perf_counter() - start  # perf/step_time_s measures training only
+        return is_best
+
+    if validator is not None and state.step == 0 and validate():
+        checkpointer.save_best(state, engine, stream, {"metric": record.metric, "value": record.best})
+    batches = iter(stream)
     for step in range(state.step, steps):
         lr = lr_at(step, peak=peak, warmup_steps=optim.warmup_steps, total_steps=steps,
                    min_lr_ratio=optim.min_lr_ratio)
@@ -79,8 +115,11 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None) -> TrainResult
             terms = terms + torch.stack([out[k].detach().float() for k in LOSS_TERMS]) / accum
         grad_norm = engine.step()
         state.step, state.samples_seen = step + 1, state.samples_seen + global_batch
-        if checkpointer.due(state.step, steps):
-            checkpointer.save(state, engine, stream)
+        # Validation first: the checkpoint of this step then holds the updated record, and best/ links it.
+        is_best = validator is not None and validator.due(state.step, steps) and validate()
+        saved = checkpointer.save(state, engine, stream) if checkpointer.due(state.step, steps) else None
+        if is_best:
+            checkpointer.save_best(state, engine, stream, {"metric": record.metric, "value": record.best}, saved)
 
         if (step + 1) % cfg.run.log_every_steps == 0 or step + 1 == steps:
             # Every rank joins the reduction; only rank 0's Metrics writes.
@@ -96,9 +135,12 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None) -> TrainResult
                 "data/samples_skipped": float(reduced[3]) * env.world_size,
             })
             last_logged, last_log_time = step + 1, time.perf_counter()
-    metrics.close({"steps": steps, "final_loss": result.losses.get(steps - 1),
-                   "student_params": prune_report.model_params_after,
-                   "teacher_params": prune_report.model_params_before})
+    summary = {"steps": steps, "final_loss": result.losses.get(steps - 1),
+               "student_params": prune_report.model_params_after,
+               "teacher_params": prune_report.model_params_before}
+    if validator is not None:
+        summary["validation"] = record.state_dict()  # metric, start (step 0), best, best_step
+    metrics.close(summary)
     return result
 
 

@@ -6,6 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -53,6 +54,21 @@ class Metrics:
         print(f"step {step}/{self.total_steps} loss {scalars['loss/total']:.5g} "
               f"lr {scalars['opt/lr']:.3g} {scalars['perf/images_per_s']:.1f} img/s "
               f"eta {eta:.0f}s", file=sys.stderr, flush=True)
+
+    def log_validation(self, step: int, values: dict[str, float], record: Any) -> None:
+        """Held-out values as ``val/<name>`` scalars and a progress line with the step-0 and best values.
+
+        ``record``: a trainer.validate.FidelityRecord (metric, start, best, best_step), already updated.
+        """
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            self.writer.add_scalar(f"val/{name}", value, step)
+        start = "n/a" if record.start is None else f"{record.start:.5g}"
+        print(f"val step {step}/{self.total_steps} cos_cls {values['cos_cls']:.5g} cos_patch {values['cos_patch']:.5g} "
+              f"loss {values['loss']:.5g}" + (f" knn_top1 {values['knn_top1']:.4g}" if "knn_top1" in values else "")
+              + f" | {record.metric} start {start} best {record.best:.5g} @ step {record.best_step}",
+              file=sys.stderr, flush=True)
 
     def close(self, summary: dict) -> None:
         """Flush events; rank 0 also prints a one-line JSON summary."""

@@ -1,14 +1,16 @@
-"""DistillTask: a pruned student learns the frozen teacher's tokens before the final norm/head."""
+"""DistillTask: a pruned student learns the frozen teacher's tokens; the objectives are in trainer/losses.py."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import LossConfig
+from trainer.losses import ChannelStd, term
 from trainer.models.base import TokenLayout
 
 
@@ -18,26 +20,88 @@ def freeze_teacher(teacher: nn.Module) -> None:
     teacher.requires_grad_(False)
 
 
+def _frozen_norm(norm: nn.Module | None, device: torch.device | str | None) -> nn.Module:
+    # The final norm left the model with strip_head: training never updates it (export puts the
+    # teacher's back), so gradients must not pile up in it either.
+    norm = nn.Identity() if norm is None else norm
+    norm.requires_grad_(False).eval()
+    return norm if device is None else norm.to(device)
+
+
+class _LazyNorm:
+    """The final norm, frozen and moved to the device at its first use: the default objective never uses it."""
+
+    def __init__(self, norm: nn.Module | None, device: torch.device | str | None) -> None:
+        self.source, self.device = norm, device
+        self.ready: nn.Module | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ready is None:
+            self.ready = _frozen_norm(self.source, self.device)
+        return self.ready(x)
+
+
 class DistillTask:
     """Runs teacher then student on the same images and returns the loss terms.
 
     ``student`` and ``teacher`` are the callables the engine made of the head-stripped models
     (sharded or not): both return [B, L, D] tokens from the last block, before the final norm.
+    ``student_norm`` / ``teacher_norm`` are each model's own final norm (``adapter.final_norm``),
+    used by the post-norm objectives and by ``evaluate``; missing ones are identities.
     """
 
     def __init__(self, student: Callable[[torch.Tensor], torch.Tensor],
                  teacher: Callable[[torch.Tensor], torch.Tensor], *, student_layout: TokenLayout,
-                 teacher_layout: TokenLayout, loss: LossConfig) -> None:
+                 teacher_layout: TokenLayout, loss: LossConfig, student_norm: nn.Module | None = None,
+                 teacher_norm: nn.Module | None = None, device: torch.device | str | None = None) -> None:
         self.student, self.teacher = student, teacher
         self.student_layout, self.teacher_layout = student_layout, teacher_layout
         self.cfg = loss
+        self.student_norm, self.teacher_norm = _LazyNorm(student_norm, device), _LazyNorm(teacher_norm, device)
+        self.teacher_std = ChannelStd()
+        self.uses_std = "mse_standardized" in (loss.cls_objective, loss.patch_objective)
+
+    def _terms(self, cls: torch.Tensor, patch: torch.Tensor, target_cls: torch.Tensor, target_patch: torch.Tensor,
+               per_image: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        std = self.teacher_std.std() if self.uses_std else None
+        norms = {"norm_s": self.student_norm, "norm_t": self.teacher_norm, "std": std, "per_image": per_image}
+        return (term(self.cfg.cls_objective, cls, target_cls, **norms),
+                term(self.cfg.patch_objective, patch, target_patch, **norms))
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """{'loss': weighted sum (with graph), 'loss_cls', 'loss_patch': detached terms}."""
         with torch.no_grad():
-            target_cls, target_patch = self.teacher_layout.split(self.teacher(images))
+            target = self.teacher(images)
+            if self.uses_std:  # before the loss: the first batch already has a std to divide by
+                self.teacher_std.update(target)
+            target_cls, target_patch = self.teacher_layout.split(target)
         cls, patch = self.student_layout.split(self.student(images))
-        loss_cls = F.mse_loss(cls.float(), target_cls.float())
-        loss_patch = F.mse_loss(patch.float(), target_patch.float())
+        loss_cls, loss_patch = self._terms(cls, patch, target_cls, target_patch, per_image=False)
         loss = self.cfg.cls_weight * loss_cls + self.cfg.patch_weight * loss_patch
         return {"loss": loss, "loss_cls": loss_cls.detach(), "loss_patch": loss_patch.detach()}
+
+    @torch.no_grad()
+    def evaluate(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-image [B] values on held-out images, nothing updated: loss terms, post-norm cosines, features.
+
+        'cos_cls': cosine of the normed pooled tokens; 'cos_patch': mean over the image's patch tokens of
+        the normed tokens' cosine; 'features' / 'teacher_features': the normed pooled tokens [B, D].
+        """
+        t_cls, t_patch = self.teacher_layout.split(self.teacher(images))
+        s_cls, s_patch = self.student_layout.split(self.student(images))
+        loss_cls, loss_patch = self._terms(s_cls, s_patch, t_cls, t_patch, per_image=True)
+        n_s_cls, n_t_cls = self.student_norm(s_cls.float()).float(), self.teacher_norm(t_cls.float()).float()
+        n_s_patch, n_t_patch = self.student_norm(s_patch.float()), self.teacher_norm(t_patch.float())
+        return {
+            "loss_cls": loss_cls.double(), "loss_patch": loss_patch.double(),
+            "cos_cls": F.cosine_similarity(n_s_cls.double(), n_t_cls.double(), dim=-1),
+            "cos_patch": F.cosine_similarity(n_s_patch.double(), n_t_patch.double(), dim=-1).mean(1),
+            "features": n_s_cls, "teacher_features": n_t_cls,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume needs beyond the engine's state: the teacher channel statistics."""
+        return {"teacher_std": self.teacher_std.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.teacher_std.load_state_dict(state["teacher_std"])

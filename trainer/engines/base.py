@@ -42,7 +42,11 @@ class Engine(Protocol):
     """What ``save`` writes: 'dcp' (torch.distributed.checkpoint, any world size) or 'deepspeed'."""
 
     def setup(self, models: Models) -> None:
-        """Shard / place both models and build the optimizer; call once, before the first step."""
+        """Shard / place both models and build the optimizer; call once, before the first step.
+
+        fsdp and deepspeed also offer the in-engine pruning path instead (prune.in_engine):
+        ``setup_sharded`` then ``build_optimizer``, see trainer.sharded_prune.PruningEngine.
+        """
         ...
 
     def student(self, images: torch.Tensor) -> object:
@@ -103,7 +107,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            # A ZeRO-3 partitioned parameter (built under zero.Init) is flat here; ds_shape is its real shape.
+            ndim = len(getattr(param, "ds_shape", param.shape))
+            (decay if ndim >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay, "decays": True},
             {"params": no_decay, "weight_decay": 0.0, "decays": False}]
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -31,11 +33,16 @@ from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_VERSION_KEY,
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
+from torch import nn
 
+from pruning.sites import MlpSite
+from pruning.surgery import prune_site_tensors
 from trainer.config import EngineConfig, OptimConfig
 from trainer.dist import DistEnv, init_process_group
 from trainer.engines.base import Models, apply_hparams, make_adamw, param_groups
 from trainer.engines.collectives import mean_over_ranks
+from trainer.models.meta import parameters_on_meta
+from trainer.sharded_prune import InEngineBuild
 
 TAG = "ds"
 UNIVERSAL_TAG = "ds_universal"
@@ -75,16 +82,124 @@ class DeepSpeedEngine:
     def setup(self, models: Models) -> None:
         if self.cfg.activation_checkpointing:
             models.enable_activation_checkpointing(models.student)
-        optimizer = make_adamw(param_groups(models.student, 0.0), self.optim_cfg)
-        world = self.env.world_size
-        self.student_engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=models.student, optimizer=optimizer,
-            config=ds_config(self.cfg, self.optim_cfg, world, stage=self.cfg.zero_stage, train=True))
+        self._init_teacher(models.teacher)
+        self._student_module = models.student
+        self.build_optimizer()
+
+    def _init_teacher(self, teacher: nn.Module) -> None:
         # A second engine without optimizer only partitions the teacher and gathers it per module.
         self.teacher_engine, _, _, _ = deepspeed.initialize(
-            model=models.teacher, config=ds_config(self.cfg, self.optim_cfg, world, stage=3, train=False))
+            model=teacher, config=ds_config(self.cfg, self.optim_cfg, self.env.world_size, stage=3, train=False))
         self.teacher_engine.eval()
         self.dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float32
+
+    def build_optimizer(self) -> None:
+        """AdamW and the student's DeepSpeed engine, on the (possibly just pruned) student."""
+        student = self._student_module
+        optimizer = make_adamw(param_groups(student, 0.0), self.optim_cfg)
+        self.student_engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=student, optimizer=optimizer,
+            config=ds_config(self.cfg, self.optim_cfg, self.env.world_size, stage=self.cfg.zero_stage, train=True))
+        # Our per-group flags ("decays"), restored after a load: see restore_group_flags.
+        self.group_flags = [{"decays": g["decays"]} for g in self.optimizer.param_groups]
+
+    # In-engine pruning (trainer/sharded_prune.py). Both models are built as skeletons (parameters on meta)
+    # and partitioned module by module: each module's own parameters are allocated and handed at once to
+    # ``zero.Init(module=...)``, so no rank ever holds more than one module's parameters whole. (Building
+    # inside the zero.Init context instead fails on 0-dim parameters such as a CLIP's logit_scale, and
+    # constructs the text tower for nothing.) Each rank then writes its own flat partitions
+    # (``ds_tensor``) from the checkpoint's rows. A ZeRO-2 student is never partitioned: it is allocated
+    # whole at its pruned widths and filled (it is the small model).
+
+    def _partition(self, model: nn.Module) -> None:
+        config = ds_config(self.cfg, self.optim_cfg, self.env.world_size, stage=3, train=False)
+        if self.cfg.precision == "bf16":
+            # deepspeed.initialize casts only unpartitioned modules (module.bfloat16()): cast the skeleton
+            # (meta parameters, real buffers) first, as that cast would have.
+            model.to(torch.bfloat16)
+        # Reversed pre-order visits every module after all of its descendants, which zero.Init(module=...)
+        # needs: it converts the whole subtree, so nothing below may still be on meta.
+        for module in reversed(list(model.modules())):
+            own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.is_meta]
+            for name, param in own:
+                if param.dim() == 0:
+                    raise ValueError(f"model.name: 0-dim parameter {name!r} cannot be partitioned by ZeRO-3")
+                setattr(module, name, nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=self.env.device),
+                                                   requires_grad=param.requires_grad))
+            if own:
+                deepspeed.zero.Init(module=module, config_dict_or_path=config)
+
+    def setup_sharded(self, build: InEngineBuild) -> None:
+        partitioned = self.cfg.zero_stage == 3
+        teacher, student = build.build(parameters_on_meta)
+        self._partition(teacher)
+        if partitioned:
+            self._partition(student)
+        else:
+            buffers = dict(student.named_buffers())
+            student.to_empty(device=self.env.device)
+            with torch.no_grad():
+                for name, b in student.named_buffers():
+                    b.copy_(buffers[name])
+        if self.cfg.activation_checkpointing:
+            build.enable_activation_checkpointing(student)
+        with torch.no_grad():
+            for name, param in teacher.named_parameters():
+                self._write_partition(param, lambda start, stop, n=name: build.weights.rows(n, start, stop))
+            teacher_params = dict(teacher.named_parameters())
+            pruned = build.pruned_names()
+            for name, param in student.named_parameters():
+                if name in pruned:
+                    continue
+                if partitioned:
+                    param.ds_tensor.copy_(teacher_params[name].ds_tensor)
+                else:
+                    param.copy_(build.weights.full(name))
+        self._init_teacher(teacher)
+        self._student_module = student
+
+    def _write_partition(self, param: torch.Tensor, rows: Callable[[int, int], torch.Tensor]) -> None:
+        """Fill this rank's flat ZeRO-3 partition of ``param`` from ``rows(start, stop)`` of the full tensor."""
+        local = param.ds_tensor
+        size, numel = local.numel(), param.ds_numel
+        begin, end = min(self.env.rank * size, numel), min((self.env.rank + 1) * size, numel)
+        if end <= begin:
+            return
+        shape = tuple(param.ds_shape)
+        row = math.prod(shape[1:]) if shape else 1
+        first, last = begin // row, -(-end // row)
+        flat = rows(first, last).reshape(-1)[begin - first * row:end - first * row]
+        local[:end - begin].copy_(flat)
+
+    @contextlib.contextmanager
+    def gather_teacher_site(self, site: MlpSite) -> Iterator[dict[str, torch.Tensor]]:
+        mlp = site.module(self.teacher_engine.module)
+        params = dict(mlp.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            yield {n: p.data for n, p in params.items()}
+
+    def write_student_site(self, site: MlpSite, keep: torch.Tensor, gathered: dict[str, torch.Tensor]) -> int:
+        pruned = prune_site_tensors(site, gathered, keep)
+        student_params = dict(site.module(self._student_module).named_parameters())
+        with torch.no_grad():
+            for name, param in student_params.items():
+                if self.cfg.zero_stage == 3:
+                    self._write_partition(param, lambda start, stop, t=pruned[name]: t[start:stop])
+                else:
+                    param.copy_(pruned[name])
+        return sum(pruned[n].numel() for n in site.parameter_names() if n in pruned)
+
+    def pruning_local_numel(self) -> tuple[int, int]:
+        teacher = sum(p.ds_tensor.numel() for p in self.teacher_engine.module.parameters())
+        student = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+                      for p in self._student_module.parameters())
+        return teacher, student
+
+    def taylor_module(self) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+        module = self.teacher_engine.module
+        # The module itself, not the engine: an optimizer-less engine refuses tensor.backward() on its outputs,
+        # while ZeRO-3's gather hooks live on the modules and serve forward and backward alike.
+        return module, lambda images: module(images.to(self.env.device, self.dtype))
 
     def student(self, images: torch.Tensor) -> object:
         return self.student_engine(images.to(self.env.device, self.dtype, non_blocking=True))
@@ -154,10 +269,28 @@ class DeepSpeedEngine:
             self.student_engine._config.load_universal_checkpoint = False
         if loaded is None:
             raise ValueError(f"{path / tag}: DeepSpeed could not load this checkpoint")
+        restore_group_flags(self.optimizer, self.group_flags)
 
     def close(self) -> None:
         self.student_engine.destroy()
         self.teacher_engine.destroy()
+
+
+def restore_group_flags(optimizer: torch.optim.Optimizer, flags: list[dict[str, Any]]) -> None:
+    """Repair what DeepSpeed's universal-checkpoint load (ZeRO-3) leaves wrong in the optimizer.
+
+    It gives every param group the first group's settings (biases and norms would start to decay), and one
+    shared ``step`` tensor to every group's state, which AdamW then increments once per group per step
+    (wrong bias correction). Measured before the repair: 7e-4 relative loss drift one step after 2 -> 1 ranks.
+    """
+    if len(optimizer.param_groups) != len(flags):
+        raise ValueError(f"optimizer has {len(optimizer.param_groups)} param groups after load, expected {len(flags)}")
+    for group, own in zip(optimizer.param_groups, flags, strict=True):
+        group.update(own)
+    inner = getattr(optimizer, "optimizer", optimizer)  # the torch AdamW inside DeepSpeed's ZeRO wrapper
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def read_fp32_student(path: Path) -> dict[str, torch.Tensor]:

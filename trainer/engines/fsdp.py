@@ -8,6 +8,7 @@ keep fp32 buffers that meet bf16 parameters in one op (timm Eva's k_bias).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -16,7 +17,10 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from pruning.sites import MlpSite
+from pruning.surgery import prune_site_tensors
 from trainer.config import EngineConfig, OptimConfig
 from trainer.dist import DistEnv, init_process_group
 from trainer.engines.base import (
@@ -29,6 +33,8 @@ from trainer.engines.base import (
     param_groups,
 )
 from trainer.engines.collectives import mean_over_ranks
+from trainer.models.meta import parameters_on_meta
+from trainer.sharded_prune import InEngineBuild
 
 
 class FsdpEngine:
@@ -57,8 +63,74 @@ class FsdpEngine:
             models.enable_activation_checkpointing(student)
         self.student_model = self._shard(student, models.blocks(student))
         self.teacher_model = self._shard(teacher, models.blocks(teacher))
+        self.build_optimizer()
+
+    def build_optimizer(self) -> None:
+        """AdamW on the (sharded, possibly just pruned) student; ``setup`` calls it, in-engine pruning after."""
         self.params = [p for p in self.student_model.parameters() if p.requires_grad]
         self.optimizer = make_adamw(param_groups(self.student_model, 0.0), self.optim_cfg)
+
+    # In-engine pruning (trainer/sharded_prune.py): the models are sharded before they hold any value.
+
+    def setup_sharded(self, build: InEngineBuild) -> None:
+        """Shard the meta-built teacher and pruned-width student, then fill the shards: the teacher's rows
+        from ``build.weights``, every student tensor pruning leaves alone from the teacher's same shard."""
+        self.mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
+        teacher, student = build.build(parameters_on_meta)
+        if self.cfg.activation_checkpointing:
+            build.enable_activation_checkpointing(student)
+        for model in (teacher, student):
+            # to_empty re-allocates buffers too: keep the real ones the skeleton build made.
+            buffers = {name: b for name, b in model.named_buffers()}
+            self._shard(model, build.blocks(model))
+            model.to_empty(device=self.env.device)
+            with torch.no_grad():
+                for name, b in model.named_buffers():
+                    b.copy_(buffers[name])
+        self.teacher_model, self.student_model = teacher, student
+        with torch.no_grad():
+            for name, param in teacher.named_parameters():
+                local, start = _local_rows(param, self.mesh)
+                if local.numel():
+                    local.copy_(build.weights.rows(name, start, start + (local.shape[0] if local.dim() else 1)))
+            teacher_params = dict(teacher.named_parameters())
+            pruned = build.pruned_names()
+            for name, param in student.named_parameters():
+                if name not in pruned:
+                    param.to_local().copy_(teacher_params[name].to_local())
+
+    @contextlib.contextmanager
+    def gather_teacher_site(self, site: MlpSite) -> Iterator[dict[str, torch.Tensor]]:
+        # Only the tensors whose hidden units are rows are gathered; fc_out keeps its own rows (the
+        # block width), and its kept columns are cut from each rank's local shard.
+        mlp = site.module(self.teacher_model)
+        params = dict(mlp.named_parameters())
+        out_weight = f"{site.out_name}.weight"
+        yield {n: params[n].full_tensor() for n in site.parameter_names() if n in params and n != out_weight}
+
+    def write_student_site(self, site: MlpSite, keep: torch.Tensor, gathered: dict[str, torch.Tensor]) -> int:
+        teacher_params = dict(site.module(self.teacher_model).named_parameters())
+        student_params = dict(site.module(self.student_model).named_parameters())
+        out_weight = f"{site.out_name}.weight"
+        pruned = prune_site_tensors(site, {**gathered, out_weight: teacher_params[out_weight].to_local()}, keep)
+        transient = sum(t.numel() for n, t in pruned.items() if n != out_weight)
+        with torch.no_grad():
+            for name in site.parameter_names():
+                if name not in student_params:
+                    continue
+                target = student_params[name]
+                if name == out_weight:  # already this rank's rows
+                    target.to_local().copy_(pruned[name])
+                else:
+                    target.to_local().copy_(distribute_tensor(pruned[name], self.mesh, target.placements,
+                                                              src_data_rank=None).to_local())
+        return transient
+
+    def pruning_local_numel(self) -> tuple[int, int]:
+        return local_numel(self.teacher_model), local_numel(self.student_model)
+
+    def taylor_module(self) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+        return self.teacher_model, self.teacher
 
     def student(self, images: torch.Tensor) -> object:
         return self.student_model(images.to(self.env.device, non_blocking=True))
@@ -113,3 +185,15 @@ class FsdpEngine:
 
     def close(self) -> None:
         pass
+
+
+def _local_rows(param: torch.Tensor, mesh: object) -> tuple[torch.Tensor, int]:
+    """(this rank's local tensor of an FSDP2 parameter, index of its first row in the full tensor)."""
+    assert isinstance(param, DTensor) and all(isinstance(p, Shard) and p.dim == 0 for p in param.placements), param
+    local = param.to_local()
+    if param.dim() == 0 or local.numel() == 0:
+        return local, 0
+    # The rows DTensor gives this rank, asked of DTensor itself rather than recomputed.
+    rows = distribute_tensor(torch.arange(param.shape[0], device=local.device), mesh, param.placements,
+                             src_data_rank=None).to_local()
+    return local, int(rows[0])

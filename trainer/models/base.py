@@ -59,3 +59,7 @@ class ModelAdapter(Protocol):
     def enable_activation_checkpointing(self, model: nn.Module) -> None:
         """Recompute every block in backward."""
         ...
+
+    def final_norm(self, layout: TokenLayout) -> nn.Module:
+        """The final norm ``strip_head`` removed (Identity if none): what users' features pass through."""
+        ...

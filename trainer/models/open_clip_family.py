@@ -13,7 +13,7 @@ from torch import nn
 from trainer.config import ModelConfig
 from trainer.data import InputSpec
 from trainer.models.base import TokenLayout
-from trainer.models.timm_family import strip_timm_head
+from trainer.models.timm_family import removed_timm_norm, strip_timm_head
 
 # Small architectures shipped with the repo (tests, benchmarks) become known by name to the factory.
 REPO_MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "open_clip"
@@ -60,3 +60,8 @@ class OpenClipAdapter:
 
     def enable_activation_checkpointing(self, model: nn.Module) -> None:
         model.set_grad_checkpointing(True)
+
+    def final_norm(self, layout: TokenLayout) -> nn.Module:
+        if "ln_post" in layout.removed:
+            return layout.removed["ln_post"]
+        return removed_timm_norm(layout, prefix="trunk.")

@@ -29,6 +29,15 @@ def strip_timm_head(model: nn.Module, prefix: str = "") -> TokenLayout:
     return layout
 
 
+def removed_timm_norm(layout: TokenLayout, prefix: str = "") -> nn.Module:
+    """``norm`` (token pooling) or, when that is an Identity, ``fc_norm`` (avg pooling normalises the pool)."""
+    norm = layout.removed.get(prefix + "norm")
+    if isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity):
+        return norm
+    fc_norm = layout.removed.get(prefix + "fc_norm")
+    return fc_norm if isinstance(fc_norm, nn.Module) else nn.Identity()
+
+
 class TimmAdapter:
     """A headless timm model (``num_classes=0``); blocks are ``model.blocks``."""
 
@@ -54,3 +63,6 @@ class TimmAdapter:
 
     def enable_activation_checkpointing(self, model: nn.Module) -> None:
         model.set_grad_checkpointing(True)
+
+    def final_norm(self, layout: TokenLayout) -> nn.Module:
+        return removed_timm_norm(layout)

@@ -1,0 +1,437 @@
+"""In-engine pruning (``prune.in_engine=true``): the student is made from the sharded teacher, block by block.
+
+Order, as the loop runs it (docs/inengine_pruning.md):
+
+1. ``InEngineBuild`` describes both models without weights: the teacher's architecture, and the student's
+   with every MLP already at its pruned width (widths follow from ``prune.ratio`` alone, so they are known
+   before any selection). The engine builds them as skeletons (parameters on the meta device, real buffers),
+   shards them (FSDP2 ``fully_shard`` + ``to_empty``; DeepSpeed ``zero.Init(module=...)`` module by module),
+   fills the teacher's shards from ``model.pretrained`` (``TeacherWeights``: each rank reads only its rows)
+   and copies every student tensor that pruning does not change shard to shard from the teacher.
+2. ``prune_in_engine`` walks the MLP sites in module order. Block ``i`` belongs to rank ``i % world``: all
+   ranks gather that block's MLP tensors (a collective), the owner selects the kept units with
+   ``pruning.select_mlp_channels`` and broadcasts them, and every rank writes its shard of the pruned
+   student block. Selection for different blocks runs on different ranks, so the slow diversity order
+   costs about 1/world of the blocks per rank.
+3. The engine builds the optimizer on the pruned student; distillation starts.
+
+Engine-specific work (gathering, writing shards) lives in trainer/engines/; this module only calls it.
+"""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+import pruning
+from pruning.sites import GATED_FUSED, MlpSite, find_mlp_sites
+from pruning.surgery import keep_counts
+from trainer.config import ModelConfig, PruneConfig
+from trainer.models.base import ModelAdapter, TokenLayout
+from trainer.task import freeze_teacher
+
+
+class TeacherWeights:
+    """The teacher's weights by parameter name, read as row ranges: each rank reads only its own shard.
+
+    ``model.pretrained`` as ``.safetensors`` is read through ``safe_open(...).get_slice`` (only the rows
+    asked for are touched); ``.pt``/``.bin`` through an mmap ``torch.load``. Keys may carry the tower
+    prefix of a full CLIP checkpoint (``visual.``). Without a file, every rank builds the seeded init
+    model once on its CPU (identical on every rank for a given run.seed, as the host path does): dry
+    runs and tests only, the memory bound of in-engine pruning then does not hold.
+    """
+
+    def __init__(self, cfg: ModelConfig, adapter: ModelAdapter, seed: int) -> None:
+        self.cfg, self.adapter, self.seed = cfg, adapter, seed
+        self._tensors: dict[str, torch.Tensor] | None = None
+        self._safe = None
+        self._prefix: str | None = None
+        if cfg.pretrained is None:
+            return
+        path = Path(cfg.pretrained)
+        if not path.is_file():
+            raise FileNotFoundError(f"model.pretrained: no such file {path}")
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            self._safe = safe_open(str(path), framework="pt")
+            self._keys = set(self._safe.keys())
+        else:
+            from pruning.stream import open_checkpoint
+
+            source = open_checkpoint(path)
+            self._tensors = {k: source.get(k) for k in source.keys()}
+            self._keys = set(self._tensors)
+
+    def _key(self, name: str) -> str:
+        # A whole CLIP checkpoint names the image tower's tensors 'visual.*' (its text tower has some of
+        # the same bare names, positional_embedding): the prefix is decided per file, not per tensor.
+        if self._prefix is None:
+            clip = self.cfg.family == "open_clip" and any(k.startswith("visual.") for k in self._keys)
+            self._prefix = "visual." if clip else ""
+        prefix = self._prefix
+        if prefix + name not in self._keys:
+            raise ValueError(f"model.pretrained: {self.cfg.pretrained} has no tensor {prefix + name!r}: in-engine "
+                             "loading needs a checkpoint of exactly this architecture")
+        return prefix + name
+
+    def _init_state(self) -> dict[str, torch.Tensor]:
+        if self._tensors is None:
+            torch.manual_seed(self.seed)  # as build_models: the same init weights as the host path
+            self._tensors = {k: v.detach() for k, v in self.adapter.build(self.cfg).state_dict().items()}
+            self._keys = set(self._tensors)
+        return self._tensors
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` along dim 0 of parameter ``name`` (the whole tensor for 0-dim ones)."""
+        if self._safe is None:
+            tensor = self._init_state()[self._key(name)]
+            return tensor if tensor.dim() == 0 else tensor[start:stop]
+        key = self._key(name)
+        part = self._safe.get_slice(key)
+        return self._safe.get_tensor(key) if len(part.get_shape()) == 0 else part[start:stop]
+
+    def full(self, name: str) -> torch.Tensor:
+        """The whole tensor (gathered-and-written paths such as DeepSpeed's ``GatheredParameters``)."""
+        if self._safe is None:
+            return self._init_state()[self._key(name)]
+        return self._safe.get_tensor(self._key(name))
+
+
+def shrink_site(model: nn.Module, site: MlpSite, keep: int) -> None:
+    """Give ``site`` new layers at hidden width ``keep``, with shapes only (values come later).
+
+    Built in the caller's context (meta tensors under ``parameters_on_meta``); the layer kinds and the
+    unit order are those of ``pruning.prune_site``, so the filled layers equal its output.
+    """
+    mlp = site.module(model)
+    rows = 2 * keep if site.layout == GATED_FUSED else keep
+    for name in site.in_names:
+        old = getattr(mlp, name)
+        setattr(mlp, name, nn.Linear(old.in_features, rows, bias=old.bias is not None))
+    old = getattr(mlp, site.out_name)
+    setattr(mlp, site.out_name, nn.Linear(keep, old.out_features, bias=old.bias is not None))
+    if site.norm_name is not None:
+        old = getattr(mlp, site.norm_name)
+        setattr(mlp, site.norm_name, nn.LayerNorm(keep, eps=old.eps, elementwise_affine=old.elementwise_affine,
+                                                  bias=old.bias is not None))
+
+
+def _numel(param: torch.Tensor) -> int:
+    # A ZeRO-3 partitioned parameter keeps its full size in ds_numel (its .numel() is 0 outside a gather).
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def count_params(model: nn.Module) -> int:
+    """Global parameter count of a model on meta, sharded by FSDP2 or partitioned by ZeRO-3."""
+    return sum(_numel(p) for p in model.parameters())
+
+
+class InEngineBuild:
+    """Teacher and pruned-width student architectures for an engine to build, shard and fill.
+
+    ``build(context)`` constructs both inside ``context()`` (each call a fresh context), freezes the
+    teacher and strips both heads; ``sites`` are the MLP sites of the stripped tower (same paths in
+    teacher and student), ``counts`` the kept width per site.
+    """
+
+    def __init__(self, model: ModelConfig, prune: PruneConfig, adapter: ModelAdapter, seed: int) -> None:
+        self.model_cfg, self.prune, self.adapter, self.seed = model, prune, adapter, seed
+        self.weights = TeacherWeights(model, adapter, seed)
+        self.blocks = adapter.blocks
+        self.enable_activation_checkpointing = adapter.enable_activation_checkpointing
+        self.sites: list[MlpSite] = []
+        self.counts: dict[str, int] = {}
+        self.teacher: nn.Module | None = None
+        """The built teacher (the engine shards this very module): attributes such as its input size."""
+        self.teacher_layout: TokenLayout | None = None
+        self.student_layout: TokenLayout | None = None
+        self.params_before = self.params_after = self.sharded_numel = 0
+        self.site_params: dict[str, tuple[int, int]] = {}
+        """Per site path: (parameters before, after), counted on the architectures (tower with head)."""
+
+    def build(self, context: Callable[[], AbstractContextManager],
+              student_context: Callable[[], AbstractContextManager] | None = None) -> tuple[nn.Module, nn.Module]:
+        """(teacher, student), heads stripped, the student's MLPs at their pruned widths, no weights loaded
+        (except the stripped final norm / head parts, which stay on the host: ``_load_removed``).
+
+        ``student_context`` (default: ``context``) builds the student otherwise than the teacher.
+        """
+        student_context = student_context or context
+        arch = ModelConfig(family=self.model_cfg.family, name=self.model_cfg.name,
+                           kwargs=dict(self.model_cfg.kwargs), pretrained=None)
+        with context():
+            teacher = self.adapter.build(arch)
+        with student_context():
+            student = self.adapter.build(arch)
+        sites = find_mlp_sites(teacher)
+        if self.prune.enabled:
+            try:
+                counts = keep_counts(sites, self.prune.ratio, None)
+            except ValueError as err:
+                raise ValueError(f"prune.ratio: {err}") from None
+            with student_context():
+                for site in sites:
+                    shrink_site(student, site, counts[site.path])
+        else:
+            counts = {s.path: s.hidden for s in sites}
+        # Counted with the heads, like pruning.prune_model and the streaming prune report them.
+        self.params_before, self.params_after = count_params(teacher), count_params(student)
+        for site in sites:
+            pruned = pruning.MlpSite(**{**vars(site), "hidden": counts[site.path]})
+            self.site_params[site.path] = (_site_numel(teacher, site), _site_numel(student, pruned))
+        freeze_teacher(teacher)
+        self.teacher_layout = self.adapter.strip_head(teacher)
+        self.student_layout = self.adapter.strip_head(student)
+        for layout in (self.teacher_layout, self.student_layout):
+            self._load_removed(layout)
+        self.sites, self.counts, self.teacher = sites, counts, teacher
+        self.sharded_numel = count_params(teacher) + count_params(student)
+        """Teacher and student elements the engine holds in all, heads stripped (the shards add up to this)."""
+        return teacher, student
+
+    def _load_removed(self, layout: TokenLayout) -> None:
+        """Give the parts strip_head took out (final norm, head) the teacher's real weights, on the host.
+
+        They leave the sharded models, so no engine fills them; the task's post-norm objectives, validation
+        and export use them. Pruning never changes them, so teacher and student get the same values.
+        """
+        for path, part in list(layout.removed.items()):
+            if isinstance(part, nn.Parameter) and part.is_meta:
+                layout.removed[path] = nn.Parameter(self.weights.full(path).float().clone(),
+                                                    requires_grad=part.requires_grad)
+            elif isinstance(part, nn.Module) and any(p.is_meta for p in part.parameters()):
+                buffers = dict(part.named_buffers())
+                part.to_empty(device="cpu")
+                with torch.no_grad():
+                    for name, b in part.named_buffers():
+                        b.copy_(buffers[name])
+                    for name, param in part.named_parameters():
+                        param.copy_(self.weights.full(f"{path}.{name}"))
+
+    def pruned_names(self) -> set[str]:
+        """Student parameter names (dotted, from the tower) whose values pruning decides."""
+        return {f"{s.path}.{n}" for s in self.sites for n in s.parameter_names()} if self.prune.enabled else set()
+
+
+def _site_numel(model: nn.Module, site: MlpSite) -> int:
+    mlp = site.module(model)
+    names = [*site.in_names, site.out_name] + ([site.norm_name] if site.norm_name else [])
+    return sum(_numel(p) for n in names for p in getattr(mlp, n).parameters())
+
+
+class PruningEngine(Protocol):
+    """What in-engine pruning needs from an engine (fsdp, deepspeed), in the order the loop calls it."""
+
+    env: object
+
+    def setup_sharded(self, build: InEngineBuild) -> None:
+        """Build both models from ``build`` sharded, load the teacher's shards, copy the unpruned student tensors."""
+        ...
+
+    def gather_teacher_site(self, site: MlpSite) -> AbstractContextManager[dict[str, torch.Tensor]]:
+        """Full teacher tensors of ``site`` (names relative to the site) that selection and slicing need,
+        held on every rank inside the context (a collective)."""
+        ...
+
+    def write_student_site(self, site: MlpSite, keep: torch.Tensor, gathered: dict[str, torch.Tensor]) -> int:
+        """Fill this rank's shards of the student site from the kept units; return the elements of the
+        transient full tensors it made (the pruned site, or the student site gathered to be written)."""
+        ...
+
+    def pruning_local_numel(self) -> tuple[int, int]:
+        """(teacher, student) parameter elements stored on this rank."""
+        ...
+
+    def taylor_module(self) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+        """(the sharded teacher module holding the sites, its forward on this rank's images)."""
+        ...
+
+    def build_optimizer(self) -> None:
+        """The optimizer on the pruned student, once every block is written."""
+        ...
+
+
+@dataclass
+class MemoryRecord:
+    """One rank's memory during the pruning pass: elements held, and the process's RSS."""
+
+    rank: int
+    teacher_shard_numel: int
+    student_shard_numel: int
+    peak_extra_numel: int
+    """Largest number of elements held beyond the shards at once: one gathered block plus its pruned copy."""
+    block_mlp_numel: int
+    """Elements of the largest teacher MLP block (every tensor of fc1/fc2/gate/norm)."""
+    student_block_mlp_numel: int
+    """Elements of the largest pruned student MLP block."""
+    rss_start_bytes: int
+    """VmRSS when the pruning pass starts (after the sharded build and the teacher load)."""
+    rss_peak_bytes: int
+    """VmHWM at the end of the pruning pass: the process's peak resident set so far."""
+    sites_selected: list[str] = field(default_factory=list)
+    """Site paths whose selection ran on this rank (round robin)."""
+
+    @property
+    def peak_local_numel(self) -> int:
+        return self.teacher_shard_numel + self.student_shard_numel + self.peak_extra_numel
+
+
+def _proc_status_bytes(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _world() -> tuple[int, int]:
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return torch_dist.get_rank(), torch_dist.get_world_size()
+    return 0, 1
+
+
+def taylor_scores(engine: PruningEngine, sites: list[MlpSite], batches: Iterable[torch.Tensor],
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """Taylor importance on the sharded teacher, summed over ranks: every rank its own images.
+
+    The teacher alone has no task loss; the loss is the mean squared pre-norm output token, so the score
+    of a unit is the first-order change of the output energy when it is removed. Parameters stay frozen:
+    the images require grad so that the hidden activations do.
+    """
+    module, forward = engine.taylor_module()
+
+    def loss_fn(_model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return forward(images.detach().requires_grad_(True)).float().square().mean()
+
+    scores = pruning.collect_taylor_scores(module, batches, loss_fn, sites)
+    for path in scores:
+        total = scores[path].to(device)
+        if _world()[1] > 1:
+            torch_dist.all_reduce(total, op=torch_dist.ReduceOp.SUM)
+        scores[path] = total.cpu()
+    return scores
+
+
+def prune_in_engine(engine: PruningEngine, build: InEngineBuild, *, taylor_batches: Iterable[torch.Tensor] = (),
+                    device: torch.device | None = None) -> tuple[pruning.PruneReport, list[MemoryRecord]]:
+    """Select and write every pruned student block; returns the report and every rank's memory record.
+
+    A collective: every rank calls it with the same ``build``. Kept indices equal those of
+    ``pruning.stream.prune_checkpoint`` on the same checkpoint with the same method and seed
+    (``random`` draws every site on every rank from one generator, in module order, as the stream does).
+    """
+    device = device or torch.device("cpu")
+    rank, world = _world()
+    prune = build.prune
+    method = prune.method if prune.enabled else "none"
+    scores = taylor_scores(engine, build.sites, taylor_batches, device) if method == "taylor" else None
+    generator = torch.Generator().manual_seed(build.seed)
+    teacher_local, student_local = engine.pruning_local_numel()
+    memory = MemoryRecord(rank, teacher_local, student_local, 0,
+                          max(before for before, _ in build.site_params.values()),
+                          max(after for _, after in build.site_params.values()),
+                          _proc_status_bytes("VmRSS"), 0)
+    records = []
+    for i, site in enumerate(build.sites if prune.enabled else []):
+        owner, count = i % world, build.counts[site.path]
+        with engine.gather_teacher_site(site) as gathered:
+            keep = torch.empty(count, dtype=torch.long)
+            # Random needs no weights but one generator drawn site after site: every rank draws them all.
+            if rank == owner or method == "random":
+                rows = site.selection_rows(gathered[site.selection_tensor_name])
+                keep = pruning.select_mlp_channels(rows, count, method, generator=generator,
+                                                   scores=None if scores is None else scores[site.path]).cpu()
+                if rank == owner:
+                    memory.sites_selected.append(site.path)
+            if world > 1:
+                buffer = keep.to(device)
+                torch_dist.broadcast(buffer, src=owner)
+                keep = buffer.cpu()
+            transient = engine.write_student_site(site, keep, gathered)
+            memory.peak_extra_numel = max(memory.peak_extra_numel,
+                                          sum(t.numel() for t in gathered.values()) + transient)
+        before, after = build.site_params[site.path]
+        records.append(pruning.SiteReport(site.path, site.hidden, count, before, after, keep.tolist()))
+    memory.rss_peak_bytes = _proc_status_bytes("VmHWM")
+    report = pruning.PruneReport(method, records, build.params_before, build.params_after)
+    everyone: list[MemoryRecord] = [memory]
+    if world > 1:
+        gathered_records: list[object] = [None] * world
+        torch_dist.all_gather_object(gathered_records, memory)
+        everyone = [r for r in gathered_records if isinstance(r, MemoryRecord)]
+    return report, everyone
+
+
+def memory_summary(records: list[MemoryRecord], build: InEngineBuild) -> dict:
+    """Plain data for prune_report.json: per rank, with the full models' sizes to compare against."""
+    return {
+        "full_teacher_numel": build.params_before, "full_student_numel": build.params_after,
+        "sharded_numel": build.sharded_numel,
+        "ranks": [{**vars(r), "peak_local_numel": r.peak_local_numel} for r in records],
+    }
+
+
+def setup_sharded(engine: object, build: InEngineBuild) -> None:
+    """Have the engine build, shard and load both models for in-engine pruning (fsdp and deepspeed only)."""
+    setup = getattr(engine, "setup_sharded", None)
+    if setup is None:
+        raise ValueError(f"prune.in_engine: engine {type(engine).__name__} has no sharded build; use engine.name "
+                         "fsdp or deepspeed, or prune.in_engine=false")
+    setup(build)
+
+
+def prune_and_build_optimizer(engine: PruningEngine, build: InEngineBuild, stream: Iterable,
+                              device: torch.device) -> tuple[pruning.PruneReport, dict]:
+    """In-engine pruning, then the engine's optimizer on the pruned student: (report, memory summary).
+
+    method=taylor reads the first ``prune.taylor_batches`` batches of ``stream`` (a separate iterator,
+    closed afterwards; a fresh run's training then goes on with the following batches).
+    """
+    batches: list[torch.Tensor] = []
+    if build.prune.enabled and build.prune.method == "taylor":
+        iterator = iter(stream)
+        batches = [next(iterator).model_input(device) for _ in range(build.prune.taylor_batches)]
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+    report, memory = prune_in_engine(engine, build, taylor_batches=batches, device=device)
+    engine.build_optimizer()
+    return report, {"in_engine_memory": memory_summary(memory, build)}
+
+
+def width_chart(widths: list[int], before: list[int], *, height: int = 160) -> torch.Tensor:
+    """A [3, H, W] uint8 bar chart of kept width per block (grey: width before, blue: kept)."""
+    bar, gap = 12, 4
+    image = torch.full((3, height, max(1, len(widths)) * (bar + gap) + gap), 255, dtype=torch.uint8)
+    top = max(before + widths + [1])
+    for i, (w, b) in enumerate(zip(widths, before, strict=True)):
+        left = gap + i * (bar + gap)
+        for value, colour in ((b, (200, 200, 200)), (w, (31, 119, 180))):
+            rows = max(1, round(value / top * (height - 2)))
+            image[:, height - rows:, left:left + bar] = torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1)
+    return image
+
+
+def log_prune_report(metrics: object, report: pruning.PruneReport) -> None:
+    """TensorBoard (rank 0): the report as a markdown table and a bar chart of kept width per block."""
+    writer = getattr(metrics, "writer", None)
+    if writer is None:
+        return
+    lines = [f"method **{report.method}**, parameters {report.model_params_before:,} -> {report.model_params_after:,}",
+             "", "| # | site | hidden before | hidden after | first kept |", "|---|---|---|---|---|"]
+    for i, site in enumerate(report.sites):
+        head = ", ".join(map(str, site.kept[:8])) + (", ..." if len(site.kept) > 8 else "")
+        lines.append(f"| {i} | `{site.path}` | {site.hidden_before} | {site.hidden_after} | {head} |")
+    writer.add_text("prune/report", "\n".join(lines), 0)
+    if report.sites:
+        chart = width_chart(report.widths, [s.hidden_before for s in report.sites])
+        writer.add_image("prune/kept_width_per_block", chart, 0, dataformats="CHW")
