@@ -53,14 +53,15 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None) -> TrainResult
         stream = build_stream(cfg.data, adapter.input_spec(teacher), batch_size=optim.batch_size_per_rank,
                               rank=env.rank, world_size=env.world_size, seed=cfg.run.seed)
     run_dir = Path(cfg.run.dir)
-    metrics = Metrics(run_dir, enabled=env.is_main, total_steps=steps)
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir, env, cfg.to_dict())
+    state = checkpointer.resume(engine, stream)  # engine, stream and RNGs as saved, or a fresh TrainState
+    # After a resume, TensorBoard hides what the interrupted run logged past the checkpoint (purge_step).
+    metrics = Metrics(run_dir, enabled=env.is_main, total_steps=steps, resumed_at=state.step)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (run_dir / "prune_report.json").write_text(json.dumps(prune_report.to_dict()))
         metrics.log_config(cfg.to_dict(), flat_hparams(cfg.to_dict()))
-    checkpointer = Checkpointer(cfg.checkpoint, run_dir, env, cfg.to_dict())
-    state = checkpointer.resume(engine, stream)  # engine, stream and RNGs as saved, or a fresh TrainState
 
     result = TrainResult(engine)
     batches = iter(stream)
