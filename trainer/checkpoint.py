@@ -173,11 +173,28 @@ def choose(cfg: CheckpointConfig, root: Path) -> tuple[Path, Manifest] | None:
 
 
 def check_compatible(saved_config: dict[str, Any], config: dict[str, Any], path: Path) -> None:
-    """Refuse a resume whose student differs (model, pruning); other sections may change."""
+    """Refuse a resume whose student differs (model, pruning); other sections may change.
+
+    Each saved section is completed with today's defaults first, so a checkpoint written before a key
+    was added (with that key's default meaning) still resumes.
+    """
     for section in MUST_MATCH:
-        if saved_config.get(section) != config.get(section):
+        saved = _with_defaults(section, saved_config.get(section))
+        if saved != config.get(section):
             raise ValueError(f"{path}: written for {section}={saved_config.get(section)} but the run has "
                              f"{section}={config.get(section)}; resume needs the same {', '.join(MUST_MATCH)}")
+
+
+def _with_defaults(section: str, saved: Any) -> Any:
+    """A saved config section as today's dataclass would write it (unknown keys left to fail the compare)."""
+    from trainer.config import from_dict
+
+    if not isinstance(saved, dict):
+        return saved
+    try:
+        return from_dict({section: saved}).to_dict()[section]
+    except ValueError:
+        return saved
 
 
 def rng_state() -> dict[str, Any]:

@@ -41,6 +41,7 @@ from pruning.sites import find_mlp_sites
 from trainer.checkpoint import CONFIG, ENGINE_DIR, resolve_checkpoint, validate
 from trainer.config import TrainConfig, from_dict
 from trainer.engines.base import read_student_state
+from trainer.export_stream import iter_student_tensors, meta_student, student_layout
 from trainer.models.base import TokenLayout
 from trainer.models.registry import get_adapter
 
@@ -85,7 +86,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, overwrite:
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"output directory exists: {out_dir} (pass --overwrite)")
     checkpoint = resolve_checkpoint(checkpoint, which)
-    model, cfg = trained_student(checkpoint)
+    manifest = validate(checkpoint)
+    cfg = from_dict(yaml.safe_load((checkpoint / CONFIG).read_text()))
+    model = meta_student(cfg)  # shapes for the configs; the weights stream below, one block at a time
     widths = {s.path: s.hidden for s in find_mlp_sites(model)}
     if cfg.model.family == TIMM:
         arch = Architecture(TIMM, cfg.model.name, model, "")
@@ -101,13 +104,14 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, overwrite:
         arch = resolve_architecture(f"{OPEN_CLIP}:{cfg.model.name}")
         config_name, config, claimed = export_configs(arch, widths, visual_only=True)
         weights = OPEN_CLIP_VISUAL_WEIGHTS
-    state = model.state_dict()
+    layout = student_layout(cfg)
+    if {name for name, _, _ in layout.specs()} != set(model.state_dict()):
+        raise ValueError(f"{checkpoint}: cannot split the student of family {cfg.model.family} into blocks")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        specs = [(k, tuple(v.shape), v.dtype) for k, v in state.items()]
-        with SafetensorsWriter(tmp / weights, specs, metadata={"format": "pt"}) as writer:
-            for key, tensor in state.items():
+        with SafetensorsWriter(tmp / weights, layout.specs(), metadata={"format": "pt"}) as writer:
+            for key, tensor in iter_student_tensors(cfg, manifest.engine_format, checkpoint / ENGINE_DIR, layout):
                 writer.write(key, tensor)
         (tmp / config_name).write_text(json.dumps(config, indent=2))
         config[PRUNING_KEY]["stock_loadable"] = claimed and check_stock_build(tmp)

@@ -69,17 +69,18 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None) -> TrainResult
         # Per block: gather its MLP -> owner rank selects -> every rank writes its student shard; then AdamW.
         prune_report, prune_extra = prune_and_build_optimizer(engine, build, stream, env.device)
     run_dir = Path(cfg.run.dir)
-    metrics = Metrics(run_dir, enabled=env.is_main, total_steps=steps)
+    validator = Validator(cfg.validation, adapter.input_spec(teacher), env) if cfg.validation.enabled else None
+    record = FidelityRecord(cfg.validation.best_metric)
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir, env, cfg.to_dict(), {"task": task, "validation": record})
+    state = checkpointer.resume(engine, stream)  # engine, stream, RNGs, task and record as saved, or fresh
+    # After a resume, TensorBoard hides what the interrupted run logged past the checkpoint (purge_step).
+    metrics = Metrics(run_dir, enabled=env.is_main, total_steps=steps, resumed_at=state.step)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (run_dir / "prune_report.json").write_text(json.dumps({**prune_report.to_dict(), **prune_extra}))
         log_prune_report(metrics, prune_report)
         metrics.log_config(cfg.to_dict(), flat_hparams(cfg.to_dict()))
-    validator = Validator(cfg.validation, adapter.input_spec(teacher), env) if cfg.validation.enabled else None
-    record = FidelityRecord(cfg.validation.best_metric)
-    checkpointer = Checkpointer(cfg.checkpoint, run_dir, env, cfg.to_dict(), {"task": task, "validation": record})
-    state = checkpointer.resume(engine, stream)  # engine, stream, RNGs, task and record as saved, or fresh
 
     result = TrainResult(engine)
 

@@ -26,19 +26,22 @@ def memory_bytes() -> int:
 class Metrics:
     """Rank 0: SummaryWriter under ``run_dir/tensorboard`` and a progress line on stderr."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int) -> None:
+    def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, resumed_at: int = 0) -> None:
         self.enabled = enabled
+        self.resumed_at = resumed_at
         self.total_steps = total_steps
         self.start = time.perf_counter()
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            # Points an interrupted run logged after step ``resumed_at`` are purged: no duplicates in the curves.
+            purge_step = resumed_at + 1 if resumed_at else None
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
 
     def log_config(self, config: dict, hparams: dict[str, float | int | str | bool]) -> None:
         """The resolved config as text (YAML) and the flat scalar settings as hparams."""
-        if self.writer is None:
+        if self.writer is None or self.resumed_at:  # written once, by the run that started at step 0
             return
         self.writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
         self.writer.add_hparams(hparams, {"hparam/final_loss": float("nan")}, run_name=".")
@@ -50,7 +53,8 @@ class Metrics:
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
         elapsed = time.perf_counter() - self.start
-        eta = elapsed / step * (self.total_steps - step) if step else float("nan")
+        done = step - self.resumed_at  # steps this process ran: a resumed run's rate starts at its resume
+        eta = elapsed / done * (self.total_steps - step) if done > 0 else float("nan")
         print(f"step {step}/{self.total_steps} loss {scalars['loss/total']:.5g} "
               f"lr {scalars['opt/lr']:.3g} {scalars['perf/images_per_s']:.1f} img/s "
               f"eta {eta:.0f}s", file=sys.stderr, flush=True)

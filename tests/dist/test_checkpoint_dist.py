@@ -5,12 +5,12 @@ split over the ranks: ckpt_worker.GlobalBatchStream), a checkpoint every 2 steps
 order, shared by all assertions (DeepSpeed's start-up is the slow part):
 
   L0  python, 1 rank     single: killed while its step-4 save waits inside (temporary directory present)
-  L1  torchrun, 2 ranks  uninterrupted references: fsdp, deepspeed (ZeRO-2)
-  L2  torchrun, 1 rank   single resumes L0 (auto); fsdp and deepspeed resume L1's step 4 (2 -> 1 ranks)
+  L1  torchrun, 2 ranks  uninterrupted references: fsdp, deepspeed ZeRO-2 (ds), ZeRO-3 (ds3)
+  L2  torchrun, 1 rank   single resumes L0 (auto); fsdp, ds and ds3 resume L1's step 4 (2 -> 1 ranks)
   L3  torchrun, 2 ranks  fsdp, rank 1 killed with SIGKILL after the step-4 checkpoint
-  L4  torchrun, 2 ranks  fsdp resumes L3 (auto); fsdp, deepspeed resume L2's step 6 (1 -> 2 ranks);
-                         deepspeed, rank 1 killed with SIGKILL after the step-4 checkpoint
-  L5  torchrun, 2 ranks  deepspeed resumes L4's killed run (auto)
+  L4  torchrun, 2 ranks  fsdp resumes L3 (auto); fsdp, ds, ds3 resume L2's step 6 (1 -> 2 ranks);
+                         ds3, rank 1 killed with SIGKILL after the step-4 checkpoint
+  L5  torchrun, 2 ranks  ds3 resumes L4's killed run (auto)
 """
 
 from __future__ import annotations
@@ -38,8 +38,14 @@ STEPS = 8
 WORLD_CHANGE_RTOL = 1e-5
 
 
+ENGINES = {"fsdp": ("fsdp", 2), "ds": ("deepspeed", 2), "ds3": ("deepspeed", 3)}
+"""Short name in the job names -> (engine.name, engine.zero_stage)."""
+
+
 def job(name: str, engine: str, out: Path, **extra: object) -> str:
-    return json.dumps({"name": name, "engine": engine, "run_dir": str(out / name), "steps": STEPS, **extra})
+    engine_name, stage = ENGINES.get(engine, (engine, 2))
+    return json.dumps({"name": name, "engine": engine_name, "zero_stage": stage, "run_dir": str(out / name),
+                       "steps": STEPS, **extra})
 
 
 def resume_from(out: Path, run: str, step: int) -> list[str]:
@@ -94,21 +100,19 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                  when=single_kill / (TMP_PREFIX + checkpoint_name(4)), rank=0)
     assert status == -signal.SIGKILL
     (out / "l0-leftover.json").write_text(json.dumps(sorted(p.name for p in single_kill.iterdir())))
-    launch.run(2, [job("fsdp-ref", "fsdp", out), job("ds-ref", "deepspeed", out)])
+    launch.run(2, [job(f"{e}-ref", e, out) for e in ENGINES])
     launch.run(1, [job("single-kill", "single", out),
-                   job("fsdp-2to1", "fsdp", out, overrides=resume_from(out, "fsdp-ref", 4)),
-                   job("ds-2to1", "deepspeed", out, overrides=resume_from(out, "ds-ref", 4))])
+                   *[job(f"{e}-2to1", e, out, overrides=resume_from(out, f"{e}-ref", 4)) for e in ENGINES]])
     status = launch.run_and_kill(2, [job("fsdp-kill", "fsdp", out, batch_sleep_s=0.3)],
                                  when=out / "fsdp-kill" / "checkpoints" / checkpoint_name(4), rank=1)
     assert status != 0 and not (out / "fsdp-kill.rank1.json").exists()
     status = launch.run_and_kill(2, [
         job("fsdp-kill", "fsdp", out),
-        job("fsdp-1to2", "fsdp", out, overrides=resume_from(out, "fsdp-2to1", 6)),
-        job("ds-1to2", "deepspeed", out, overrides=resume_from(out, "ds-2to1", 6)),
-        job("ds-kill", "deepspeed", out, batch_sleep_s=0.3),
-    ], when=out / "ds-kill" / "checkpoints" / checkpoint_name(4), rank=1)
-    assert status != 0 and not (out / "ds-kill.rank1.json").exists()
-    launch.run(2, [job("ds-kill", "deepspeed", out)])
+        *[job(f"{e}-1to2", e, out, overrides=resume_from(out, f"{e}-2to1", 6)) for e in ENGINES],
+        job("ds3-kill", "ds3", out, batch_sleep_s=0.3),
+    ], when=out / "ds3-kill" / "checkpoints" / checkpoint_name(4), rank=1)
+    assert status != 0 and not (out / "ds3-kill.rank1.json").exists()
+    launch.run(2, [job("ds3-kill", "ds3", out)])
     return out
 
 
@@ -123,7 +127,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint(out: Path) -> None:
     assert validate(root / checkpoint_name(STEPS)).step == STEPS
 
 
-@pytest.mark.parametrize("engine", ["fsdp", "ds"])
+@pytest.mark.parametrize("engine", ["fsdp", "ds3"])
 def test_kill_9_then_auto_resume_is_exact(out: Path, engine: str) -> None:
     reference, resumed = losses(out, f"{engine}-ref"), losses(out, f"{engine}-kill")
     start = min(resumed)
@@ -132,7 +136,7 @@ def test_kill_9_then_auto_resume_is_exact(out: Path, engine: str) -> None:
         assert losses(out, f"{engine}-kill", rank) == {s: reference[s] for s in resumed}  # bit-identical
 
 
-@pytest.mark.parametrize("engine", ["fsdp", "ds"])
+@pytest.mark.parametrize("engine", list(ENGINES))
 @pytest.mark.parametrize("change, start", [("2to1", 4), ("1to2", 6)])
 def test_resume_at_another_world_size(out: Path, engine: str, change: str, start: int) -> None:
     reference, resumed = losses(out, f"{engine}-ref"), losses(out, f"{engine}-{change}")
@@ -142,7 +146,7 @@ def test_resume_at_another_world_size(out: Path, engine: str, change: str, start
     assert worst <= WORLD_CHANGE_RTOL
 
 
-@pytest.mark.parametrize("engine", ["fsdp", "ds"])
+@pytest.mark.parametrize("engine", list(ENGINES))
 def test_export_loads_in_stock_timm_and_matches_the_student(out: Path, engine: str) -> None:
     export_dir = out / f"{engine}-export"
     checkpoint = out / f"{engine}-ref" / "checkpoints" / checkpoint_name(STEPS)

@@ -256,12 +256,6 @@ class DeepSpeedEngine:
             # The switch is read from the engine's config at load time and has no per-call argument.
             self.student_engine._config.load_universal_checkpoint = True
             tag = UNIVERSAL_TAG
-            if self.cfg.zero_stage == 3 and self.env.is_main:
-                logging.getLogger(__name__).warning(
-                    "%s: ZeRO-3 resume at another world size (%d -> %d) through DeepSpeed's universal checkpoint "
-                    "restores the weights exactly but not the optimizer state: measured loss drift 2e-3 relative "
-                    "after 3 steps (ZeRO-2: 1e-7). See docs/checkpoints.md.", path, saved_world_size,
-                    self.env.world_size)
         try:
             loaded, _ = self.student_engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
                                                             load_lr_scheduler_states=False)
@@ -293,13 +287,17 @@ def restore_group_flags(optimizer: torch.optim.Optimizer, flags: list[dict[str, 
             state["step"] = state["step"].clone()
 
 
-def read_fp32_student(path: Path) -> dict[str, torch.Tensor]:
-    """Consolidated fp32 student weights of a ``save`` output (DeepSpeed's zero_to_fp32), no process group."""
+def read_fp32_student(path: Path, *, lazy: bool = False) -> dict[str, Any]:
+    """Consolidated fp32 student weights of a ``save`` output (DeepSpeed's zero_to_fp32), no process group.
+
+    ``lazy``: zero_to_fp32's lazy mode, values that gather one tensor on ``.contiguous()`` (export reads
+    one block at a time with it).
+    """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     if not (path / TAG).is_dir():
         raise ValueError(f"{path}: no DeepSpeed checkpoint (missing {path / TAG})")
-    return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=TAG)
+    return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=TAG, lazy_mode=lazy)
 
 
 def convert_to_universal(source: Path, target: Path) -> None:
