@@ -47,7 +47,8 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None) -> TrainResult
         # filled by prune_in_engine below (it may read the stream), then the optimizer.
         build = InEngineBuild(cfg.model, cfg.prune, adapter, cfg.run.seed)
         setup_sharded(engine, build)
-        teacher, student_layout, teacher_layout = build.teacher, build.student_layout, build.teacher_layout
+        teacher, student = build.teacher, build.student
+        student_layout, teacher_layout = build.student_layout, build.teacher_layout
     else:
         teacher, student, prune_report = build_models(cfg, adapter)
         freeze_teacher(teacher)
@@ -91,8 +92,7 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None) -> TrainResult
         nonlocal last_log_time
         assert validator is not None
         start = time.perf_counter()
-        # Eval mode for the student meanwhile (drop_path); the in-engine build hands out no module yet.
-        values = validator.run(task, None if cfg.prune.in_engine else student, engine.autocast)
+        values = validator.run(task, student, engine.autocast)  # the student in eval mode meanwhile (drop_path)
         result.validation[state.step] = values
         is_best = record.update(state.step, values[record.metric])
         metrics.log_validation(state.step, values, record)

@@ -151,6 +151,8 @@ class InEngineBuild:
         self.sites: list[MlpSite] = []
         self.counts: dict[str, int] = {}
         self.teacher: nn.Module | None = None
+        self.student: nn.Module | None = None
+        """The built student (the engine shards this very module): train/eval mode for validation."""
         """The built teacher (the engine shards this very module): attributes such as its input size."""
         self.teacher_layout: TokenLayout | None = None
         self.student_layout: TokenLayout | None = None
@@ -193,7 +195,7 @@ class InEngineBuild:
         self.student_layout = self.adapter.strip_head(student)
         for layout in (self.teacher_layout, self.student_layout):
             self._load_removed(layout)
-        self.sites, self.counts, self.teacher = sites, counts, teacher
+        self.sites, self.counts, self.teacher, self.student = sites, counts, teacher, student
         self.sharded_numel = count_params(teacher) + count_params(student)
         """Teacher and student elements the engine holds in all, heads stripped (the shards add up to this)."""
         return teacher, student
