@@ -1,4 +1,8 @@
-"""Command line: ``python -m pruning prune --model NAME [--checkpoint FILE] --ratio R --out DIR``."""
+"""Command line: ``python -m pruning prune --model NAME [--checkpoint FILE] --ratio R --out DIR``.
+
+``--calibration SOURCE --num-calib N`` adds closed-form compensation, streamed block by block
+(image folder, tar shards ``dir/{00000..00009}.tar``, or a tensor file of normalised images).
+"""
 
 from __future__ import annotations
 
@@ -30,6 +34,21 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--model-config", type=Path, action="append", default=[],
                        help="extra open_clip model config JSON to register first (name = file stem)")
     prune.add_argument("--quiet", action="store_true", help="no per-block progress lines")
+    calib = prune.add_argument_group("closed-form compensation (docs/compensation.md)")
+    calib.add_argument("--calibration", default=None,
+                       help="calibration images: a folder (searched recursively), webdataset tar shards "
+                            "(a.tar, dir/{00000..00009}.tar, a.tar::b.tar) or a .pt/.safetensors tensor of "
+                            "normalised images [N, 3, S, S]; turns compensation on")
+    calib.add_argument("--num-calib", type=int, default=256, help="calibration images to use (default 256)")
+    calib.add_argument("--calib-mode", default="sequential", choices=("teacher", "sequential", "corrected"),
+                       help="fit each block on the pruned model's hidden states (sequential, default: best on "
+                            "DINOv2, bench/compensation.py), on the original model's (teacher), or the pruned "
+                            "model's kept units onto the original model's units (corrected; carries both)")
+    calib.add_argument("--ridge", type=float, default=1e-3,
+                       help="ridge penalty relative to the mean kept-unit variance (default 1e-3)")
+    calib.add_argument("--calib-batch-size", type=int, default=16, help="images per calibration forward")
+    calib.add_argument("--calib-holdout", type=float, default=0.2,
+                       help="fraction of tokens held out of the fit for the report's errors (default 0.2)")
     return parser
 
 
@@ -68,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             args.model, args.out, checkpoint=args.checkpoint, ratio=args.ratio, num_keep=num_keep,
             method=args.method, overwrite=args.overwrite, seed=args.seed,
             progress=None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True),
+            calibration=args.calibration, num_calib=args.num_calib, calib_mode=args.calib_mode, ridge=args.ridge,
+            calib_batch_size=args.calib_batch_size, holdout_fraction=args.calib_holdout,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -75,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     before, after = report.model_params_before, report.model_params_after
     print(f"pruned {len(report.sites)} MLP blocks in {time.perf_counter() - start:.1f} s: tower parameters "
           f"{before:,} -> {after:,} ({100 * (1 - after / before):.1f}% fewer); wrote {args.out}")
+    if args.calibration is not None:
+        calib = json.loads((args.out / "pruning_report.json").read_text(encoding="utf-8"))["calibration"]
+        errors = [(s.recon_error_before, s.recon_error_after) for s in report.sites]
+        mean = [sum(e[i] for e in errors) / len(errors) for i in (0, 1)] if errors[0][0] is not None else None
+        print(f"compensated ({calib['mode']}, ridge {calib['ridge']}) on {calib['num_images']} images; carried hidden "
+              f"states {calib['hidden_state_bytes']:,} bytes"
+              + (f"; mean held-out fc2 error {mean[0]:.4f} plain -> {mean[1]:.4f} compensated" if mean else ""))
     return 0
 
 

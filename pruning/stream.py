@@ -5,6 +5,14 @@ input is read tensor by tensor (safetensors with plain reads, ``.pt``/``.bin`` t
 ``torch.load``); every output shape is known before any selection runs, so the output header is
 written first and tensors are appended as each block is pruned. The export is assembled in a
 temporary directory beside ``out_dir`` and renamed into place only when complete.
+
+With ``calibration`` images the MLPs are also compensated in closed form (``pruning.compensate``)
+without ever holding the model: everything before block 0 is materialised from the checkpoint and
+run once (``pruning.block_io``), then block by block the block alone is materialised (fp32), its
+fc2-input statistics are collected on the carried hidden states, it is pruned, compensated and
+written (in the checkpoint's dtype), and the hidden states move on through the original block
+(``teacher``) or the compensated one (``sequential``; ``corrected`` carries both). Memory is one
+block plus the calibration hidden states, whose size the report gives.
 """
 
 from __future__ import annotations
@@ -19,6 +27,9 @@ from pathlib import Path
 
 import torch
 
+from . import block_io
+from .calib_images import input_spec, load_calibration_images
+from .compensate import MODES
 from .export import (
     OPEN_CLIP,
     OPEN_CLIP_VISUAL_WEIGHTS,
@@ -134,22 +145,59 @@ def prune_checkpoint(
     overwrite: bool = False,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    calibration: str | os.PathLike | torch.Tensor | None = None,
+    num_calib: int = 256,
+    calib_mode: str = "sequential",
+    ridge: float = 1e-3,
+    calib_batch_size: int = 16,
+    holdout_fraction: float = 0.2,
 ) -> PruneReport:
     """Prune the MLPs of ``model``'s checkpoint (or seeded init weights) into export ``out_dir``.
 
     ``model`` is an open_clip or timm name (``open_clip:``/``timm:`` prefixes disambiguate);
     ``num_keep`` is one count or a dict from tower-relative site path to count. ``seed`` seeds
     the init weights when there is no checkpoint and the ``random`` method.
+
+    ``calibration``: an image folder, tar shards or tensor file (``pruning.calib_images``), or
+    normalised images [N, 3, S, S], turns on closed-form compensation: ``num_calib`` images (a
+    tensor is used whole) in batches of ``calib_batch_size``, ``calib_mode`` in
+    ``pruning.compensate.MODES``, ``ridge`` and ``holdout_fraction`` as in
+    ``prune_and_compensate``; per-block reconstruction errors go into the report.
     """
     if method not in METHODS or method == "taylor":
         raise ValueError(f"method must be one of {[m for m in METHODS if m != 'taylor']} for checkpoint "
                          f"pruning (taylor needs activations), got {method!r}")
+    if calibration is not None:
+        if calib_mode not in MODES:
+            raise ValueError(f"calib_mode must be one of {MODES}, got {calib_mode!r}")
+        if not ridge >= 0:
+            raise ValueError(f"ridge must be >= 0, got {ridge}")
+        if calib_batch_size < 1:
+            raise ValueError(f"calib_batch_size must be >= 1, got {calib_batch_size}")
+        if not 0 <= holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"output directory exists: {out_dir} (pass overwrite=True / --overwrite)")
     arch = resolve_architecture(model)
     sites = arch.sites()
     counts = keep_counts(sites, ratio, num_keep)
+    calib = None
+    if calibration is not None:
+        for site in sites:
+            if site.norm_name is not None:
+                raise ValueError(f"{site.path}: compensation is not defined with a LayerNorm over the hidden units "
+                                 f"({site.norm_name}); prune without --calibration")
+        layout = block_io.block_layout(arch.tower, sites)
+        spec = input_spec(arch.model, arch.family)
+        if isinstance(calibration, torch.Tensor):
+            if calibration.dim() != 4 or tuple(calibration.shape[1:]) != (3, spec.size, spec.size):
+                raise ValueError(f"calibration: expected normalised images [N, 3, {spec.size}, {spec.size}] for "
+                                 f"{arch.name}, got shape {tuple(calibration.shape)}")
+            images, label = calibration.float(), f"<tensor {tuple(calibration.shape)}>"
+        else:
+            images, label = load_calibration_images(calibration, num_calib, spec), str(calibration)
+        calib = _Calibration(layout, images, label, calib_mode, ridge, calib_batch_size, holdout_fraction)
     if checkpoint is not None:
         source = open_checkpoint(checkpoint)
     else:
@@ -161,7 +209,7 @@ def prune_checkpoint(
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         try:
             report = _write_export(arch, source, sites, counts, prefix, visual_only, method, seed, tmp,
-                                   progress, checkpoint)
+                                   progress, checkpoint, calib)
             _move_into_place(tmp, out_dir, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -171,9 +219,58 @@ def prune_checkpoint(
     return report
 
 
+class _Calibration:
+    """Settings of a calibrated run and, once started, the block-to-block state."""
+
+    def __init__(self, layout: block_io.BlockLayout, images: torch.Tensor, label: str, mode: str, ridge: float,
+                 batch_size: int, holdout_fraction: float) -> None:
+        self.layout, self.images, self.label = layout, images, label
+        self.mode, self.ridge, self.batch_size, self.holdout_fraction = mode, ridge, batch_size, holdout_fraction
+        self.index = {s.path: i for i, s in enumerate(layout.tower_sites)}
+        self.state: block_io.BlockCalibration | None = None
+        self.peak_bytes = 0
+        self.seconds = 0.0
+
+    def start(self, arch: Architecture, source: Source, prefix: str) -> None:
+        start = time.perf_counter()
+        stem = block_io.materialize_outside(arch.tower, self.layout.container, lambda n: source.get(prefix + n))
+        states = block_io.stem_states(stem, self.layout.blocks[0], self.images.split(self.batch_size))
+        del stem
+        self.state = block_io.BlockCalibration(states, mode=self.mode, ridge=self.ridge,
+                                               holdout_fraction=self.holdout_fraction)
+        self.peak_bytes = self.state.hidden_state_bytes()
+        self.seconds += time.perf_counter() - start
+
+    def step(self, arch: Architecture, source: Source, prefix: str, site: MlpSite, keep: torch.Tensor,
+             names: dict[str, str]) -> tuple[dict[str, torch.Tensor], SiteReport]:
+        """Pruned-and-compensated tensors of ``site`` (keyed like ``names``' values) and its record."""
+        if self.state is None:
+            self.start(arch, source, prefix)
+        assert self.state is not None
+        start = time.perf_counter()
+        i = self.index[site.path]
+        path, local = self.layout.blocks[i], self.layout.sites[i]
+        meta = arch.tower.get_submodule(path)
+        block = block_io.materialize(meta, {n: source.get(f"{prefix}{path}.{n}") for n in meta.state_dict()},
+                                     label=f"{path}.")
+        record = self.state.step(block, local, keep, site.path)
+        state = block.get_submodule(local.path).state_dict()
+        tensors = {n: state[n].to(source.meta(k)[1]) for k, n in names.items()}
+        self.peak_bytes = max(self.peak_bytes, self.state.hidden_state_bytes())
+        self.seconds += time.perf_counter() - start
+        return tensors, record
+
+    def summary(self) -> dict:
+        return {"source": self.label, "num_images": int(self.images.shape[0]),
+                "image_shape": list(self.images.shape[1:]), "mode": self.mode, "ridge": self.ridge,
+                "batch_size": self.batch_size, "holdout_fraction": self.holdout_fraction,
+                "hidden_state_bytes": self.peak_bytes, "seconds": round(self.seconds, 3)}
+
+
 def _write_export(arch: Architecture, source: Source, sites: list[MlpSite], counts: dict[str, int],
                   prefix: str, visual_only: bool, method: str, seed: int, tmp: Path,
-                  progress: Callable[[str], None] | None, checkpoint: str | os.PathLike | None) -> PruneReport:
+                  progress: Callable[[str], None] | None, checkpoint: str | os.PathLike | None,
+                  calib: _Calibration | None = None) -> PruneReport:
     # Output order: checkpoint order, each site's tensors together at a slot where a site first
     # appears; sites fill those slots in module order (file order may sort blocks.10 before
     # blocks.2), so the random method draws per site in the same order as prune_model.
@@ -224,15 +321,20 @@ def _write_export(arch: Architecture, source: Source, sites: list[MlpSite], coun
                                  "is missing")
             keep = select_mlp_channels(site.selection_rows(tensors[site.selection_tensor_name]),
                                        counts[site.path], method, generator=generator)
-            pruned = prune_site_tensors(site, tensors, keep)
+            if calib is None:
+                pruned = prune_site_tensors(site, tensors, keep)
+                record = SiteReport(site.path, site.hidden, counts[site.path], sum(t.numel() for t in tensors.values()),
+                                    sum(t.numel() for t in pruned.values()), keep.tolist())
+            else:
+                pruned, record = calib.step(arch, source, prefix, site, keep, names)
             for key, name in names.items():
                 writer.write(key[strip:], pruned[name])
-            records.append(SiteReport(site.path, site.hidden, counts[site.path],
-                                      sum(t.numel() for t in tensors.values()),
-                                      sum(t.numel() for t in pruned.values()), keep.tolist()))
+            records.append(record)
             del tensors, pruned
             if progress is not None:
-                progress(f"[{len(records)}/{len(sites)}] {site.path}: {site.hidden} -> {counts[site.path]} "
+                errors = ("" if record.recon_error_before is None else
+                          f", fc2 error {record.recon_error_before:.4f} -> {record.recon_error_after:.4f}")
+                progress(f"[{len(records)}/{len(sites)}] {site.path}: {site.hidden} -> {counts[site.path]}{errors} "
                          f"({time.perf_counter() - start:.1f} s)")
 
     before = sum(p.numel() for p in arch.tower.parameters())
@@ -247,7 +349,8 @@ def _write_export(arch: Architecture, source: Source, sites: list[MlpSite], coun
                "tower": arch.tower_path, "visual_only": visual_only, "weights_file": weights,
                "stock_loadable": stock, "how_to_load": _how_to_load(arch, config, visual_only, stock),
                "checkpoint_elements_before": sum(_numel(source.meta(k)[0]) for k in source.keys()),
-               "checkpoint_elements_after": sum(_numel(s) for _, s, _ in specs)}
+               "checkpoint_elements_after": sum(_numel(s) for _, s, _ in specs),
+               "calibration": None if calib is None else calib.summary()}
     _write_json(tmp / REPORT_JSON, {**summary, **report.to_dict()})
     (tmp / REPORT_MD).write_text(_markdown(summary, report), encoding="utf-8")
     return report
@@ -307,13 +410,27 @@ def _markdown(summary: dict, report: PruneReport) -> str:
         f"{summary['checkpoint_elements_after']:,}",
         f"- stock-loadable: {'yes' if summary['stock_loadable'] else 'no (per-layer widths)'}; "
         f"load with: {summary['how_to_load']}",
+    ]
+    calib = summary.get("calibration")
+    if calib:
+        lines.append(f"- compensation: {calib['mode']} mode, ridge {calib['ridge']}, {calib['num_images']} "
+                     f"calibration images from {calib['source']} (batches of {calib['batch_size']}; "
+                     f"{calib['holdout_fraction']:.0%} of tokens held out for the errors); carried hidden states "
+                     f"{calib['hidden_state_bytes'] / 2**20:.1f} MiB; {calib['seconds']:.1f} s")
+    errors = " fc2 error plain | fc2 error compensated |" if calib else ""
+    lines += [
         "",
-        "| # | site | hidden before | hidden after | params before | params after | first kept indices |",
-        "|---|---|---|---|---|---|---|",
+        "| # | site | hidden before | hidden after | params before | params after |" + errors + " first kept indices |",
+        "|---|---|---|---|---|---|---|" + ("---|---|" if calib else ""),
     ]
     for i, s in enumerate(report.sites):
         head = ", ".join(map(str, s.kept[:8])) + (", ..." if len(s.kept) > 8 else "")
+        cells = (f" {s.recon_error_before:.4f} | {s.recon_error_after:.4f} |"
+                 if calib and s.recon_error_before is not None else " - | - |" if calib else "")
         lines.append(f"| {i} | `{s.path}` | {s.hidden_before} | {s.hidden_after} | {s.params_before:,} | "
-                     f"{s.params_after:,} | {head} |")
+                     f"{s.params_after:,} |{cells} {head} |")
+    if calib:
+        lines += ["", "fc2 error: ||y' - y|| / ||y|| of the MLP's output Linear on held-out calibration tokens, "
+                      "pruned without and with compensation."]
     lines += ["", f"Full kept index lists (selection order) are in `{REPORT_JSON}`.", ""]
     return "\n".join(lines)

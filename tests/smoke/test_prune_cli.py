@@ -65,3 +65,55 @@ def test_cli_prunes_a_checkpoint_into_a_stock_loadable_export(tmp_path, capsys):
     assert per_layer.returncode == 0, per_layer.stderr
     record = json.loads((out / "open_clip_config.json").read_text())["dgmr_pruning"]
     assert list(record["mlp_hidden"].values()) == [10, 20, 30] and record["stock_loadable"] is False
+
+
+def test_cli_compensates_from_an_image_folder_like_in_memory(tmp_path):
+    import copy
+
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from pruning import prune_and_compensate
+    from pruning.calib_images import input_spec, load_calibration_images
+
+    config = tmp_path / f"{NAME}.json"
+    config.write_text(json.dumps(CONFIG))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    model = open_clip.create_model(NAME, pretrained=None).eval()
+    with torch.no_grad():
+        for name, p in model.visual.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    ckpt = tmp_path / "visual.pt"
+    torch.save(model.visual.state_dict(), ckpt)
+    folder = tmp_path / "images" / "cat"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "out"
+
+    done = run_cli("--model", NAME, "--model-config", str(config), "--checkpoint", str(ckpt), "--ratio", "0.5",
+                   "--out", str(out), "--calibration", str(tmp_path / "images"), "--num-calib", "8",
+                   "--calib-batch-size", "3", "--calib-mode", "sequential", "--ridge", "0.01")
+    assert done.returncode == 0, done.stderr
+    # 8 images x 17 tokens x width 64 x 4 bytes
+    assert "compensated (sequential, ridge 0.01) on 8 images; carried hidden states 34,816 bytes" in done.stdout
+    assert "fc2 error" in done.stderr  # per-block progress lines carry the errors
+
+    images = load_calibration_images(tmp_path / "images", 8, input_spec(model, "open_clip"))
+    expected = copy.deepcopy(model.visual)
+    want = prune_and_compensate(expected, list(images.split(3)), lambda m, x: m(x), ratio=0.5, mode="sequential",
+                                ridge=0.01)
+    got = load_file(out / "open_clip_visual.safetensors")
+    for key, value in expected.state_dict().items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["calibration"]["num_images"] == 8 and report["calibration"]["source"] == str(tmp_path / "images")
+    for site, exp in zip(report["sites"], want.sites, strict=True):
+        assert site["recon_error_after"] == pytest.approx(exp.recon_error_after, rel=1e-5)
+    assert main(["prune", "--model", NAME, "--ratio", "0.5", "--out", str(tmp_path / "y"),
+                 "--calibration", str(tmp_path / "nothing.tar")]) == 2
+    assert not (tmp_path / "y").exists()

@@ -271,3 +271,59 @@ def test_bfloat16_model_keeps_its_dtype_and_no_holdout_reports_no_error():
     assert fc2.weight.dtype == fc2.bias.dtype == torch.bfloat16 and fc2.in_features == 13
     with torch.no_grad():
         assert torch.isfinite(model(batches[0]).float()).all()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_corrected_fit_recovers_a_known_map_from_pruned_inputs_onto_original_units(bias):
+    # Rows [t, s]: t (all 10 original units) is exactly G s + g in the 4 kept units s of the pruned model,
+    # so with ridge 0 the folded layer is W G (+ W g): the original output from the pruned inputs, exactly.
+    from pruning.compensate import corrected_compensation
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Mlp(3, 10, bias=bias)).double()
+    site = find_mlp_sites(model)[0]
+    kept = torch.tensor([7, 1, 4, 2])
+    s = torch.randn(200, 4, dtype=torch.float64)
+    gain = torch.randn(10, 4, dtype=torch.float64)
+    shift = torch.randn(10, dtype=torch.float64) if bias else torch.zeros(10, dtype=torch.float64)
+    t = s @ gain.T + shift
+    fit, held = ActivationStats(14), ActivationStats(14)
+    fit.update(torch.cat([t, s], 1)[:150])
+    held.update(torch.cat([t, s], 1)[150:])
+    fc2 = copy.deepcopy(model[0].fc2)
+    before, after = corrected_compensation(model, site, kept, fit, held, ridge=0.0)
+    new = model[0].fc2
+    assert new.in_features == 4 and (new.bias is None) == (not bias)
+    torch.testing.assert_close(new(s), fc2(t))
+    assert after < 1e-6 < before
+    with pytest.raises(ValueError, match="joint stats have 14 columns, expected 10 \\+ 3"):
+        corrected_compensation(nn.Sequential(Mlp(3, 10)).double(), site, kept[:3], fit, held)
+
+
+def test_corrected_fit_on_identical_inputs_is_the_teacher_fit():
+    from pruning.compensate import corrected_compensation
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Mlp(6, 20)).double()
+    acts = torch.randn(300, 20, dtype=torch.float64).relu() + torch.randn(300, 1, dtype=torch.float64)
+    kept = torch.tensor([3, 11, 0, 17, 9, 5])
+    order = kept.sort().values
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    stats, joint = ActivationStats(20), ActivationStats(26)
+    stats.update(acts)
+    joint.update(torch.cat([acts, acts[:, order]], 1))
+    compensate_site(a, find_mlp_sites(a)[0], kept, stats, ridge=0.05)
+    corrected_compensation(b, find_mlp_sites(b)[0], kept, joint, None, ridge=0.05)
+    torch.testing.assert_close(b[0].fc2.weight, a[0].fc2.weight)
+    torch.testing.assert_close(b[0].fc2.bias, a[0].fc2.bias)
+
+
+def test_float32_products_stay_close_to_float64():
+    torch.manual_seed(0)
+    acts = torch.randn(500, 16, dtype=torch.float64) * 3 + 2
+    exact, fast = ActivationStats(16), ActivationStats(16, torch.float32)
+    for chunk in acts.split(100):
+        exact.update(chunk)
+        fast.update(chunk)
+    assert fast.outer.dtype == torch.float64
+    torch.testing.assert_close(fast.covariance(), exact.covariance(), rtol=1e-5, atol=1e-5)

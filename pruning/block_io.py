@@ -1,0 +1,310 @@
+"""Run a vision tower one transformer block at a time, for calibration that streams block by block.
+
+No family names: the blocks are found from the MLP sites (``find_mlp_sites``), and what comes
+before block 0 (patch embedding, class token, positional embedding, ``norm_pre``/``ln_pre``, the
+rotary embedding or attention mask a family passes to its blocks) is whatever the tower's own
+``forward`` computes before it calls block 0: a forward-pre-hook on block 0 records the block's
+arguments and stops the forward. So every layout the sites know (timm ViT / Eva / DINOv2, open_clip
+``resblocks``, timm towers inside open_clip) works, as long as the tower
+
+- calls its blocks one after the other, block i+1 on block i's output, every block with the same
+  extra arguments as block 0 (true for timm ``blocks`` and open_clip ``transformer.resblocks``);
+- has no non-persistent buffer outside the blocks (computed at build time, so absent from
+  checkpoints; a streamed stem refuses them by name).
+
+``BlockCalibration`` then prunes and compensates block after block on the carried hidden states
+(``pruning.compensate`` holds the fits); ``prune_and_compensate_blocks`` is the in-memory driver,
+``pruning.stream.prune_checkpoint(calibration=...)`` the streaming one (each block materialised
+from the checkpoint, pruned, written, dropped).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .compensate import (
+    MODES,
+    ActivationStats,
+    _collect,
+    compensate_site,
+    corrected_compensation,
+    holdout_mask,
+    site_record,
+)
+from .select import select_mlp_channels
+from .sites import MlpSite, find_mlp_sites
+from .surgery import PruneReport, SiteReport, keep_counts, site_param_count
+
+Forward = Callable[[nn.Module, torch.Tensor], Any]
+
+
+@dataclass
+class BlockState:
+    """One calibration batch at the input of a block: hidden states and the block's extra arguments."""
+
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+
+    def run(self, block: nn.Module) -> BlockState:
+        out = block(self.hidden, *self.args, **self.kwargs)
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"{type(block).__name__} returned {type(out).__name__}, not the next hidden states: "
+                             "streaming calibration needs blocks that map a tensor to a tensor")
+        return BlockState(out, self.args, self.kwargs)
+
+    def nbytes(self) -> int:
+        tensors = [self.hidden, *self.args, *self.kwargs.values()]
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """The tower's blocks: module paths in call order and each block's MLP site, relative to the block."""
+
+    blocks: list[str]
+    sites: list[MlpSite]
+    """``sites[i].path`` is relative to ``blocks[i]`` (e.g. ``mlp``)."""
+    tower_sites: list[MlpSite]
+    """The same sites with tower-relative paths (report names)."""
+
+    @property
+    def container(self) -> str:
+        return self.blocks[0].rpartition(".")[0]
+
+
+def block_layout(tower: nn.Module, sites: list[MlpSite] | None = None) -> BlockLayout:
+    """Blocks = the numbered children of one container, each holding exactly one MLP site."""
+    sites = find_mlp_sites(tower) if sites is None else sites
+    blocks, local = [], []
+    for site in sites:
+        parts = site.path.split(".")
+        cut = max((i for i, p in enumerate(parts[:-1]) if p.isdigit()), default=None)
+        if cut is None:
+            raise ValueError(f"{site.path}: the MLP is not inside a numbered block; streaming calibration needs "
+                             "a tower made of a sequence of blocks")
+        blocks.append(".".join(parts[: cut + 1]))
+        local.append(MlpSite(**{**vars(site), "path": ".".join(parts[cut + 1:])}))
+    container = blocks[0].rpartition(".")[0]
+    expected = [f"{container}.{i}" if container else str(i) for i in range(len(blocks))]
+    if blocks != expected or len(tower.get_submodule(container) if container else tower) != len(blocks):
+        raise ValueError(f"MLP blocks {blocks[:3]}...: streaming calibration needs every numbered child of one "
+                         "container to hold exactly one MLP, in order")
+    return BlockLayout(blocks, local, list(sites))
+
+
+class _ReachedBlock(Exception):  # noqa: N818 - control flow, not an error
+    pass
+
+
+def stem_states(tower: nn.Module, first_block: str, batches: Iterable[torch.Tensor],
+                forward: Forward | None = None) -> list[BlockState]:
+    """The inputs of block ``first_block`` for every batch, recorded by a pre-hook that stops the forward there.
+
+    ``forward(tower, images)`` defaults to ``tower(images)``; the blocks themselves are never run,
+    so they may stay on the meta device.
+    """
+    forward = forward or (lambda m, x: m(x))
+    seen: list[BlockState] = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.append(BlockState(args[0].detach(), tuple(args[1:]), dict(kwargs)))
+        raise _ReachedBlock
+
+    handle = tower.get_submodule(first_block).register_forward_pre_hook(hook, with_kwargs=True)
+    states = []
+    try:
+        with torch.no_grad():
+            for images in batches:
+                try:
+                    forward(tower, images)
+                except _ReachedBlock:
+                    pass
+                if len(seen) != len(states) + 1:
+                    raise ValueError(f"the forward never reached {first_block}: cannot record its inputs")
+                states.append(seen[-1])
+    finally:
+        handle.remove()
+    return states
+
+
+def materialize(meta_module: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                label: str = "") -> nn.Module:
+    """A real copy of a meta-device module holding ``tensors`` (its full state dict), floats cast to ``dtype``."""
+    module = copy.deepcopy(meta_module).to_empty(device="cpu")
+    persistent = set(module.state_dict())
+    transient = [n for n, _ in module.named_buffers() if n not in persistent]
+    if transient:
+        raise ValueError(f"{label}{transient[0]}: a non-persistent buffer (computed when the model is built, not "
+                         "in checkpoints); streaming calibration cannot restore it")
+    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    module.load_state_dict(cast, strict=True)
+    return module.eval()
+
+
+def materialize_outside(meta_tower: nn.Module, container: str, get: Callable[[str], torch.Tensor],
+                        dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A copy of the tower whose parameters and buffers outside ``container`` are real (read with ``get``).
+
+    The blocks stay on the meta device: enough to run everything before block 0.
+    """
+    tower = copy.deepcopy(meta_tower)
+    persistent = set(tower.state_dict())
+    prefix = container + "."
+    transient = [n for n, _ in tower.named_buffers() if n not in persistent and not n.startswith(prefix)]
+    if transient:
+        raise ValueError(f"{transient[0]}: a non-persistent buffer (computed when the model is built, not in "
+                         "checkpoints); streaming calibration cannot restore it")
+    for kind in ("parameters", "buffers"):
+        for name, _ in list(getattr(tower, f"named_{kind}")()):
+            if name.startswith(prefix):
+                continue
+            owner_path, _, attr = name.rpartition(".")
+            owner = tower.get_submodule(owner_path)
+            value = get(name)
+            value = value.to(dtype) if value.is_floating_point() else value
+            if kind == "parameters":
+                owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+            else:
+                owner._buffers[attr] = value
+    return tower.eval()
+
+
+class BlockCalibration:
+    """Calibration hidden states carried block to block; ``step`` prunes and compensates one block in place.
+
+    Modes (``pruning.compensate.MODES``): ``teacher`` carries the original blocks' outputs and fits
+    each block on them; ``sequential`` carries the pruned-and-compensated blocks' outputs and fits
+    block i on them, targeting the block's own unpruned units; ``corrected`` carries both and fits
+    the pruned model's kept units onto the original model's units (see ``corrected_compensation``).
+    """
+
+    def __init__(self, states: list[BlockState], *, mode: str = "teacher", ridge: float = 1e-3,
+                 holdout_fraction: float = 0.2) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not 0 <= holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+        if not ridge >= 0:
+            raise ValueError(f"ridge must be >= 0, got {ridge}")
+        if not states:
+            raise ValueError("calibration: no batch")
+        self.mode, self.ridge, self.holdout_fraction = mode, ridge, holdout_fraction
+        self.states = states
+        self.teacher_states = list(states) if mode == "corrected" else None
+
+    def hidden_state_bytes(self) -> int:
+        """Bytes of carried calibration states (both streams in ``corrected`` mode)."""
+        total = sum(s.nbytes() for s in self.states)
+        if self.teacher_states is not None:
+            total += sum(s.nbytes() for s in self.teacher_states)
+        return total
+
+    def step(self, block: nn.Module, site: MlpSite, keep: torch.Tensor, report_path: str) -> SiteReport:
+        """Prune ``site`` (relative to ``block``) to ``keep`` with compensation and advance the states."""
+        params_before = site_param_count(block, site)
+        out = getattr(site.module(block), site.out_name)
+        weight = out.weight.detach().clone()
+        bias = None if out.bias is None else out.bias.detach().clone()
+        if self.mode == "corrected":
+            fit, held = self._joint_stats(block, site, keep)
+            errors = corrected_compensation(block, site, keep, fit, held, self.ridge)
+            new_site = MlpSite(**{**vars(site), "hidden": keep.numel()})
+        else:
+            outputs: list[BlockState] = []
+
+            def run(module: nn.Module, state: BlockState) -> None:
+                outputs.append(state.run(module))
+
+            collected = _collect(block, [site], self.states, run, self.holdout_fraction)
+            fit, held = collected[site.path]
+            if fit.count == 0:
+                raise ValueError(f"{report_path}: no calibration token reached this MLP")
+            new_site = compensate_site(block, site, keep, fit, self.ridge)
+            errors = site_record(block, new_site, weight, bias, keep, held)
+            if self.mode == "teacher":
+                self.states = outputs
+        with torch.no_grad():
+            if self.mode != "teacher":
+                self.states = [s.run(block) for s in self.states]
+        return SiteReport(report_path, site.hidden, new_site.hidden, params_before,
+                          site_param_count(block, new_site), keep.tolist(), *errors)
+
+    def _joint_stats(self, block: nn.Module, site: MlpSite, keep: torch.Tensor
+                     ) -> tuple[ActivationStats, ActivationStats | None]:
+        """Stats of [original units on original inputs, kept units on pruned-model inputs], token-aligned."""
+        assert self.teacher_states is not None
+        order = keep.sort().values
+        size = site.hidden + order.numel()
+        fit = ActivationStats(size)
+        held = ActivationStats(size) if self.holdout_fraction > 0 else None
+        out = getattr(site.module(block), site.out_name)
+        captured: list[torch.Tensor] = []
+        handle = out.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
+        seen = 0
+        next_teacher = []
+        try:
+            with torch.no_grad():
+                for teacher, student in zip(self.teacher_states, self.states, strict=True):
+                    next_teacher.append(teacher.run(block))
+                    student.run(block)
+                    a_t, a_s = (c.reshape(-1, site.hidden) for c in captured)
+                    captured.clear()
+                    joint = torch.cat([a_t, a_s[:, order.to(a_s.device)]], dim=1)
+                    mask = holdout_mask(seen, joint.shape[0], self.holdout_fraction).to(joint.device)
+                    seen += joint.shape[0]
+                    fit.update(joint[~mask])
+                    if held is not None:
+                        held.update(joint[mask])
+        finally:
+            handle.remove()
+        if fit.count == 0 or (held is not None and held.count == 0):
+            raise ValueError(f"{site.path}: not enough calibration tokens for the fit and the held-out split")
+        self.teacher_states = next_teacher
+        return fit, held
+
+
+def prune_and_compensate_blocks(
+    tower: nn.Module,
+    batches: Iterable[torch.Tensor],
+    *,
+    forward: Forward | None = None,
+    ratio: float | None = None,
+    num_keep: int | dict[str, int] | None = None,
+    method: str = "diversity",
+    mode: str = "teacher",
+    ridge: float = 1e-3,
+    holdout_fraction: float = 0.2,
+    generator: torch.Generator | None = None,
+    scores: dict[str, torch.Tensor] | None = None,
+) -> PruneReport:
+    """``prune_and_compensate`` on a tower of blocks, carrying the hidden states instead of re-running the model.
+
+    Same result as ``prune_and_compensate`` in ``teacher``/``sequential`` mode (``forward`` =
+    the calibration forward, default ``tower(images)``), one block forward per block and mode pass
+    instead of a full forward per block in sequential mode; also offers ``mode='corrected'``.
+    """
+    sites = find_mlp_sites(tower)
+    layout = block_layout(tower, sites)
+    counts = keep_counts(sites, ratio, num_keep)
+    for site in sites:
+        if method == "taylor" and (scores is None or site.path not in scores):
+            raise ValueError(f"method='taylor' needs scores for site {site.path}")
+    total_before = sum(p.numel() for p in tower.parameters())
+    batches = list(batches) if not isinstance(batches, Sequence) else batches
+    calibration = BlockCalibration(stem_states(tower, layout.blocks[0], batches, forward), mode=mode, ridge=ridge,
+                                   holdout_fraction=holdout_fraction)
+    records = []
+    for path, site, tower_site in zip(layout.blocks, layout.sites, layout.tower_sites, strict=True):
+        block = tower.get_submodule(path)
+        keep = select_mlp_channels(site.selection_weight(block), counts[tower_site.path], method,
+                                   generator=generator,
+                                   scores=scores[tower_site.path] if method == "taylor" else None)
+        records.append(calibration.step(block, site, keep, tower_site.path))
+    return PruneReport(method, records, total_before, sum(p.numel() for p in tower.parameters()))

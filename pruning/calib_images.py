@@ -1,0 +1,187 @@
+"""Calibration images for ``python -m pruning prune --calibration``: an image folder, tar shards, or a tensor file.
+
+``pruning`` does not import the trainer's data pipeline, so this is a small reader of its own:
+PIL decodes, transparent pictures go on white (clip art), the central square is resized bicubic to
+the model's input size and normalised with the model's mean/std (timm ``pretrained_cfg``, open_clip
+``preprocess_cfg``): the trainer's evaluation preprocessing, minus JPEG draft scaling.
+
+Sources:
+- a folder: image files found recursively, sorted by path, ``count`` of them spread evenly over
+  the list (so every sub-folder / category is sampled);
+- webdataset tar shards: one path, a brace pattern (``shards/{00000..00009}.tar``, ``{a,b}``) or
+  several joined by ``::``; the first ``count`` images in shard order (one image per sample key);
+- a ``.pt`` / ``.safetensors`` file holding preprocessed images, float [N, 3, S, S], already
+  normalised (a safetensors file holds one tensor, or one named ``images``); the first ``count``.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
+TENSOR_EXTS = (".pt", ".pth", ".safetensors")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """Model input: square side in pixels, per-channel mean and std (of [0, 1] pixels)."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def input_spec(model: torch.nn.Module, family: str) -> ImageSpec:
+    """The input size and normalisation a timm model (``pretrained_cfg``) or open_clip model expects.
+
+    For timm the size the model was built for (``patch_embed.img_size``, what its positional
+    embedding fits) wins over ``pretrained_cfg``'s, which describes the stock weights.
+    """
+    if family == "timm":
+        cfg = model.pretrained_cfg
+        built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        size = built[-1] if isinstance(built, tuple | list) else built or cfg["input_size"][-1]
+        return ImageSpec(int(size), tuple(cfg["mean"]), tuple(cfg["std"]))
+    import open_clip
+
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    size = cfg["size"]
+    size = size if isinstance(size, int) else size[-1]
+    return ImageSpec(int(size), tuple(cfg["mean"]), tuple(cfg["std"]))
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``a{0..2}b`` -> a0b a1b a2b (zero padding kept), ``{x,y}`` -> x y; nested and repeated braces."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    body, head, tail = match.group(1), pattern[: match.start()], pattern[match.end():]
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        lo, hi = numeric.groups()
+        width = len(lo) if lo.startswith("0") else 0
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        options = body.split(",")
+    return [out for option in options for out in expand_braces(head + option + tail)]
+
+
+def shard_paths(source: str) -> list[Path]:
+    """Tar shard paths of ``a.tar``, ``dir/{000..009}.tar`` or ``x.tar::y.tar``; FileNotFoundError names a missing one."""
+    paths = [Path(p) for part in source.split("::") for p in expand_braces(part)]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration shard not found: {path}")
+    return paths
+
+
+def _to_rgb(data: bytes):
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # transparent clip art on white, not on whatever the hidden pixels hold
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return img.convert("RGB")
+
+
+def preprocess(data: bytes, spec: ImageSpec) -> torch.Tensor:
+    """Encoded image bytes -> normalised float32 [3, S, S]: central square, bicubic resize."""
+    import numpy as np
+    from PIL import Image
+
+    img = _to_rgb(data)
+    w, h = img.size
+    side = min(w, h)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    pixels = np.asarray(img.resize((spec.size, spec.size), Image.Resampling.BICUBIC, box=box), dtype=np.float32)
+    x = torch.from_numpy(pixels.copy()).permute(2, 0, 1) / 255
+    return (x - torch.tensor(spec.mean).view(3, 1, 1)) / torch.tensor(spec.std).view(3, 1, 1)
+
+
+def _folder_images(root: Path, count: int) -> Iterator[tuple[str, bytes]]:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS)
+    if len(files) < count:
+        raise ValueError(f"calibration folder {root}: {len(files)} images, {count} requested")
+    stride = len(files) / count
+    for i in range(count):
+        path = files[int(i * stride)]
+        yield str(path), path.read_bytes()
+
+
+def _shard_images(paths: list[Path]) -> Iterator[tuple[str, bytes]]:
+    for path in paths:
+        try:
+            tar = tarfile.open(path)
+        except tarfile.TarError as e:
+            raise ValueError(f"calibration shard {path}: not a tar file ({e})") from e
+        with tar:
+            keys = set()
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if member.isfile() and ext.lower() in IMAGE_EXTS and key not in keys:
+                    keys.add(key)
+                    data = tar.extractfile(member)
+                    assert data is not None
+                    yield f"{path}:{member.name}", data.read()
+
+
+def _tensor_file(path: Path, count: int, spec: ImageSpec) -> torch.Tensor:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        if "images" in tensors:
+            images = tensors["images"]
+        elif len(tensors) == 1:
+            images = next(iter(tensors.values()))
+        else:
+            raise ValueError(f"{path}: {len(tensors)} tensors and none named 'images'")
+    else:
+        images = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(images, torch.Tensor):
+            raise ValueError(f"{path}: expected one tensor of images, got {type(images).__name__}")
+    want = (3, spec.size, spec.size)
+    if images.dim() != 4 or tuple(images.shape[1:]) != want or not images.is_floating_point():
+        raise ValueError(f"{path}: expected float images [N, {', '.join(map(str, want))}] (already normalised), "
+                         f"got {images.dtype} {tuple(images.shape)}")
+    if images.shape[0] < count:
+        raise ValueError(f"{path}: {images.shape[0]} images, {count} requested")
+    return images[:count].float()
+
+
+def load_calibration_images(source: str | Path, count: int, spec: ImageSpec) -> torch.Tensor:
+    """``count`` normalised float32 images [count, 3, S, S] from a folder, tar shards or a tensor file."""
+    if count < 1:
+        raise ValueError(f"num_calib must be >= 1, got {count}")
+    text = str(source)
+    path = Path(text)
+    if path.is_dir():
+        items = _folder_images(path, count)
+    elif path.suffix in TENSOR_EXTS:
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration file not found: {path}")
+        return _tensor_file(path, count, spec)
+    else:
+        items = _shard_images(shard_paths(text))
+    images = []
+    for name, data in items:
+        try:
+            images.append(preprocess(data, spec))
+        except Exception as e:  # PIL raises UnidentifiedImageError, OSError, ... for broken files
+            raise ValueError(f"calibration image {name}: cannot decode ({e})") from e
+        if len(images) == count:
+            break
+    if len(images) < count:
+        raise ValueError(f"calibration source {text}: {len(images)} images, {count} requested")
+    return torch.stack(images)
