@@ -85,9 +85,14 @@ def shard_paths(source: str) -> list[Path]:
 def _to_rgb(data: bytes):
     from PIL import Image
 
-    img = Image.open(io.BytesIO(data))
+    return rgb_on_white(Image.open(io.BytesIO(data)))
+
+
+def rgb_on_white(img):  # PIL.Image.Image -> PIL.Image.Image (PIL is imported lazily here)
+    """RGB of a decoded picture; transparent clip art goes on white, not on whatever the hidden pixels hold."""
+    from PIL import Image
+
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # transparent clip art on white, not on whatever the hidden pixels hold
         rgba = img.convert("RGBA")
         canvas = Image.new("RGB", rgba.size, (255, 255, 255))
         canvas.paste(rgba, mask=rgba.getchannel("A"))

@@ -9,6 +9,8 @@ import random
 import numpy as np
 from PIL import Image
 
+from pruning.calib_images import rgb_on_white
+
 from .base import InputSpec
 
 try:
@@ -37,13 +39,7 @@ def decode_rgb(data: bytes, ext: str, min_side: int, jpeg: str = "simplejpeg") -
             pass  # CMYK, progressive oddities, a PNG named .jpg: PIL knows more formats; it raises if bad
     img = Image.open(io.BytesIO(data))
     img.draft("RGB", (min_side, min_side))
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # clip art is transparent: put it on white rather than on whatever the hidden pixels hold
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas
-    return img.convert("RGB")
+    return rgb_on_white(img)
 
 
 def crop_resize(img: Image.Image, size: int, rng: random.Random | None = None) -> np.ndarray:
