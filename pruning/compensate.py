@@ -155,16 +155,28 @@ def reconstruction_error(stats: ActivationStats, weight: torch.Tensor, bias: tor
     if tuple(weight.shape[1:]) != (stats.size,) or tuple(new_weight.shape) != (weight.shape[0], kept.numel()):
         raise ValueError(f"weight {tuple(weight.shape)} and new_weight {tuple(new_weight.shape)} do not map "
                          f"{stats.size} units and {kept.numel()} kept units to the same outputs")
+    error, reference = reconstruction_energies(stats, weight, bias, kept, new_weight, new_bias)
+    if reference == 0:
+        raise ValueError("reconstruction_error: the reference output is zero on every token")
+    return (error / reference) ** 0.5
+
+
+def reconstruction_energies(stats: ActivationStats, weight: torch.Tensor, bias: torch.Tensor | None,
+                            kept: torch.Tensor, new_weight: torch.Tensor, new_bias: torch.Tensor | None
+                            ) -> tuple[float, float]:
+    """(mean ||y' - y||^2, mean ||y||^2) over the tokens of ``stats``, as ``reconstruction_error`` defines y, y'.
+
+    Both are sums over output rows, so a caller holding a share of the rows (a sharded fc2) adds the
+    shares' energies over ranks and takes the ratio once.
+    """
+    kept = _check_kept(kept, stats.size)
     device = stats.mean().device
     w = weight.detach().to(device=device, dtype=torch.float64)
     b = _bias64(bias, w)
     diff_w = -w
     diff_w[:, kept.to(device)] += new_weight.detach().to(device=device, dtype=torch.float64)
     diff_b = _bias64(new_bias, w) - b
-    reference = _energy(stats, w, b)
-    if reference == 0:
-        raise ValueError("reconstruction_error: the reference output is zero on every token")
-    return (_energy(stats, diff_w, diff_b) / reference) ** 0.5
+    return _energy(stats, diff_w, diff_b), _energy(stats, w, b)
 
 
 def compensate_site(model: nn.Module, site: MlpSite, kept: torch.Tensor, stats: ActivationStats,
@@ -177,20 +189,32 @@ def compensate_site(model: nn.Module, site: MlpSite, kept: torch.Tensor, stats: 
     kept = _check_kept(kept, site.hidden).sort().values
     out = getattr(site.module(model), site.out_name)
     b, c = fit_compensation_from_stats(stats, kept, ridge, intercept=out.bias is not None)
-    w = out.weight.detach().to(torch.float64)
-    removed = removed_units(kept, site.hidden).to(w.device)
-    w_removed = w[:, removed]
+    folded, shifted = fold_compensation(out.weight, out.bias, kept, b, c)
     new_site = prune_site(model, site, kept)
-    if removed.numel() == 0:
+    if b.shape[0] == 0:
         return new_site
     new_out = getattr(new_site.module(model), site.out_name)
     with torch.no_grad():
-        folded = w[:, kept.to(w.device)] + w_removed @ b.to(w.device)
         new_out.weight.copy_(folded.to(new_out.weight.dtype))
         if new_out.bias is not None:
-            shifted = out.bias.detach().to(torch.float64) + w_removed @ c.to(w.device)
             new_out.bias.copy_(shifted.to(new_out.bias.dtype))
     return new_site
+
+
+def fold_compensation(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor, b: torch.Tensor,
+                      c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fold a fit into the output Linear: ``(W[:, K] + W[:, R] @ B, bias + W[:, R] @ c)``, fp64.
+
+    ``weight`` [rows, M] and ``bias`` [rows] may be any subset of the output rows (a rank's shard):
+    each row folds on its own. ``kept`` ascending, ``b``/``c`` from ``fit_compensation_from_stats``
+    with the same ``kept``. Host (``compensate_site``) and in-engine pruning both fold with this.
+    """
+    w = weight.detach().to(torch.float64)
+    removed = removed_units(kept, w.shape[1]).to(w.device)
+    w_removed = w[:, removed]
+    folded = w[:, kept.to(w.device)] + w_removed @ b.to(w.device)
+    shifted = None if bias is None else bias.detach().to(torch.float64) + w_removed @ c.to(w.device)
+    return folded, shifted
 
 
 def prune_and_compensate(

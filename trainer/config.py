@@ -84,6 +84,15 @@ class PruneConfig:
     student_init: str = ""
     """A .safetensors state dict loaded into the pruned student (strict), e.g. a compensated student
     made with the same ratio and method; empty: the student keeps the teacher's surviving weights."""
+    compensate: bool = False
+    """in_engine only: fold a closed-form fit of the removed hidden units on the kept ones into each
+    pruned fc_out (pruning.compensate, teacher mode; docs/inengine_pruning.md). The host path takes a
+    compensated student through student_init instead."""
+    calib_batches: int = 8
+    """compensate: batches of the training stream whose fc_out inputs are the calibration activations
+    (the last one, when there are two or more, is held out for the reported reconstruction error)."""
+    ridge: float = 1e-3
+    """compensate: ridge lambda relative to the mean variance of the kept units (0: plain least squares)."""
 
     def __post_init__(self) -> None:
         _check(self.ratio > 0, "prune.ratio", f"must be > 0, got {self.ratio}")
@@ -96,6 +105,10 @@ class PruneConfig:
                f"must be a .safetensors file, got {self.student_init!r}")
         _check(self.method in PRUNE_METHODS, "prune.method",
                f"must be one of {PRUNE_METHODS}, got {self.method!r}")
+        _check(self.calib_batches >= 1, "prune.calib_batches", f"must be >= 1, got {self.calib_batches}")
+        _check(self.ridge >= 0, "prune.ridge", f"must be >= 0, got {self.ridge}")
+        _check(not self.compensate or self.in_engine, "prune.compensate",
+               "needs prune.in_engine=true (on the host path load a compensated student with prune.student_init)")
 
 
 @dataclass(frozen=True)

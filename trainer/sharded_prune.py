@@ -12,7 +12,9 @@ Order, as the loop runs it (docs/inengine_pruning.md):
    ranks gather that block's MLP tensors (a collective), the owner selects the kept units with
    ``pruning.select_mlp_channels`` and broadcasts them, and every rank writes its shard of the pruned
    student block. Selection for different blocks runs on different ranks, so the slow diversity order
-   costs about 1/world of the blocks per rank.
+   costs about 1/world of the blocks per rank. With ``prune.compensate`` the fc_out inputs of every site
+   were first measured on calibration batches through the sharded teacher (``calibration_stats``), and each
+   rank folds the fit of the removed units into its own fc_out rows (``pruning.compensate.fold_compensation``).
 3. The engine builds the optimizer on the pruned student; distillation starts.
 
 Engine-specific work (gathering, writing shards) lives in trainer/engines/; this module only calls it.
@@ -32,6 +34,12 @@ import torch.distributed as torch_dist
 from torch import nn
 
 import pruning
+from pruning.compensate import (
+    ActivationStats,
+    fit_compensation_from_stats,
+    fold_compensation,
+    reconstruction_energies,
+)
 from pruning.sites import GATED_FUSED, MlpSite, find_mlp_sites
 from pruning.surgery import keep_counts
 from trainer.config import ModelConfig, PruneConfig
@@ -244,9 +252,20 @@ class PruningEngine(Protocol):
         held on every rank inside the context (a collective)."""
         ...
 
-    def write_student_site(self, site: MlpSite, keep: torch.Tensor, gathered: dict[str, torch.Tensor]) -> int:
+    def write_student_site(self, site: MlpSite, keep: torch.Tensor, gathered: dict[str, torch.Tensor],
+                           compensation: tuple[torch.Tensor, torch.Tensor] | None = None) -> int:
         """Fill this rank's shards of the student site from the kept units; return the elements of the
-        transient full tensors it made (the pruned site, or the student site gathered to be written)."""
+        transient full tensors it made (the pruned site, or the student site gathered to be written).
+
+        ``compensation``: ``(B, c)`` of ``pruning.compensate.fit_compensation_from_stats`` on the ascending
+        ``keep`` (identical on every rank), folded into fc_out's weight and bias with ``fold_compensation``.
+        """
+        ...
+
+    def teacher_out_rows(self, site: MlpSite, gathered: dict[str, torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's share of the teacher's fc_out rows (weight [rows, M], bias [rows] or None), inside
+        ``gather_teacher_site``; the shares of all ranks cover every output row exactly once."""
         ...
 
     def pruning_local_numel(self) -> tuple[int, int]:
@@ -323,19 +342,134 @@ def taylor_scores(engine: PruningEngine, sites: list[MlpSite], batches: Iterable
     return scores
 
 
+CalibrationStats = dict[str, tuple[ActivationStats, ActivationStats | None]]
+
+
+def _all_reduce(tensor: torch.Tensor) -> None:
+    if _world()[1] > 1:
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+
+
+def calibration_stats(engine: PruningEngine, sites: list[MlpSite], batches: list[torch.Tensor],
+                      device: torch.device) -> CalibrationStats:
+    """Per site, fp64 moments of fc_out's input over every rank's calibration images: (fit, held-out).
+
+    The held-out stats are the last batch of each rank when there are two or more (None otherwise), as
+    ``pruning.prune_and_compensate`` keeps held-out tokens out of the fit. Identical on every rank: one
+    shift for all (the mean of the first batch over all ranks, measured by an extra forward of that
+    batch), then count, sum and outer product all-reduced. A collective; the teacher runs under no_grad.
+    """
+    if not batches:
+        raise ValueError("prune.calib_batches: no calibration batch")
+    module, forward = engine.taylor_module()
+    outs = {s.path: getattr(s.module(module), s.out_name) for s in sites}
+    first: dict[str, torch.Tensor] = {}
+    sink: dict[str, Callable[[torch.Tensor], None]] = {}
+
+    def hook_for(path: str) -> Callable:
+        def pre_hook(_module: nn.Module, args: tuple) -> None:
+            sink[path](args[0].detach())
+        return pre_hook
+
+    def first_sum(path: str, size: int) -> Callable[[torch.Tensor], None]:
+        def add(acts: torch.Tensor) -> None:
+            x = acts.reshape(-1, size).to(torch.float64)
+            part = torch.cat([x.sum(0), x.new_tensor([x.shape[0]])])
+            first[path] = first[path] + part if path in first else part
+        return add
+
+    handles = [out.register_forward_pre_hook(hook_for(path)) for path, out in outs.items()]
+    try:
+        with torch.no_grad():
+            sink.update({s.path: first_sum(s.path, s.hidden) for s in sites})
+            forward(batches[0])
+            # One all-reduce for every site's (sum, count) of the first batch.
+            packed = torch.cat([first.get(s.path, torch.zeros(s.hidden + 1, dtype=torch.float64)).to(device)
+                                for s in sites])
+            _all_reduce(packed)
+            stats: CalibrationStats = {}
+            offset = 0
+            for site in sites:
+                part = packed[offset:offset + site.hidden + 1]
+                offset += site.hidden + 1
+                if float(part[-1]) == 0:
+                    raise ValueError(f"{site.path}: no calibration token reached this MLP")
+                shift = part[:-1] / part[-1]
+                stats[site.path] = (_preset(site.hidden, shift),
+                                    _preset(site.hidden, shift) if len(batches) > 1 else None)
+            for i, images in enumerate(batches):
+                held = i == len(batches) - 1 and len(batches) > 1
+                sink.update({path: (pair[1] if held else pair[0]).update for path, pair in stats.items()})
+                forward(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for pair in stats.values():
+        for part in pair:
+            if part is None:
+                continue
+            count = torch.tensor([float(part.count)], dtype=torch.float64, device=device)
+            for tensor in (count, part.sum, part.outer):
+                _all_reduce(tensor)
+            part.count = int(count.item())
+    return stats
+
+
+def _preset(size: int, shift: torch.Tensor) -> ActivationStats:
+    """Empty stats about a given shift: ActivationStats takes its first batch's mean only when none is set."""
+    stats = ActivationStats(size)
+    stats.shift = shift.clone()
+    stats.sum = torch.zeros_like(shift)
+    stats.outer = torch.zeros(size, size, dtype=torch.float64, device=shift.device)
+    return stats
+
+
+def _compensate(engine: PruningEngine, site: MlpSite, keep: torch.Tensor, gathered: dict[str, torch.Tensor],
+                stats: tuple[ActivationStats, ActivationStats | None], ridge: float, device: torch.device
+                ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[float | None, float | None]]:
+    """The fit (B, c) of ``site`` on every rank, and the held-out fc_out error before/after (None without)."""
+    fit, held = stats
+    kept = keep.sort().values  # the unit order of the pruned layers, so B's columns match fc_out's
+    weight, bias = engine.teacher_out_rows(site, gathered)
+    b, c = fit_compensation_from_stats(fit, kept, ridge, intercept=bias is not None)
+    if held is None:
+        return (b, c), (None, None)
+    new_weight, new_bias = fold_compensation(weight, bias, kept, b, c)
+    index = kept.to(weight.device)
+    plain = reconstruction_energies(held, weight, bias, kept, weight[:, index], bias)
+    folded = reconstruction_energies(held, weight, bias, kept, new_weight, new_bias)
+    # Energies are sums over output rows: every rank holds a share of the rows.
+    energies = torch.tensor([plain[0], folded[0], plain[1]], dtype=torch.float64, device=device)
+    _all_reduce(energies)
+    before, after, reference = energies.tolist()
+    if reference == 0:
+        raise ValueError(f"{site.path}: the teacher's fc_out output is zero on every held-out token")
+    return (b, c), ((before / reference) ** 0.5, (after / reference) ** 0.5)
+
+
 def prune_in_engine(engine: PruningEngine, build: InEngineBuild, *, taylor_batches: Iterable[torch.Tensor] = (),
-                    device: torch.device | None = None) -> tuple[pruning.PruneReport, list[MemoryRecord]]:
+                    calib_batches: Iterable[torch.Tensor] = (), device: torch.device | None = None
+                    ) -> tuple[pruning.PruneReport, list[MemoryRecord]]:
     """Select and write every pruned student block; returns the report and every rank's memory record.
 
     A collective: every rank calls it with the same ``build``. Kept indices equal those of
     ``pruning.stream.prune_checkpoint`` on the same checkpoint with the same method and seed
     (``random`` draws every site on every rank from one generator, in module order, as the stream does).
+    ``prune.compensate``: every site is fitted on ``calib_batches`` (this rank's; all ranks' in effect) of
+    the unpruned teacher, as ``pruning.prune_and_compensate(mode='teacher')`` on the full model.
     """
     device = device or torch.device("cpu")
     rank, world = _world()
     prune = build.prune
     method = prune.method if prune.enabled else "none"
     scores = taylor_scores(engine, build.sites, taylor_batches, device) if method == "taylor" else None
+    calibration: CalibrationStats | None = None
+    if prune.enabled and prune.compensate:
+        for site in build.sites:
+            if site.norm_name is not None:
+                raise ValueError(f"prune.compensate: {site.path} has a LayerNorm over the hidden units "
+                                 f"({site.norm_name}); compensation is not defined there (docs/compensation.md)")
+        calibration = calibration_stats(engine, build.sites, list(calib_batches), device)
     generator = torch.Generator().manual_seed(build.seed)
     teacher_local, student_local = engine.pruning_local_numel()
     memory = MemoryRecord(rank, teacher_local, student_local, 0,
@@ -358,11 +492,14 @@ def prune_in_engine(engine: PruningEngine, build: InEngineBuild, *, taylor_batch
                 buffer = keep.to(device)
                 torch_dist.broadcast(buffer, src=owner)
                 keep = buffer.cpu()
-            transient = engine.write_student_site(site, keep, gathered)
+            fold, errors = None, (None, None)
+            if calibration is not None:
+                fold, errors = _compensate(engine, site, keep, gathered, calibration[site.path], prune.ridge, device)
+            transient = engine.write_student_site(site, keep, gathered, compensation=fold)
             memory.peak_extra_numel = max(memory.peak_extra_numel,
                                           sum(t.numel() for t in gathered.values()) + transient)
         before, after = build.site_params[site.path]
-        records.append(pruning.SiteReport(site.path, site.hidden, count, before, after, keep.tolist()))
+        records.append(pruning.SiteReport(site.path, site.hidden, count, before, after, keep.tolist(), *errors))
     memory.rss_peak_bytes = _proc_status_bytes("VmHWM")
     report = pruning.PruneReport(method, records, build.params_before, build.params_after)
     everyone: list[MemoryRecord] = [memory]
@@ -395,17 +532,22 @@ def prune_and_build_optimizer(engine: PruningEngine, build: InEngineBuild, strea
                               device: torch.device) -> tuple[pruning.PruneReport, dict]:
     """In-engine pruning, then the engine's optimizer on the pruned student: (report, memory summary).
 
-    method=taylor reads the first ``prune.taylor_batches`` batches of ``stream`` (a separate iterator,
-    closed afterwards; a fresh run's training then goes on with the following batches).
+    method=taylor reads the first ``prune.taylor_batches`` batches of ``stream``, compensate the first
+    ``prune.calib_batches`` (the same first batches when both run; a separate iterator, closed afterwards;
+    a fresh run's training then goes on with the following batches).
     """
+    prune = build.prune
+    taylor = prune.taylor_batches if prune.enabled and prune.method == "taylor" else 0
+    calib = prune.calib_batches if prune.enabled and prune.compensate else 0
     batches: list[torch.Tensor] = []
-    if build.prune.enabled and build.prune.method == "taylor":
+    if taylor or calib:
         iterator = iter(stream)
-        batches = [next(iterator).model_input(device) for _ in range(build.prune.taylor_batches)]
+        batches = [next(iterator).model_input(device) for _ in range(max(taylor, calib))]
         close = getattr(iterator, "close", None)
         if close is not None:
             close()
-    report, memory = prune_in_engine(engine, build, taylor_batches=batches, device=device)
+    report, memory = prune_in_engine(engine, build, taylor_batches=batches[:taylor], calib_batches=batches[:calib],
+                                     device=device)
     engine.build_optimizer()
     return report, {"in_engine_memory": memory_summary(memory, build)}
 

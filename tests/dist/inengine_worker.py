@@ -2,7 +2,8 @@
 
 Usage: torchrun --nproc_per_node 2 tests/dist/inengine_worker.py OUT_DIR JOB_JSON [JOB_JSON ...]
 Each job is a JSON object: name, family, model, pretrained, engine, zero_stage, in_engine, ratio,
-method, student_init (optional). An in-engine job first prunes alone (engine set up, sharded build,
+method, student_init, compensate, calib_batches, ridge, stream ("synthetic": batch i of rank r's
+SyntheticStream instead of one fixed batch), train (false: the pruning pass only) (all optional). An in-engine job first prunes alone (engine set up, sharded build,
 in-engine pruning, optimizer; no step): rank 0 writes OUT_DIR/<name>.pruned.safetensors (the gathered
 student) and every rank OUT_DIR/<name>.prune.rank<r>.json (report, memory). Then every job trains
 ``STEPS`` steps through trainer.loop.train: OUT_DIR/<name>.rank<r>.json (losses, run_dir) and, from
@@ -23,7 +24,7 @@ from timm.models.eva import Eva
 from torch import nn
 
 from trainer.config import TrainConfig, from_dict
-from trainer.data import InputSpec
+from trainer.data import InputSpec, SyntheticStream
 from trainer.dist import read_env
 from trainer.engines.base import build_engine
 from trainer.loop import train
@@ -50,7 +51,9 @@ def dgmr_test_inengine_eva(pretrained: bool = False, **kwargs: object) -> nn.Mod
 def config(out_dir: Path, job: dict, steps: int, lr: float) -> TrainConfig:
     prune = {"enabled": job.get("enabled", True), "ratio": job["ratio"], "method": job["method"],
              "in_engine": job["in_engine"],
-             "student_init": job.get("student_init", ""), "taylor_batches": 2}
+             "student_init": job.get("student_init", ""), "taylor_batches": 2,
+             "compensate": job.get("compensate", False), "calib_batches": job.get("calib_batches", 8),
+             "ridge": job.get("ridge", 1e-3)}
     return from_dict({
         "run": {"dir": str(out_dir / f"run-{job['name']}"), "steps": steps, "log_every_steps": 1, "seed": 0},
         "model": {"family": job["family"], "name": job["model"], "pretrained": job["pretrained"]},
@@ -86,9 +89,14 @@ def prune_only(out_dir: Path, job: dict, rank: int) -> None:
 
 
 def stream(job: dict, rank: int) -> object:
-    """Rank ``rank``'s synthetic batch 0, every step (the Taylor batches too); seed 0, as the runs."""
+    """Rank ``rank``'s synthetic batch 0, every step (the Taylor batches too); seed 0, as the runs.
+
+    ``stream: synthetic`` in the job: rank ``rank``'s SyntheticStream (batch i at step i), seed 0.
+    """
     from worker import FixedStream  # tests/dist/worker.py
 
+    if job.get("stream") == "synthetic":
+        return SyntheticStream(InputSpec(image_size(job), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), BATCH, rank=rank, seed=0)
     return FixedStream(InputSpec(image_size(job), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), [rank], 0)
 
 
@@ -115,7 +123,8 @@ def main() -> None:
     for job in jobs:
         if job["in_engine"]:
             prune_only(out_dir, job, rank)
-        run(out_dir, job, rank)
+        if job.get("train", True):
+            run(out_dir, job, rank)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,9 @@ from deepspeed.checkpoint.constants import (
 )
 from torch import nn
 
+from pruning.compensate import fold_compensation
 from pruning.sites import MlpSite
-from pruning.surgery import prune_site_tensors
+from pruning.surgery import prune_site_tensors, sorted_keep
 from trainer.config import EngineConfig, OptimConfig
 from trainer.dist import DistEnv, init_process_group
 from trainer.engines.base import Models, apply_hparams, make_adamw, param_groups
@@ -178,9 +179,18 @@ class DeepSpeedEngine:
         with deepspeed.zero.GatheredParameters(list(params.values())):
             yield {n: p.data for n, p in params.items()}
 
-    def write_student_site(self, site: MlpSite, keep: torch.Tensor, gathered: dict[str, torch.Tensor]) -> int:
+    def write_student_site(self, site: MlpSite, keep: torch.Tensor, gathered: dict[str, torch.Tensor],
+                           compensation: tuple[torch.Tensor, torch.Tensor] | None = None) -> int:
         pruned = prune_site_tensors(site, gathered, keep)
         student_params = dict(site.module(self._student_module).named_parameters())
+        if compensation is not None:
+            # fc_out is gathered whole: every rank folds all of it and writes its own partition (ZeRO-3)
+            # or the whole tensor (ZeRO-2); the copies below cast the fp64 fold to the student's dtype.
+            out_weight, out_bias = f"{site.out_name}.weight", f"{site.out_name}.bias"
+            pruned[out_weight], shifted = fold_compensation(gathered[out_weight], gathered.get(out_bias),
+                                                            sorted_keep(site, keep), *compensation)
+            if shifted is not None:
+                pruned[out_bias] = shifted
         with torch.no_grad():
             for name, param in student_params.items():
                 if self.cfg.zero_stage == 3:
@@ -188,6 +198,14 @@ class DeepSpeedEngine:
                 else:
                     param.copy_(pruned[name])
         return sum(pruned[n].numel() for n in site.parameter_names() if n in pruned)
+
+    def teacher_out_rows(self, site: MlpSite, gathered: dict[str, torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # Every rank holds fc_out whole inside GatheredParameters: a disjoint row range per rank.
+        weight, bias = gathered[f"{site.out_name}.weight"], gathered.get(f"{site.out_name}.bias")
+        rows = torch.arange(weight.shape[0]).tensor_split(self.env.world_size)[self.env.rank]
+        start, stop = (int(rows[0]), int(rows[-1]) + 1) if rows.numel() else (0, 0)
+        return weight[start:stop], None if bias is None else bias[start:stop]
 
     def pruning_local_numel(self) -> tuple[int, int]:
         teacher = sum(p.ds_tensor.numel() for p in self.teacher_engine.module.parameters())

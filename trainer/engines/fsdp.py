@@ -19,8 +19,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from pruning.compensate import fold_compensation
 from pruning.sites import MlpSite
-from pruning.surgery import prune_site_tensors
+from pruning.surgery import prune_site_tensors, sorted_keep
 from trainer.config import EngineConfig, OptimConfig
 from trainer.dist import DistEnv, init_process_group
 from trainer.engines.base import (
@@ -108,23 +109,45 @@ class FsdpEngine:
         out_weight = f"{site.out_name}.weight"
         yield {n: params[n].full_tensor() for n in site.parameter_names() if n in params and n != out_weight}
 
-    def write_student_site(self, site: MlpSite, keep: torch.Tensor, gathered: dict[str, torch.Tensor]) -> int:
+    def write_student_site(self, site: MlpSite, keep: torch.Tensor, gathered: dict[str, torch.Tensor],
+                           compensation: tuple[torch.Tensor, torch.Tensor] | None = None) -> int:
         teacher_params = dict(site.module(self.teacher_model).named_parameters())
         student_params = dict(site.module(self.student_model).named_parameters())
-        out_weight = f"{site.out_name}.weight"
+        out_weight, out_bias = f"{site.out_name}.weight", f"{site.out_name}.bias"
         pruned = prune_site_tensors(site, {**gathered, out_weight: teacher_params[out_weight].to_local()}, keep)
-        transient = sum(t.numel() for n, t in pruned.items() if n != out_weight)
+        local = {out_weight}
+        if compensation is not None:
+            # fc_out's weight and bias are both row-sharded alike: each rank folds its own output rows.
+            weight, bias = self.teacher_out_rows(site, gathered)
+            folded, shifted = fold_compensation(weight, bias, sorted_keep(site, keep), *compensation)
+            pruned[out_weight] = folded
+            if shifted is not None:
+                pruned[out_bias] = shifted
+                local.add(out_bias)
+        transient = sum(t.numel() for n, t in pruned.items() if n not in local)
+        # fc_out's bias does not depend on the hidden width, so it is a site tensor only once compensated.
+        names = [*site.parameter_names(), *sorted(local - set(site.parameter_names()))]
         with torch.no_grad():
-            for name in site.parameter_names():
+            for name in names:
                 if name not in student_params:
                     continue
                 target = student_params[name]
-                if name == out_weight:  # already this rank's rows
+                if name in local:  # already this rank's rows
                     target.to_local().copy_(pruned[name])
                 else:
                     target.to_local().copy_(distribute_tensor(pruned[name], self.mesh, target.placements,
                                                               src_data_rank=None).to_local())
         return transient
+
+    def teacher_out_rows(self, site: MlpSite, gathered: dict[str, torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = getattr(site.module(self.teacher_model), site.out_name)
+        weight, start = _local_rows(out.weight, self.mesh)
+        if out.bias is None:
+            return weight, None
+        bias, bias_start = _local_rows(out.bias, self.mesh)
+        assert bias.shape[0] == weight.shape[0] and (bias_start == start or not weight.numel()), (start, bias_start)
+        return weight, bias
 
     def pruning_local_numel(self) -> tuple[int, int]:
         return local_numel(self.teacher_model), local_numel(self.student_model)
