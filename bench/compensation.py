@@ -33,6 +33,7 @@ import pruning
 from pruning.block_io import prune_and_compensate_blocks
 from pruning.calib_images import ImageSpec, preprocess
 from pruning.compensate import ActivationStats, holdout_mask, site_record
+from pruning.sites import out_inputs
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compensation.json"
 RATIO, SEED, HOLDOUT = 1.0, 0, 0.2
@@ -73,30 +74,22 @@ def teacher_stats(model: nn.Module, images: torch.Tensor, batch_size: int, snaps
              for s in sites}
     seen = dict.fromkeys(stats, 0)
 
-    def hook_for(path: str):
-        def pre_hook(_module: nn.Module, args: tuple) -> None:
-            fit, held = stats[path]
-            acts = args[0].detach().reshape(-1, fit.size)
-            mask = holdout_mask(seen[path], acts.shape[0], HOLDOUT)
-            seen[path] += acts.shape[0]
-            fit.update(acts[~mask])
-            held.update(acts[mask])
+    def receive(path: str, x: torch.Tensor) -> None:
+        fit, held = stats[path]
+        acts = x.detach().reshape(-1, fit.size)
+        mask = holdout_mask(seen[path], acts.shape[0], HOLDOUT)
+        seen[path] += acts.shape[0]
+        fit.update(acts[~mask])
+        held.update(acts[mask])
 
-        return pre_hook
-
-    handles = [getattr(s.module(model), s.out_name).register_forward_pre_hook(hook_for(s.path)) for s in sites]
     out = {}
-    try:
-        with torch.no_grad():
-            for start in range(0, len(images), batch_size):
-                forward_features(model, images[start:start + batch_size])
-                done = min(start + batch_size, len(images))
-                if done in snapshots:
-                    out[done] = copy.deepcopy(stats)
-                    log(f"teacher stats after {done} images")
-    finally:
-        for h in handles:
-            h.remove()
+    with out_inputs(model, sites, receive), torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            forward_features(model, images[start:start + batch_size])
+            done = min(start + batch_size, len(images))
+            if done in snapshots:
+                out[done] = copy.deepcopy(stats)
+                log(f"teacher stats after {done} images")
     return out
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .select import select_mlp_channels
-from .sites import MlpSite, find_mlp_sites
+from .sites import MlpSite, find_mlp_sites, out_inputs
 from .surgery import PruneReport, SiteReport, keep_counts, prune_site, site_param_count
 
 MODES = ("teacher", "sequential", "corrected")
@@ -347,28 +347,20 @@ def _collect(model: nn.Module, sites: list[MlpSite], batches: Sequence, forward:
              for s in sites}
     seen = dict.fromkeys(stats, 0)
 
-    def hook_for(path: str):
-        def pre_hook(_module: nn.Module, args: tuple) -> None:
-            fit, held = stats[path]
-            acts = args[0].detach().reshape(-1, fit.size)
-            start, seen[path] = seen[path], seen[path] + acts.shape[0]
-            if held is None:
-                fit.update(acts)
-                return
-            mask = holdout_mask(start, acts.shape[0], holdout_fraction).to(acts.device)
-            fit.update(acts[~mask])
-            held.update(acts[mask])
+    def receive(path: str, x: torch.Tensor) -> None:
+        fit, held = stats[path]
+        acts = x.detach().reshape(-1, fit.size)
+        start, seen[path] = seen[path], seen[path] + acts.shape[0]
+        if held is None:
+            fit.update(acts)
+            return
+        mask = holdout_mask(start, acts.shape[0], holdout_fraction).to(acts.device)
+        fit.update(acts[~mask])
+        held.update(acts[mask])
 
-        return pre_hook
-
-    handles = [getattr(s.module(model), s.out_name).register_forward_pre_hook(hook_for(s.path)) for s in sites]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                forward(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    with out_inputs(model, sites, receive), torch.no_grad():
+        for batch in batches:
+            forward(model, batch)
     for path, (_, held) in stats.items():
         if held is not None and held.count == 0:
             raise ValueError(f"{path}: holdout_fraction {holdout_fraction} left no held-out token "

@@ -11,6 +11,8 @@ non-linearity, like fc1 in a plain MLP.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -127,3 +129,17 @@ def _site(path: str, module: nn.Module, layout: str, in_names: tuple[str, ...], 
         norm_name="norm" if has_norm else None,
         gate_last=bool(getattr(module, "gate_last", False)),
     )
+
+
+@contextlib.contextmanager
+def out_inputs(model: nn.Module, sites: list[MlpSite], receive: Callable[[str, torch.Tensor], None]
+               ) -> Iterator[None]:
+    """While open, every forward calls ``receive(site.path, x)`` with the input of each site's output Linear
+    (the hidden units after the activation; gated: their product), through forward pre-hooks removed on exit."""
+    handles = [getattr(s.module(model), s.out_name).register_forward_pre_hook(
+        lambda _module, args, path=s.path: receive(path, args[0])) for s in sites]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

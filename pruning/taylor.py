@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .sites import MlpSite, find_mlp_sites
+from .sites import MlpSite, find_mlp_sites, out_inputs
 
 
 def collect_taylor_scores(
@@ -27,32 +27,21 @@ def collect_taylor_scores(
     sites = sites if sites is not None else find_mlp_sites(model)
     scores = {s.path: torch.zeros(s.hidden, dtype=torch.float64) for s in sites}
     saved_grads = {id(p): p.grad for p in model.parameters()}
-    handles = []
+    def receive(path: str, act: torch.Tensor) -> None:
+        if not act.requires_grad:
+            return
 
-    def hook_for(path: str):
-        def forward_pre_hook(_module: nn.Module, args: tuple) -> None:
-            act = args[0]
-            if not act.requires_grad:
-                return
+        def grad_hook(grad: torch.Tensor) -> None:
+            contrib = (act.detach() * grad).abs().flatten(0, -2).sum(0)
+            scores[path] += contrib.to(device="cpu", dtype=torch.float64)
 
-            def grad_hook(grad: torch.Tensor) -> None:
-                contrib = (act.detach() * grad).abs().flatten(0, -2).sum(0)
-                scores[path] += contrib.to(device="cpu", dtype=torch.float64)
-
-            act.register_hook(grad_hook)
-
-        return forward_pre_hook
+        act.register_hook(grad_hook)
 
     try:
-        for site in sites:
-            out = getattr(site.module(model), site.out_name)
-            handles.append(out.register_forward_pre_hook(hook_for(site.path)))
-        with torch.enable_grad():
+        with out_inputs(model, sites, receive), torch.enable_grad():
             for batch in batches:
                 loss_fn(model, batch).backward()
     finally:
-        for h in handles:
-            h.remove()
         for p in model.parameters():
             p.grad = saved_grads[id(p)]
     return scores

@@ -40,7 +40,7 @@ from pruning.compensate import (
     fold_compensation,
     reconstruction_energies,
 )
-from pruning.sites import GATED_FUSED, MlpSite, find_mlp_sites
+from pruning.sites import GATED_FUSED, MlpSite, find_mlp_sites, out_inputs
 from pruning.surgery import keep_counts
 from trainer.config import ModelConfig, PruneConfig
 from trainer.models.base import ModelAdapter, TokenLayout
@@ -362,14 +362,8 @@ def calibration_stats(engine: PruningEngine, sites: list[MlpSite], batches: list
     if not batches:
         raise ValueError("prune.calib_batches: no calibration batch")
     module, forward = engine.taylor_module()
-    outs = {s.path: getattr(s.module(module), s.out_name) for s in sites}
     first: dict[str, torch.Tensor] = {}
     sink: dict[str, Callable[[torch.Tensor], None]] = {}
-
-    def hook_for(path: str) -> Callable:
-        def pre_hook(_module: nn.Module, args: tuple) -> None:
-            sink[path](args[0].detach())
-        return pre_hook
 
     def first_sum(path: str, size: int) -> Callable[[torch.Tensor], None]:
         def add(acts: torch.Tensor) -> None:
@@ -378,32 +372,27 @@ def calibration_stats(engine: PruningEngine, sites: list[MlpSite], batches: list
             first[path] = first[path] + part if path in first else part
         return add
 
-    handles = [out.register_forward_pre_hook(hook_for(path)) for path, out in outs.items()]
-    try:
-        with torch.no_grad():
-            sink.update({s.path: first_sum(s.path, s.hidden) for s in sites})
-            forward(batches[0])
-            # One all-reduce for every site's (sum, count) of the first batch.
-            packed = torch.cat([first.get(s.path, torch.zeros(s.hidden + 1, dtype=torch.float64)).to(device)
-                                for s in sites])
-            _all_reduce(packed)
-            stats: CalibrationStats = {}
-            offset = 0
-            for site in sites:
-                part = packed[offset:offset + site.hidden + 1]
-                offset += site.hidden + 1
-                if float(part[-1]) == 0:
-                    raise ValueError(f"{site.path}: no calibration token reached this MLP")
-                shift = part[:-1] / part[-1]
-                stats[site.path] = (_preset(site.hidden, shift),
-                                    _preset(site.hidden, shift) if len(batches) > 1 else None)
-            for i, images in enumerate(batches):
-                held = i == len(batches) - 1 and len(batches) > 1
-                sink.update({path: (pair[1] if held else pair[0]).update for path, pair in stats.items()})
-                forward(images)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with out_inputs(module, sites, lambda path, x: sink[path](x.detach())), torch.no_grad():
+        sink.update({s.path: first_sum(s.path, s.hidden) for s in sites})
+        forward(batches[0])
+        # One all-reduce for every site's (sum, count) of the first batch.
+        packed = torch.cat([first.get(s.path, torch.zeros(s.hidden + 1, dtype=torch.float64)).to(device)
+                            for s in sites])
+        _all_reduce(packed)
+        stats: CalibrationStats = {}
+        offset = 0
+        for site in sites:
+            part = packed[offset:offset + site.hidden + 1]
+            offset += site.hidden + 1
+            if float(part[-1]) == 0:
+                raise ValueError(f"{site.path}: no calibration token reached this MLP")
+            shift = part[:-1] / part[-1]
+            stats[site.path] = (_preset(site.hidden, shift),
+                                _preset(site.hidden, shift) if len(batches) > 1 else None)
+        for i, images in enumerate(batches):
+            held = i == len(batches) - 1 and len(batches) > 1
+            sink.update({path: (pair[1] if held else pair[0]).update for path, pair in stats.items()})
+            forward(images)
     for pair in stats.values():
         for part in pair:
             if part is None:
