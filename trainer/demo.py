@@ -172,7 +172,7 @@ def read_shard_images(shard: Path, limit: int) -> torch.Tensor:
                     break
     if not samples:
         raise ValueError(f"{shard}: no images")
-    return torch.from_numpy(to_chw([decoder(s)[0] for s in samples.values()]))
+    return to_chw([decoder(s)[0] for s in samples.values()])
 
 
 def normalised_batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:

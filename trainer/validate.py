@@ -80,7 +80,7 @@ def read_held_out(shards: str, spec: InputSpec, *, max_images: int, rank: int, w
         positions.append(pos)
         labels.append(label_of(sample))
     size = spec.image_size
-    stacked = torch.from_numpy(to_chw(images)) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8)
+    stacked = to_chw(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8)
     return HeldOut(stacked, positions, labels)
 
 

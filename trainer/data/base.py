@@ -42,10 +42,15 @@ class Batch:
 
 
 def normalise(images: torch.Tensor, spec: InputSpec) -> torch.Tensor:
-    """uint8 pixels [B, 3, H, W] -> float32 with the teacher's mean/std (given on the 0-1 scale)."""
+    """uint8 pixels [B, 3, H, W] (any strides) -> contiguous float32 with the teacher's mean/std.
+
+    Loaders store pixels channels-last; the conversion to float writes the contiguous layout in
+    the same pass, so the model sees exactly what a contiguous uint8 batch would give.
+    """
     std = torch.tensor(spec.std, device=images.device).view(1, 3, 1, 1)
     mean = torch.tensor(spec.mean, device=images.device).view(1, 3, 1, 1)
-    return images.float().mul_(1.0 / (255.0 * std)).sub_(mean / std)
+    pixels = images.to(dtype=torch.float32, memory_format=torch.contiguous_format)
+    return pixels.mul_(1.0 / (255.0 * std)).sub_(mean / std)
 
 
 class BatchStream(Protocol):

@@ -14,11 +14,13 @@ from collections.abc import Iterable, Iterator
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from .tar_members import BLOCK, is_metadata, iter_members
+
 log = logging.getLogger(__name__)
 
-BLOCK = 512
 END_OF_ARCHIVE = bytes(2 * BLOCK)
 GZIP_MAGIC = b"\x1f\x8b"
+COMPRESSED_MAGICS = (GZIP_MAGIC, b"BZh", b"\xfd7zXZ")
 
 COUNTER_NAMES = ("samples_skipped", "shards_read", "shards_truncated", "shards_failed")
 
@@ -88,7 +90,7 @@ def _shard_files(shards: Iterable[dict], counters: Counters) -> Iterator[dict]:
             return False
 
         try:
-            for item in tar_file_iterator(reader, handler=stop_shard):
+            for item in _members(reader, stop_shard):
                 item["__url__"] = url
                 yield item
             reader.drain()
@@ -113,6 +115,34 @@ def _shard_files(shards: Iterable[dict], counters: Counters) -> Iterator[dict]:
                 "data: shard %s is truncated or corrupt; its tail was lost: %r", url, member_errors[:1]
             )
         yield {}
+
+
+class _Replay:
+    """A stream whose first bytes were already read: hands them out again, then reads on."""
+
+    def __init__(self, prefix: bytes, raw) -> None:
+        self.prefix = prefix
+        self.raw = raw
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.prefix:
+            return self.raw.read(n)
+        if n < 0:
+            data, self.prefix = self.prefix + self.raw.read(), b""
+            return data
+        data, self.prefix = self.prefix[:n], self.prefix[n:]
+        return data + self.raw.read(n - len(data)) if len(data) < n else data
+
+
+def _members(reader: _TailReader, stop_shard) -> Iterator[dict]:
+    """{fname, data} of a shard's regular files: the lean reader for plain tars, tarfile otherwise."""
+    first = reader.read(BLOCK)
+    if first.startswith(COMPRESSED_MAGICS):
+        yield from tar_file_iterator(_Replay(first, reader), handler=stop_shard)
+        return
+    for name, data in iter_members(reader, first):
+        if not is_metadata(name):
+            yield {"fname": name, "data": data}
 
 
 def tar_samples(shards: Iterable[dict], counters: Counters) -> Iterator[dict]:

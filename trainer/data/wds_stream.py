@@ -37,7 +37,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
-import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -142,7 +141,7 @@ class WorkerShare(IterableDataset):
         def collate(items: list[tuple]) -> tuple:
             state["raw"] = max(state["raw"], max(it[0] for it in items))
             state["batches"] += 1
-            images = torch.from_numpy(to_chw([it[1] for it in items]))
+            images = to_chw([it[1] for it in items])
             meta = self._meta(logical, state, counters)
             return images, [it[2] for it in items], [it[3] for it in items], meta
 
