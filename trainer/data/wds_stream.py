@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .base import Batch, InputSpec
 from .config import DataConfig
 from .decode import SampleDecoder, to_chw
+from .handoff import SlotRing
 from .shards import check_rank_share, epoch_order, mix_seed, nth_share, resolve_sources
 from .tar_reader import COUNTER_NAMES, Counters, tar_samples
 
@@ -70,6 +71,7 @@ class EpochPlan:
     batches_per_worker: int
     jpeg: str
     starts: dict[int, dict] = field(default_factory=dict)
+    ring: SlotRing | None = None
 
 
 def weighted_shards(sources: list[tuple[list[str], float]], rng: random.Random) -> Iterator[dict]:
@@ -98,7 +100,8 @@ def number_samples(samples: Iterator[dict], start: int, counters: Counters) -> I
 class WorkerShare(IterableDataset):
     """The part of an epoch one DataLoader worker produces: tuples (images, captions, keys, meta).
 
-    The last item of a worker has ``images=None`` and carries only its final counters.
+    With the plan's ``ring`` the images wait in a shared slot (``meta['slot']`` >= 0) and
+    ``images`` is None. The last item of a worker has no keys and carries only its final counters.
     """
 
     def __init__(self, plan: EpochPlan) -> None:
@@ -108,16 +111,19 @@ class WorkerShare(IterableDataset):
     def __iter__(self) -> Iterator[tuple]:
         p = self.plan
         info = get_worker_info()
-        logical = ((info.id if info is not None else 0) + p.rotation) % p.workers
+        row = info.id if info is not None else 0
+        logical = (row + p.rotation) % p.workers
         start = p.starts.get(logical, {})
         counters = Counters(start.get("counters"))
         state = {"raw": int(start.get("raw", 0)), "batches": int(start.get("batches", 0)), "done": False}
+        ring = p.ring if info is not None else None
         if not start.get("done", False):
-            yield from self._batches(logical, counters, state)
+            yield from self._batches(logical, row, ring, counters, state)
         state["done"] = True
         yield None, [], [], self._meta(logical, state, counters)
 
-    def _batches(self, logical: int, counters: Counters, state: dict) -> Iterator[tuple]:
+    def _batches(self, logical: int, row: int, ring: SlotRing | None, counters: Counters, state: dict
+                 ) -> Iterator[tuple]:
         p = self.plan
         # a resampled restart draws afresh, seeded by where it stopped; an exact one replays
         restart = state["batches"] if p.resampled else 0
@@ -141,8 +147,10 @@ class WorkerShare(IterableDataset):
         def collate(items: list[tuple]) -> tuple:
             state["raw"] = max(state["raw"], max(it[0] for it in items))
             state["batches"] += 1
-            images = to_chw([it[1] for it in items])
-            meta = self._meta(logical, state, counters)
+            pixels = [it[1] for it in items]
+            slot = ring.put(row, pixels) if ring is not None else -1
+            images = None if slot >= 0 else to_chw(pixels)
+            meta = {**self._meta(logical, state, counters), "row": row, "slot": slot}
             return images, [it[2] for it in items], [it[3] for it in items], meta
 
         stages: list = [source, partial(tar_samples, counters=counters)]
@@ -161,7 +169,7 @@ class WorkerShare(IterableDataset):
 
     @staticmethod
     def _meta(logical: int, state: dict, counters: Counters) -> dict:
-        return {"worker": logical, **state, "counters": dict(counters.values)}
+        return {"worker": logical, **state, "counters": dict(counters.values), "slot": -1}
 
 
 class WebDatasetStream:
@@ -199,6 +207,7 @@ class WebDatasetStream:
         self._items = 0  # DataLoader items taken this epoch; sets the worker rotation on a restart
         self._workers: dict[int, dict] = {}
         self._past = dict.fromkeys(COUNTER_NAMES, 0)
+        self._slot_ring: SlotRing | None = None
 
     def _layout(self) -> dict:
         return {
@@ -227,7 +236,20 @@ class WebDatasetStream:
             batches_per_worker=self.batches_per_worker,
             jpeg=self.jpeg,
             starts={w: dict(s) for w, s in self._workers.items()},
+            ring=self._ring(),
         )
+
+    def _ring(self) -> SlotRing | None:
+        """Shared batch buffers for the workers, made once and reused every epoch (see handoff.py)."""
+        if self.cfg.num_workers == 0:
+            return None
+        if self._slot_ring is None:
+            size = self.spec.image_size
+            self._slot_ring = SlotRing.create(self.cfg.num_workers, self.cfg.prefetch_batches + 2,
+                                              self.batch_size, (size, size, 3))
+        else:
+            self._slot_ring.new_epoch()
+        return self._slot_ring
 
     def iter_epoch(self) -> Iterator[Batch]:
         """The rest of the current epoch; when it is exhausted the stream moves to the next epoch."""
@@ -241,6 +263,8 @@ class WebDatasetStream:
         for images, captions, keys, meta in loader:
             self._items += 1
             self._workers[meta["worker"]] = {k: meta[k] for k in ("raw", "batches", "done", "counters")}
+            if meta["slot"] >= 0:
+                images = self._slot_ring.take(meta["row"], meta["slot"], len(keys))
             if images is not None:
                 yield Batch(images, list(captions), list(keys), spec=self.spec)
         self._past = self.counters()
