@@ -6,7 +6,8 @@ At the EVA-CLIP-E shape the plain loop would take minutes per run, so both are t
 same first ``--eva-slice`` picks (a measured ratio, not an extrapolation), and ours is also
 timed on the full layer.
 
-    python -m bench.select            # writes bench/results/select.json
+    python -m bench.select                   # writes bench/results/select.json
+    DGMR_NATIVE=0 python -m bench.select     # the same with the NumPy pick loop
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from pruning import select_mlp_channels  # noqa: E402
+from pruning.select import _native  # noqa: E402
 
 SHAPES = {"ViT-B": (3072, 768), "ViT-L": (4096, 1024), "ViT-g": (6144, 1408), "EVA-CLIP-E": (15360, 1792)}
 
@@ -88,6 +90,7 @@ def main() -> None:
     print(f"EVA-CLIP-E full layer ({hidden}x{width}, keep {width}): ours {full:.2f} s (best of {args.repeats})")
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "pick_loop": "compiled" if _native() is not None else "numpy (DGMR_NATIVE=0 or no compiler)",
         "torch": torch.__version__,
         "rows": rows,
         "eva_full_layer_s": full,

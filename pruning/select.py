@@ -6,6 +6,8 @@ longer selection are the selection for ``k`` (ratios can be compared without rec
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +15,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
+
+from pruning.native import build
 
 METHODS = ("diversity", "l2", "random", "taylor")
 
@@ -151,7 +155,7 @@ def _round_dense(rows: torch.Tensor, max_picks: int) -> torch.LongTensor:
 
 
 def _round_blocked(rows: torch.Tensor, max_picks: int, block: int | None = None) -> torch.LongTensor:
-    """One round, exact and mostly BLAS-3.
+    """One round, exact and mostly BLAS-3. ``rows`` is a private copy and is overwritten.
 
     Residuals of all rows are brought up to date once per block of picks (one pair of matrix
     products). Within a block, residual norms from the block start bound the current ones from
@@ -162,19 +166,51 @@ def _round_blocked(rows: torch.Tensor, max_picks: int, block: int | None = None)
     those coordinates are dropped, so the work shrinks as the round goes on.
     """
     block = block or _CPU_BLOCK
-    residual = rows.clone()
+    residual = rows
     sq_norm = _row_sq_norms(residual)
     tol2 = _rank_tol(rows.dtype) ** 2 * float(sq_norm.max())
     available = torch.ones(residual.shape[0], dtype=torch.bool)
     order: list[int] = []
     while len(order) < max_picks:
         b = min(block, max_picks - len(order), residual.shape[1])
-        picks, basis, exhausted = _pick_block(residual, sq_norm, available, b, tol2)
+        picks, basis, exhausted = _pick_block_any(residual, sq_norm, available, b, tol2)
         order += picks
         if exhausted or len(order) == max_picks:
             break
         residual, sq_norm = _drop_directions(residual, sq_norm, torch.from_numpy(basis))
     return torch.tensor(order, dtype=torch.long)
+
+
+def _pick_block_any(residual: torch.Tensor, sq_norm: torch.Tensor, available: torch.Tensor, block: int,
+                    tol2: float) -> tuple[list[int], np.ndarray, bool]:
+    """``_pick_block`` in compiled code where the library builds (the same algorithm), else in NumPy."""
+    lib = _native()
+    if lib is None or residual.stride(1) != 1:
+        return _pick_block(residual, sq_norm, available, block, tol2)
+    m, n = residual.shape
+    np_type = _np_dtype(residual)
+    basis = np.empty((block, n), dtype=np_type)
+    picks = np.empty(block, dtype=np.int64)
+    exhausted = ctypes.c_int64(0)
+    flags = available.numpy().view(np.uint8)  # the same memory: picked rows are cleared in place
+    run = lib.dgmr_pick_block_f32 if np_type == np.float32 else lib.dgmr_pick_block_f64
+    count = run(residual.data_ptr(), residual.stride(0), m, n, sq_norm.contiguous().data_ptr(),
+                flags.ctypes.data, block, tol2, _POOL_LIMIT, picks.ctypes.data, basis.ctypes.data,
+                ctypes.byref(exhausted))
+    return picks[:count].tolist(), basis[:count].T, bool(exhausted.value)
+
+
+@functools.cache
+def _native() -> ctypes.CDLL | None:
+    """The compiled pick loop (pruning/native/pick_block.cpp), or None where it cannot be built."""
+    lib = build.load("pick_block")
+    if lib is not None:
+        args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int64, ctypes.c_void_p,
+                ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)]
+        for fn in (lib.dgmr_pick_block_f32, lib.dgmr_pick_block_f64):
+            fn.argtypes, fn.restype = args, ctypes.c_int64
+    return lib
 
 
 class _CandidatePool:
@@ -302,9 +338,11 @@ def _drop_directions(residual: torch.Tensor, sq_norm: torch.Tensor, basis: torch
     v = reflectors.tril(-1) + torch.eye(n, b, dtype=basis.dtype)
     t_inv = torch.diag(1.0 / tau) + torch.triu(v.T @ v, diagonal=1)
     t = torch.linalg.solve_triangular(t_inv, torch.eye(b, dtype=basis.dtype), upper=True)
-    coeff = (residual @ v) @ t
-    removed = torch.addmm(residual[:, :b], coeff, v[:b].T, alpha=-1.0)
-    # In place on a column view of the same buffer: a fresh allocation per block costs more
-    # (page faults) than the product itself at these sizes.
-    kept = residual[:, b:].addmm_(coeff, v[b:].T, alpha=-1.0)
-    return kept, sq_norm - _row_sq_norms(removed)
+    coeff = residual @ (v @ t)
+    # In place over the whole buffer: its first b columns become the removed parts, the rest the
+    # kept residual (a fresh allocation per block costs more, in page faults, than the product).
+    residual.addmm_(coeff, v.T, alpha=-1.0)
+    removed, kept = residual[:, :b], residual[:, b:]
+    # at most one block's worth of terms per row: summed in the working precision, then
+    # subtracted from the float64 norms²
+    return kept, sq_norm - removed.square().sum(1).to(torch.float64)

@@ -1,12 +1,27 @@
 """Channel selection: the DGMR order equals a plain greedy Gram-Schmidt loop, and the baselines."""
 
+import shutil
+
 import pytest
 import torch
 
-from pruning import select_mlp_channels
+from pruning import select, select_mlp_channels
+from pruning.native import build
 from pruning.select import RANK_TOL, diversity_order
 
 pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(autouse=True, params=["compiled", "numpy"])
+def pick_loop(request, monkeypatch):
+    """Every test runs on both implementations of the per-pick loop of the blocked method."""
+    if request.param == "numpy":
+        monkeypatch.setattr(select, "_native", lambda: None)
+    elif shutil.which("g++") or shutil.which("c++"):
+        assert select._native() is not None, "a C++ compiler is on PATH but the pick loop did not build"
+    else:
+        pytest.skip("no C++ compiler: only the NumPy pick loop exists here")
+    return request.param
 
 
 def reference_diversity(weight: torch.Tensor, num_keep: int) -> torch.Tensor:
@@ -154,3 +169,21 @@ def test_bad_precision_or_algorithm():
         diversity_order(torch.randn(8, 4), 2, dtype=torch.float16)
     with pytest.raises(ValueError, match="algorithm"):
         diversity_order(torch.randn(8, 4), 2, algorithm="qr")
+
+
+def test_native_library_is_cached_per_source_and_a_broken_compiler_falls_back(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("DGMR_CACHE", str(tmp_path))
+    if shutil.which("g++") or shutil.which("c++"):
+        lib = build.load.__wrapped__("pick_block")
+        built = list(tmp_path.glob("pick_block-*.so"))
+        assert lib is not None and len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        assert build.load.__wrapped__("pick_block") is not None
+        assert built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+    monkeypatch.setenv("DGMR_CACHE", str(tmp_path / "other"))
+    monkeypatch.setenv("CXX", "false")  # a compiler that fails
+    assert build.load.__wrapped__("pick_block") is None
+    assert "building pick_block failed" in caplog.text
+    assert not list((tmp_path / "other").glob("*.so")) and not list((tmp_path / "other").glob("*.tmp*"))
+    monkeypatch.setenv("DGMR_NATIVE", "0")
+    assert build.load.__wrapped__("pick_block") is None
