@@ -93,6 +93,10 @@ class PruneConfig:
     (the last one, when there are two or more, is held out for the reported reconstruction error)."""
     ridge: float = 1e-3
     """compensate: ridge lambda relative to the mean variance of the kept units (0: plain least squares)."""
+    calib_stats_gib: float = 4.0
+    """compensate: the float64 activation moments (hidden^2 x 8 bytes per block, twice with a held-out
+    batch) held at once per rank. Blocks are calibrated in consecutive groups that fit, each group with
+    its own pass over the calibration batches: EVA-CLIP-E needs 3.5 GiB per block, all 64 at once 225 GiB."""
 
     def __post_init__(self) -> None:
         _check(self.ratio > 0, "prune.ratio", f"must be > 0, got {self.ratio}")
@@ -107,6 +111,7 @@ class PruneConfig:
                f"must be one of {PRUNE_METHODS}, got {self.method!r}")
         _check(self.calib_batches >= 1, "prune.calib_batches", f"must be >= 1, got {self.calib_batches}")
         _check(self.ridge >= 0, "prune.ridge", f"must be >= 0, got {self.ridge}")
+        _check(self.calib_stats_gib > 0, "prune.calib_stats_gib", f"must be > 0, got {self.calib_stats_gib}")
         _check(not self.compensate or self.in_engine, "prune.compensate",
                "needs prune.in_engine=true (on the host path load a compensated student with prune.student_init)")
 

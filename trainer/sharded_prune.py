@@ -12,8 +12,9 @@ Order, as the loop runs it (docs/inengine_pruning.md):
    ranks gather that block's MLP tensors (a collective), the owner selects the kept units with
    ``pruning.select_mlp_channels`` and broadcasts them, and every rank writes its shard of the pruned
    student block. Selection for different blocks runs on different ranks, so the slow diversity order
-   costs about 1/world of the blocks per rank. With ``prune.compensate`` the fc_out inputs of every site
-   were first measured on calibration batches through the sharded teacher (``calibration_stats``), and each
+   costs about 1/world of the blocks per rank. With ``prune.compensate`` the fc_out inputs of the sites were
+   measured on calibration batches through the sharded teacher (``calibration_stats``; in consecutive groups
+   of sites whose moments fit ``prune.calib_stats_gib``, one pass over the batches per group), and each
    rank folds the fit of the removed units into its own fc_out rows (``pruning.compensate.fold_compensation``).
 3. The engine builds the optimizer on the pruned student; distillation starts.
 
@@ -22,6 +23,7 @@ Engine-specific work (gathering, writing shards) lives in trainer/engines/; this
 
 from __future__ import annotations
 
+import logging
 import resource
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
@@ -45,6 +47,8 @@ from pruning.surgery import keep_counts
 from trainer.config import ModelConfig, PruneConfig
 from trainer.models.base import ModelAdapter, TokenLayout
 from trainer.task import freeze_teacher
+
+log = logging.getLogger(__name__)
 
 
 class TeacherWeights:
@@ -300,6 +304,8 @@ class MemoryRecord:
     """VmHWM at the end of the pruning pass: the process's peak resident set so far."""
     sites_selected: list[str] = field(default_factory=list)
     """Site paths whose selection ran on this rank (round robin)."""
+    calib_groups: int = 0
+    """compensate: groups of sites calibrated one after another (prune.calib_stats_gib)."""
 
     @property
     def peak_local_numel(self) -> int:
@@ -404,6 +410,27 @@ def calibration_stats(engine: PruningEngine, sites: list[MlpSite], batches: list
     return stats
 
 
+def calibration_groups(sites: list[MlpSite], *, held_out: bool, budget_gib: float) -> list[list[MlpSite]]:
+    """Consecutive sites whose float64 moments (hidden^2 x 8 bytes, twice with held-out stats) fit the budget.
+
+    A site larger than the budget on its own gets a group of its own (and a warning).
+    """
+    budget = budget_gib * 2**30
+    groups: list[list[MlpSite]] = []
+    used = 0.0
+    for site in sites:
+        need = site.hidden**2 * 8 * (2 if held_out else 1)
+        if need > budget:
+            log.warning("prune.calib_stats_gib=%s: %s alone needs %.2f GiB of moments", budget_gib, site.path,
+                        need / 2**30)
+        if not groups or used + need > budget:
+            groups.append([])
+            used = 0.0
+        groups[-1].append(site)
+        used += need
+    return groups
+
+
 def _preset(size: int, shift: torch.Tensor) -> ActivationStats:
     """Empty stats about a given shift: ActivationStats takes its first batch's mean only when none is set."""
     stats = ActivationStats(size)
@@ -453,12 +480,15 @@ def prune_in_engine(engine: PruningEngine, build: InEngineBuild, *, taylor_batch
     method = prune.method if prune.enabled else "none"
     scores = taylor_scores(engine, build.sites, taylor_batches, device) if method == "taylor" else None
     calibration: CalibrationStats | None = None
+    groups: dict[str, list[MlpSite]] = {}  # the group each site is calibrated with, keyed by its first site
+    calib = list(calib_batches)
     if prune.enabled and prune.compensate:
         for site in build.sites:
             if site.norm_name is not None:
                 raise ValueError(f"prune.compensate: {site.path} has a LayerNorm over the hidden units "
                                  f"({site.norm_name}); compensation is not defined there (docs/compensation.md)")
-        calibration = calibration_stats(engine, build.sites, list(calib_batches), device)
+        groups = {group[0].path: group for group in
+                  calibration_groups(build.sites, held_out=len(calib) > 1, budget_gib=prune.calib_stats_gib)}
     generator = torch.Generator().manual_seed(build.seed)
     teacher_local, student_local = engine.pruning_local_numel()
     memory = MemoryRecord(rank, teacher_local, student_local, 0,
@@ -482,8 +512,13 @@ def prune_in_engine(engine: PruningEngine, build: InEngineBuild, *, taylor_batch
                 torch_dist.broadcast(buffer, src=owner)
                 keep = buffer.cpu()
             fold, errors = None, (None, None)
+            if site.path in groups:  # the next group's moments, from the unpruned teacher (a collective)
+                calibration = None
+                calibration = calibration_stats(engine, groups[site.path], calib, device)
+                memory.calib_groups += 1
             if calibration is not None:
-                fold, errors = _compensate(engine, site, keep, gathered, calibration[site.path], prune.ridge, device)
+                fold, errors = _compensate(engine, site, keep, gathered, calibration.pop(site.path),
+                                           prune.ridge, device)
             transient = engine.write_student_site(site, keep, gathered, compensation=fold)
             memory.peak_extra_numel = max(memory.peak_extra_numel,
                                           sum(t.numel() for t in gathered.values()) + transient)

@@ -53,7 +53,7 @@ def config(out_dir: Path, job: dict, steps: int, lr: float) -> TrainConfig:
              "in_engine": job["in_engine"],
              "student_init": job.get("student_init", ""), "taylor_batches": 2,
              "compensate": job.get("compensate", False), "calib_batches": job.get("calib_batches", 8),
-             "ridge": job.get("ridge", 1e-3)}
+             "ridge": job.get("ridge", 1e-3), "calib_stats_gib": job.get("calib_stats_gib", 4.0)}
     return from_dict({
         "run": {"dir": str(out_dir / f"run-{job['name']}"), "steps": steps, "log_every_steps": 1, "seed": 0},
         "model": {"family": job["family"], "name": job["model"], "pretrained": job["pretrained"]},

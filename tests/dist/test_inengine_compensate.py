@@ -32,8 +32,10 @@ RATIO = 0.5  # width 64 -> 32 kept of 256 hidden units
 CALIB = 3  # per rank: 2 fitted batches, the last held out
 RIDGE = 1e-3
 MODEL = {"family": "open_clip", "model": "ViT-Tiny-8"}
+# fsdp_grouped: moments for one block at a time (1 MiB each with held-out stats), one calibration pass per block
 ENGINES = {"fsdp": {"engine": "fsdp"}, "zero3": {"engine": "deepspeed", "zero_stage": 3},
-           "zero2": {"engine": "deepspeed", "zero_stage": 2}}
+           "zero2": {"engine": "deepspeed", "zero_stage": 2},
+           "fsdp_grouped": {"engine": "fsdp", "calib_stats_gib": 1.5 / 1024}}
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +130,28 @@ def test_report_has_the_host_held_out_errors(out: Path, host: dict, engine: str)
             assert after == pytest.approx(want_after, rel=1e-6)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_calibration_groups_follow_the_moment_budget(out: Path, host: dict, engine: str) -> None:
+    sites = len(host["report"].sites)
+    for record in ranks(out, f"{engine}.prune.rank*.json"):
+        groups = {r["calib_groups"] for r in record["in_engine_memory"]["ranks"]}
+        assert groups == ({sites} if engine == "fsdp_grouped" else {1})
+
+
+def test_calibration_groups_are_consecutive_and_within_budget() -> None:
+    from pruning.sites import MlpSite
+    from trainer.sharded_prune import calibration_groups
+
+    sites = [MlpSite(path=f"b{i}", layout="plain", in_names=("fc1",), out_name="fc2", hidden=h, width=8)
+             for i, h in enumerate([256, 256, 512, 256, 1024])]
+    mib = 2**20 / 2**30
+    groups = calibration_groups(sites, held_out=False, budget_gib=2.5 * mib)  # 0.5, 0.5, 2, 0.5, 8 MiB
+    assert [[s.path for s in g] for g in groups] == [["b0", "b1"], ["b2", "b3"], ["b4"]]
+    groups = calibration_groups(sites, held_out=True, budget_gib=2.5 * mib)  # twice as much each
+    assert [[s.path for s in g] for g in groups] == [["b0", "b1"], ["b2"], ["b3"], ["b4"]]
+    assert len(calibration_groups(sites, held_out=True, budget_gib=4.0)) == 1
+
+
 def test_training_run_writes_the_compensated_report(out: Path) -> None:
     records = ranks(out, "fsdp.rank*.json")
     assert all(len(r["losses"]) == 3 and all(loss == loss for loss in r["losses"]) for r in records)
@@ -146,5 +170,7 @@ def test_config_keys_are_validated() -> None:
         from_dict({"prune": {"in_engine": True, "compensate": True, "calib_batches": 0}})
     with pytest.raises(ValueError, match="prune.ridge: must be >= 0"):
         from_dict({"prune": {"in_engine": True, "compensate": True, "ridge": -1.0}})
+    with pytest.raises(ValueError, match="prune.calib_stats_gib: must be > 0"):
+        from_dict({"prune": {"in_engine": True, "compensate": True, "calib_stats_gib": 0}})
     cfg = from_dict({"prune": {"in_engine": True, "compensate": True}})
     assert (cfg.prune.calib_batches, cfg.prune.ridge) == (8, 1e-3)
