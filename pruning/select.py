@@ -94,8 +94,9 @@ def diversity_order(weight: torch.Tensor, num_keep: int, *, algorithm: str = "au
 
     ``algorithm``: ``blocked`` (the blocked method, default on CPU) or ``dense`` (one rank-1
     update per pick, no host sync inside a round, default on CUDA). Both make the same picks
-    as the plain loop. ``dtype`` is the working precision (float32 or float64; squared norms
-    are always accumulated in float64). Two implementations in the same precision can only
+    as the plain loop. ``dtype`` is the working precision (float32 or float64; squared norms are
+    kept in float64, each block's removed part summed over at most 64 terms in the working
+    precision first). Two implementations in the same precision can only
     disagree where two residual norms tie to within rounding (about 1e-6 relative in float32);
     float64 pushes that to about 1e-14.
     """
