@@ -3,9 +3,10 @@
 The first argument picks a subcommand when it names one; anything else is a training config.
 """
 
-import sys
-
 from trainer.cli import run_subcommand
+from trainer.dist import exit_process
 
 if __name__ == "__main__":
-    sys.exit(run_subcommand(sys.argv[1:]))
+    import sys
+
+    exit_process(run_subcommand(sys.argv[1:]))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -37,7 +39,9 @@ def read_env() -> DistEnv:
 
 def init_process_group(env: DistEnv, timeout_s: int) -> None:
     """nccl on GPU, gloo on CPU; needs MASTER_ADDR/MASTER_PORT from the launcher."""
+    global _STARTED
     if torch_dist.is_initialized():
+        _STARTED = True
         return
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         if name not in os.environ:
@@ -52,6 +56,26 @@ def init_process_group(env: DistEnv, timeout_s: int) -> None:
     torch_dist.distributed_c10d.default_pg_timeout = timeout
     torch_dist.distributed_c10d.default_pg_nccl_timeout = timeout
     torch_dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
+    _STARTED = True
+
+
+_STARTED = False  # whether this process joined a process group (the exit below needs to know afterwards)
+
+
+def exit_process(code: int) -> None:
+    """End ``python -m trainer``: after a multi-rank run without interpreter finalization.
+
+    Process-group objects still referenced after ``destroy_process_group`` (device meshes, gloo async
+    work holding tensors) can abort the process while Python tears down (pytorch/pytorch#179291): the
+    launcher then reports a failed rank after a run that finished. Everything of ours is closed and
+    written by then; streams and log handlers are flushed here.
+    """
+    if not _STARTED:
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def destroy_process_group() -> None:
