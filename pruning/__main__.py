@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from .compensate import MODES
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pruning", description=__doc__)
@@ -40,10 +42,12 @@ def _parser() -> argparse.ArgumentParser:
                             "(a.tar, dir/{00000..00009}.tar, a.tar::b.tar) or a .pt/.safetensors tensor of "
                             "normalised images [N, 3, S, S]; turns compensation on")
     calib.add_argument("--num-calib", type=int, default=256, help="calibration images to use (default 256)")
-    calib.add_argument("--calib-mode", default="sequential", choices=("teacher", "sequential", "corrected"),
-                       help="fit each block on the pruned model's hidden states (sequential, default: best on "
-                            "DINOv2, bench/compensation.py), on the original model's (teacher), or the pruned "
-                            "model's kept units onto the original model's units (corrected; carries both)")
+    calib.add_argument("--calib-mode", default="sequential", choices=MODES,
+                       help="fit each block on the pruned model's hidden states (sequential, default), on the "
+                            "original model's (teacher), the pruned model's kept units onto the original "
+                            "model's units (corrected; carries both), or refit fc2 so each pruned block's "
+                            "output matches the original block's (output; carries both; best on DINOv2 in "
+                            "bench/compensation.py, refused for post-norm blocks)")
     calib.add_argument("--ridge", type=float, default=1e-3,
                        help="ridge penalty relative to the mean kept-unit variance (default 1e-3)")
     calib.add_argument("--calib-batch-size", type=int, default=16, help="images per calibration forward")

@@ -34,12 +34,14 @@ from .compensate import (
     _collect,
     compensate_site,
     corrected_compensation,
+    fit_output_from_stats,
     holdout_mask,
+    output_fit_error,
     site_record,
 )
 from .select import select_mlp_channels
 from .sites import MlpSite, find_mlp_sites
-from .surgery import PruneReport, SiteReport, keep_counts, site_param_count
+from .surgery import PruneReport, SiteReport, keep_counts, prune_site, site_param_count
 
 Forward = Callable[[nn.Module, torch.Tensor], Any]
 
@@ -182,7 +184,9 @@ class BlockCalibration:
     Modes (``pruning.compensate.MODES``): ``teacher`` carries the original blocks' outputs and fits
     each block on them; ``sequential`` carries the pruned-and-compensated blocks' outputs and fits
     block i on them, targeting the block's own unpruned units; ``corrected`` carries both and fits
-    the pruned model's kept units onto the original model's units (see ``corrected_compensation``).
+    the pruned model's kept units onto the original model's units (see ``corrected_compensation``);
+    ``output`` carries both and refits the output Linear so that the pruned block's output matches
+    the original block's output (see ``_output_stats``).
     """
 
     def __init__(self, states: list[BlockState], *, mode: str = "teacher", ridge: float = 1e-3,
@@ -197,10 +201,10 @@ class BlockCalibration:
             raise ValueError("calibration: no batch")
         self.mode, self.ridge, self.holdout_fraction = mode, ridge, holdout_fraction
         self.states = states
-        self.teacher_states = list(states) if mode == "corrected" else None
+        self.teacher_states = list(states) if mode in ("corrected", "output") else None
 
     def hidden_state_bytes(self) -> int:
-        """Bytes of carried calibration states (both streams in ``corrected`` mode)."""
+        """Bytes of carried calibration states (both streams in ``corrected`` and ``output`` modes)."""
         total = sum(s.nbytes() for s in self.states)
         if self.teacher_states is not None:
             total += sum(s.nbytes() for s in self.teacher_states)
@@ -216,6 +220,8 @@ class BlockCalibration:
             fit, held = self._joint_stats(block, site, keep)
             errors = corrected_compensation(block, site, keep, fit, held, self.ridge)
             new_site = MlpSite(**{**vars(site), "hidden": keep.numel()})
+        elif self.mode == "output":
+            new_site, errors = self._output_refit(block, site, keep, report_path)
         else:
             outputs: list[BlockState] = []
 
@@ -235,6 +241,72 @@ class BlockCalibration:
                 self.states = [s.run(block) for s in self.states]
         return SiteReport(report_path, site.hidden, new_site.hidden, params_before,
                           site_param_count(block, new_site), keep.tolist(), *errors)
+
+    def _output_refit(self, block: nn.Module, site: MlpSite, keep: torch.Tensor, report_path: str
+                      ) -> tuple[MlpSite, tuple[float | None, float | None]]:
+        """Prune ``site`` and refit its output Linear so the block's output matches the original block's.
+
+        Per token, the block's output must be ``base + s * y`` in the output Linear's output ``y``
+        (``s`` per channel: a residual add, with or without LayerScale), so the output ``y*`` that
+        makes the pruned block give the original block's output ``o_t`` is ``y + (o_t - o) / s``.
+        ``s`` is measured by running the block again with a known offset added to ``y``; a block
+        where that does not hold (a norm after the MLP, as in post-norm blocks) is refused. The fit
+        is ``fit_output_from_stats`` on ``[a_K, y*]``, so it also undoes the drift that earlier
+        pruned blocks left in the hidden states, as far as the kept units can express it.
+        Errors: ``output_fit_error`` of the plain pruned and the refitted Linear on held-out tokens.
+        """
+        assert self.teacher_states is not None
+        with torch.no_grad():
+            teacher_out = [t.run(block) for t in self.teacher_states]
+        new_site = prune_site(block, site, keep)
+        out = getattr(new_site.module(block), site.out_name)
+        width, rows = out.weight.shape[1], out.weight.shape[0]
+        fit = ActivationStats(width + rows)
+        held = ActivationStats(width + rows) if self.holdout_fraction > 0 else None
+        # Unequal offsets per channel: a LayerNorm after the MLP would absorb an equal one unnoticed.
+        probe = 1 + torch.arange(rows, dtype=out.weight.dtype, device=out.weight.device) / rows
+        captured: dict[str, torch.Tensor] = {}
+        offset: list[torch.Tensor] = []
+
+        def before(_m: nn.Module, args: tuple) -> None:
+            captured["a"] = args[0].detach()
+
+        def after(_m: nn.Module, _args: tuple, y: torch.Tensor) -> torch.Tensor | None:
+            captured["y"] = y.detach()
+            return y + offset[0] if offset else None
+
+        handles = [out.register_forward_pre_hook(before), out.register_forward_hook(after)]
+        seen = 0
+        try:
+            with torch.no_grad():
+                for student, teacher in zip(self.states, teacher_out, strict=True):
+                    offset.clear()
+                    o = student.run(block).hidden
+                    a, y = captured["a"], captured["y"]
+                    offset.append(probe)
+                    scale = (student.run(block).hidden - o) / probe
+                    target = y + (teacher.hidden - o) / _branch_scale(scale, o, report_path)
+                    joint = torch.cat([a.reshape(-1, width), target.reshape(-1, rows)], dim=1)
+                    mask = holdout_mask(seen, joint.shape[0], self.holdout_fraction).to(joint.device)
+                    seen += joint.shape[0]
+                    fit.update(joint[~mask])
+                    if held is not None:
+                        held.update(joint[mask])
+        finally:
+            for h in handles:
+                h.remove()
+        if fit.count == 0 or (held is not None and held.count == 0):
+            raise ValueError(f"{report_path}: not enough calibration tokens for the fit and the held-out split")
+        new_weight, new_bias = fit_output_from_stats(fit, out.weight, out.bias, self.ridge)
+        errors: tuple[float | None, float | None] = (None, None)
+        if held is not None:
+            errors = (output_fit_error(held, out.weight, out.bias), output_fit_error(held, new_weight, new_bias))
+        with torch.no_grad():
+            out.weight.copy_(new_weight.to(out.weight.device, out.weight.dtype))
+            if out.bias is not None:
+                out.bias.copy_(new_bias.to(out.bias.device, out.bias.dtype))
+        self.teacher_states = teacher_out
+        return new_site, errors
 
     def _joint_stats(self, block: nn.Module, site: MlpSite, keep: torch.Tensor
                      ) -> tuple[ActivationStats, ActivationStats | None]:
@@ -270,6 +342,52 @@ class BlockCalibration:
         return fit, held
 
 
+def _branch_scale(scale: torch.Tensor, output: torch.Tensor, label: str) -> torch.Tensor:
+    """The per-channel factor between the output Linear's output and the block's output, from one probe.
+
+    ``scale``: [..., D] change of the block output per unit of offset, per token. It must be the same
+    on every token (up to fp32 rounding of the output's magnitude); channels with a zero factor
+    return inf, so their target is the current output (they cannot change the block's output).
+    """
+    flat = scale.reshape(-1, scale.shape[-1])
+    factor = flat.mean(0)
+    slack = 1e-3 * float(factor.abs().max()) + 1e-5 * (1 + float(output.abs().max()))
+    if float((flat - factor).abs().max()) > slack:
+        raise ValueError(f"{label}: calibration mode 'output' needs the block's output to be its input plus a "
+                         "per-channel multiple of the MLP's output; here it is not (a norm after the MLP, as "
+                         "in post-norm blocks?): use mode 'sequential'")
+    tiny = 1e-6 * float(factor.abs().max())
+    return torch.where(factor.abs() > tiny, factor, torch.full_like(factor, torch.inf))
+
+
+def calibrate_blocks(tower: nn.Module, states: list[BlockState], *, ratio: float | None = None,
+                     num_keep: int | dict[str, int] | None = None, method: str = "diversity",
+                     mode: str = "teacher", ridge: float = 1e-3, holdout_fraction: float = 0.2,
+                     generator: torch.Generator | None = None,
+                     scores: dict[str, torch.Tensor] | None = None) -> PruneReport:
+    """``prune_and_compensate_blocks`` from recorded inputs of block 0 (``stem_states``).
+
+    States may come from several stems that share the tower's blocks: e.g. calibration images at two
+    input sizes, each run through a copy of the tower built for its size.
+    """
+    sites = find_mlp_sites(tower)
+    layout = block_layout(tower, sites)
+    counts = keep_counts(sites, ratio, num_keep)
+    for site in sites:
+        if method == "taylor" and (scores is None or site.path not in scores):
+            raise ValueError(f"method='taylor' needs scores for site {site.path}")
+    total_before = sum(p.numel() for p in tower.parameters())
+    calibration = BlockCalibration(states, mode=mode, ridge=ridge, holdout_fraction=holdout_fraction)
+    records = []
+    for path, site, tower_site in zip(layout.blocks, layout.sites, layout.tower_sites, strict=True):
+        block = tower.get_submodule(path)
+        keep = select_mlp_channels(site.selection_weight(block), counts[tower_site.path], method,
+                                   generator=generator,
+                                   scores=scores[tower_site.path] if method == "taylor" else None)
+        records.append(calibration.step(block, site, keep, tower_site.path))
+    return PruneReport(method, records, total_before, sum(p.numel() for p in tower.parameters()))
+
+
 def prune_and_compensate_blocks(
     tower: nn.Module,
     batches: Iterable[torch.Tensor],
@@ -288,23 +406,10 @@ def prune_and_compensate_blocks(
 
     Same result as ``prune_and_compensate`` in ``teacher``/``sequential`` mode (``forward`` =
     the calibration forward, default ``tower(images)``), one block forward per block and mode pass
-    instead of a full forward per block in sequential mode; also offers ``mode='corrected'``.
+    instead of a full forward per block in sequential mode; also offers modes ``corrected`` and ``output``.
     """
-    sites = find_mlp_sites(tower)
-    layout = block_layout(tower, sites)
-    counts = keep_counts(sites, ratio, num_keep)
-    for site in sites:
-        if method == "taylor" and (scores is None or site.path not in scores):
-            raise ValueError(f"method='taylor' needs scores for site {site.path}")
-    total_before = sum(p.numel() for p in tower.parameters())
+    layout = block_layout(tower)
     batches = list(batches) if not isinstance(batches, Sequence) else batches
-    calibration = BlockCalibration(stem_states(tower, layout.blocks[0], batches, forward), mode=mode, ridge=ridge,
-                                   holdout_fraction=holdout_fraction)
-    records = []
-    for path, site, tower_site in zip(layout.blocks, layout.sites, layout.tower_sites, strict=True):
-        block = tower.get_submodule(path)
-        keep = select_mlp_channels(site.selection_weight(block), counts[tower_site.path], method,
-                                   generator=generator,
-                                   scores=scores[tower_site.path] if method == "taylor" else None)
-        records.append(calibration.step(block, site, keep, tower_site.path))
-    return PruneReport(method, records, total_before, sum(p.numel() for p in tower.parameters()))
+    return calibrate_blocks(tower, stem_states(tower, layout.blocks[0], batches, forward), ratio=ratio,
+                            num_keep=num_keep, method=method, mode=mode, ridge=ridge,
+                            holdout_fraction=holdout_fraction, generator=generator, scores=scores)

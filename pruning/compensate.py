@@ -32,8 +32,8 @@ from .select import select_mlp_channels
 from .sites import MlpSite, find_mlp_sites, out_inputs
 from .surgery import PruneReport, SiteReport, keep_counts, prune_site, site_param_count
 
-MODES = ("teacher", "sequential", "corrected")
-"""``corrected`` needs the original and the pruned model side by side: ``pruning.block_io`` only."""
+MODES = ("teacher", "sequential", "corrected", "output")
+"""``corrected`` and ``output`` need the original and the pruned model side by side: ``pruning.block_io`` only."""
 
 
 class ActivationStats:
@@ -240,7 +240,7 @@ def prune_and_compensate(
     each site's tokens is kept out of the fit and gives its ``recon_error_before/after``.
     """
     if mode not in MODES[:2]:
-        raise ValueError(f"mode must be one of {MODES[:2]} (mode 'corrected': "
+        raise ValueError(f"mode must be one of {MODES[:2]} (modes {MODES[2:]}: "
                          f"pruning.block_io.prune_and_compensate_blocks), got {mode!r}")
     if not 0 <= holdout_fraction < 1:
         raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
@@ -338,6 +338,44 @@ def corrected_compensation(model: nn.Module, site: MlpSite, keep: torch.Tensor, 
         if new_out.bias is not None:
             new_out.bias.copy_(new_b.to(new_out.bias.device, new_out.bias.dtype))
     return errors
+
+
+def fit_output_from_stats(stats: ActivationStats, weight: torch.Tensor, bias: torch.Tensor | None,
+                          ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Refit a pruned output Linear onto target outputs: ``(W', b')``, fp64, ``W'`` shaped like ``weight``.
+
+    ``stats`` holds token-aligned rows ``[a, y*]``: ``a`` the K inputs of the pruned Linear
+    (``weight`` [D, K], ``bias`` [D] or None), ``y*`` the D outputs it should give. Each output row
+    is an independent least-squares fit on ``a``, the ridge anchored at ``weight`` (``lambda = ridge *
+    mean(diag(Cov_aa))``): ``W' = (C_ya + lambda W)(C_aa + lambda I)^-1``, ``b' = mean(y*) - W' mean(a)``;
+    without a bias, the same on raw second moments and ``b' = None``.
+    """
+    if not ridge >= 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    rows, k = weight.shape
+    if stats.size != k + rows:
+        raise ValueError(f"output fit: stats have {stats.size} columns, expected {k} inputs + {rows} targets")
+    mean = stats.mean()
+    moment = stats.covariance() if bias is not None else stats.covariance() + torch.outer(mean, mean)
+    anchor = weight.detach().to(device=mean.device, dtype=torch.float64)
+    new_weight = _ridge_solve(moment[:k, :k], moment[:k, k:], ridge, anchor.T).T
+    if bias is None:
+        return new_weight, None
+    return new_weight, mean[k:] - new_weight @ mean[:k]
+
+
+def output_fit_error(stats: ActivationStats, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
+    """``||W a + b - y*|| / ||y*||`` over the tokens of ``stats`` (rows ``[a, y*]`` as in ``fit_output_from_stats``)."""
+    rows, k = weight.shape
+    if stats.size != k + rows:
+        raise ValueError(f"output fit: stats have {stats.size} columns, expected {k} inputs + {rows} targets")
+    device = stats.mean().device
+    w = weight.detach().to(device=device, dtype=torch.float64)
+    eye = torch.eye(rows, dtype=torch.float64, device=device)
+    reference = _energy(stats, torch.cat([torch.zeros_like(w), eye], 1), w.new_zeros(rows))
+    if reference == 0:
+        raise ValueError("output fit: the target output is zero on every token")
+    return (_energy(stats, torch.cat([w, -eye], 1), _bias64(bias, w)) / reference) ** 0.5
 
 
 def _collect(model: nn.Module, sites: list[MlpSite], batches: Sequence, forward: Callable,

@@ -144,16 +144,17 @@ def test_streamed_compensation_equals_in_memory(tmp_path, kind, mode):
         torch.testing.assert_close(loaded.eval()(x), expected_tower(x), rtol=1e-5, atol=1e-5)
 
 
-def test_corrected_mode_streams_like_in_memory_and_starts_as_teacher_mode(tmp_path):
+@pytest.mark.parametrize("mode", ["corrected", "output"])
+def test_two_stream_modes_stream_like_in_memory_and_start_as_teacher_mode(tmp_path, mode):
     name, model, tower, size = tiny("dinov2")
     ckpt = tmp_path / "ckpt.pt"
     torch.save(model.state_dict(), ckpt)
     images = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1))
     out = tmp_path / "out"
-    report = prune_checkpoint(name, out, checkpoint=ckpt, num_keep=40, calibration=images, calib_mode="corrected",
+    report = prune_checkpoint(name, out, checkpoint=ckpt, num_keep=40, calibration=images, calib_mode=mode,
                               calib_batch_size=3)
     expected_tower, teacher_tower = copy.deepcopy(tower), copy.deepcopy(tower)
-    expected = prune_and_compensate_blocks(expected_tower, images.split(3), num_keep=40, mode="corrected")
+    expected = prune_and_compensate_blocks(expected_tower, images.split(3), num_keep=40, mode=mode)
     prune_and_compensate_blocks(teacher_tower, images.split(3), num_keep=40, mode="teacher")
     got = written(out, "dinov2")
     for key, value in expected_tower.state_dict().items():

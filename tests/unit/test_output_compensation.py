@@ -1,0 +1,136 @@
+"""Calibration mode ``output``: each pruned block's output Linear is refitted so that the block's output
+matches the original block's output (``pruning.block_io``); exact cases, the fit's algebra, refusals."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from layouts import tiny_model
+from timm.models.eva import Eva
+
+from pruning import ActivationStats
+from pruning.block_io import calibrate_blocks, prune_and_compensate_blocks, stem_states
+from pruning.compensate import fit_output_from_stats, output_fit_error
+
+pytestmark = pytest.mark.unit
+
+
+def tiny_dinov2(hidden: int = 256) -> torch.nn.Module:
+    """DINOv2 design (layer scale, patch 14) at 28 px, width 64, depth 3, with random biases."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=28, embed_dim=64, depth=3,
+                              num_heads=2, init_values=0.3, mlp_ratio=hidden / 64, num_classes=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def images(count: int, size: int = 28, seed: int = 1) -> torch.Tensor:
+    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_removed_units_repeating_kept_ones_give_back_the_original_tower():
+    # Units 64..255 repeat units 0..63 in fc1: once one copy of each is kept, every removed unit is
+    # a kept one, the original block output is reachable, and every block's inputs stay the original's.
+    model = tiny_dinov2()
+    with torch.no_grad():
+        for block in model.blocks:
+            for copy_start in (64, 128, 192):
+                block.mlp.fc1.weight[copy_start:copy_start + 64] = block.mlp.fc1.weight[:64]
+                block.mlp.fc1.bias[copy_start:copy_start + 64] = block.mlp.fc1.bias[:64]
+    pruned = copy.deepcopy(model)
+    report = prune_and_compensate_blocks(pruned, images(64).split(16), forward=lambda m, x: m.forward_features(x),
+                                         num_keep=64, mode="output", ridge=0.0)
+    probe = images(4, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned.forward_features(probe), model.forward_features(probe),
+                                   rtol=1e-4, atol=1e-4)
+    for site in report.sites:
+        assert sorted(k % 64 for k in site.kept) == list(range(64))
+        assert site.recon_error_before > 0.1
+        assert site.recon_error_after < 1e-4
+
+
+def test_keeping_every_unit_keeps_the_tower():
+    model = tiny_dinov2(hidden=128)
+    pruned = copy.deepcopy(model)
+    prune_and_compensate_blocks(pruned, images(64).split(16), num_keep=128, mode="output", ridge=0.0)
+    probe = images(4, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(probe), model(probe), rtol=1e-4, atol=1e-4)
+
+
+def test_first_block_equals_the_teacher_mode_fit():
+    # Same inputs in both streams at block 0: the block-output target is the unpruned fc2 output, and the
+    # ridge anchored at the plain pruned weights is the teacher-mode ridge on the removed units.
+    output, teacher = tiny_dinov2(), tiny_dinov2()
+    batches = images(24).split(8)
+    prune_and_compensate_blocks(output, batches, num_keep=40, mode="output", ridge=1e-2)
+    prune_and_compensate_blocks(teacher, batches, num_keep=40, mode="teacher", ridge=1e-2)
+    fc2_out, fc2_teacher = output.blocks[0].mlp.fc2, teacher.blocks[0].mlp.fc2
+    torch.testing.assert_close(fc2_out.weight, fc2_teacher.weight, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(fc2_out.bias, fc2_teacher.bias, rtol=1e-3, atol=1e-5)
+    assert not torch.allclose(output.blocks[2].mlp.fc2.weight, teacher.blocks[2].mlp.fc2.weight, atol=1e-4)
+
+
+def test_states_from_two_input_sizes_calibrate_one_tower():
+    # A copy of the tower built for 42 px shares the blocks' weights: its stem feeds the same blocks.
+    tower = tiny_dinov2()
+    small_stem = copy.deepcopy(tower)
+    small_stem.set_input_size(img_size=(42, 42))
+    states = (stem_states(tower, "blocks.0", images(16).split(8), lambda m, x: m.forward_features(x))
+              + stem_states(small_stem, "blocks.0", images(16, size=42).split(8), lambda m, x: m.forward_features(x)))
+    assert {s.hidden.shape[1] for s in states} == {5, 10}
+    report = calibrate_blocks(tower, states, num_keep=40, mode="output", ridge=1e-2)
+    assert report.widths == [40, 40, 40]
+    assert all(s.recon_error_after < s.recon_error_before for s in report.sites)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_output_fit_is_least_squares_and_its_error_is_the_direct_one(bias):
+    torch.manual_seed(0)
+    a = torch.randn(500, 6, dtype=torch.float64) + 0.5
+    y = a @ torch.randn(6, 3, dtype=torch.float64) + torch.randn(500, 3, dtype=torch.float64) * 0.1
+    y = y + (torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) if bias else 0)
+    stats = ActivationStats(9)
+    for chunk in torch.cat([a, y], 1).split(128):
+        stats.update(chunk)
+    anchor = torch.randn(3, 6, dtype=torch.float64)
+    weight, shift = fit_output_from_stats(stats, anchor, torch.zeros(3) if bias else None, ridge=0.0)
+    design = torch.cat([a, torch.ones(500, 1, dtype=torch.float64)], 1) if bias else a
+    solution = torch.linalg.lstsq(design, y).solution
+    torch.testing.assert_close(weight, solution[:6].T)
+    if bias:
+        torch.testing.assert_close(shift, solution[6])
+    else:
+        assert shift is None
+    new = a @ weight.T + (shift if bias else 0)
+    assert output_fit_error(stats, weight, shift) == pytest.approx(float((new - y).norm() / y.norm()), rel=1e-9)
+    # The ridge pulls towards the anchor.
+    far, _ = fit_output_from_stats(stats, anchor, None, ridge=1e6)
+    torch.testing.assert_close(far, anchor, rtol=1e-4, atol=1e-4)
+
+
+def test_post_norm_blocks_are_refused_naming_the_block():
+    torch.manual_seed(0)
+    tower = Eva(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=0, use_post_norm=True,
+                use_rot_pos_emb=False).eval()
+    with pytest.raises(ValueError, match=r"blocks\.0\.mlp.*post-norm"):
+        prune_and_compensate_blocks(tower, images(8, size=32).split(4), num_keep=40, mode="output")
+
+
+def test_output_mode_is_block_wise_only_and_carries_both_streams():
+    from pruning import prune_and_compensate
+    from pruning.block_io import BlockCalibration
+
+    model, shape, _ = tiny_model("timm_vit")
+    with pytest.raises(ValueError, match="prune_and_compensate_blocks"):
+        prune_and_compensate(model, [torch.randn(shape)], lambda m, x: m(x), num_keep=40, mode="output")
+    states = stem_states(model, "blocks.0", [torch.randn(shape)])
+    assert (BlockCalibration(states, mode="output").hidden_state_bytes()
+            == 2 * BlockCalibration(states, mode="sequential").hidden_state_bytes())
