@@ -1,7 +1,7 @@
 """Closed-form compensation on the demo's real teacher: DINOv2 ViT-S/14 at r=1 (MLP 1536 -> 384), no training.
 
-For every selection method, plain pruning against compensation (teacher / sequential / corrected
-modes), and for diversity the number of calibration images and the ridge: mean CLS and patch-token
+For every selection method, plain pruning against compensation (teacher / sequential / corrected /
+output modes), and for diversity the number of calibration images and the ridge: mean CLS and patch-token
 cosine to the teacher (tokens after the final norm) on held-out openclipart pictures at 224 px, and
 Fashion-MNIST kNN top-1 (k=20, CLS token, images upsampled to 112 px, as the demo measures it).
 
@@ -11,6 +11,11 @@ the 512. Teacher-mode statistics do not depend on the kept units: they are colle
 snapshots after 64, 128 and 256 images) and shared by every teacher-mode row; sequential and corrected
 rows run ``pruning.block_io.prune_and_compensate_blocks`` (the driver the streaming CLI uses) on
 the first ``--blockwise-calib`` (128) pictures.
+
+``--fmnist-calib N`` adds rows whose block-wise calibration mixes the first ``--mixed-clipart``
+pictures with N unlabeled Fashion-MNIST training images at the kNN input size (their own stem, the
+same blocks: ``pruning.block_io.calibrate_blocks``), drawn from the training images the kNN probe
+does not use; labels are never read for calibration.
 
     .venv/bin/python -m bench.compensation   # -> bench/results/compensation.json + a markdown table
 """
@@ -30,7 +35,7 @@ import torch
 from torch import nn
 
 import pruning
-from pruning.block_io import prune_and_compensate_blocks
+from pruning.block_io import calibrate_blocks, prune_and_compensate_blocks, stem_states
 from pruning.calib_images import ImageSpec, preprocess
 from pruning.compensate import ActivationStats, holdout_mask, site_record
 from pruning.sites import out_inputs
@@ -161,6 +166,28 @@ class Evaluator:
                 "eval_s": round(time.perf_counter() - start, 1)}
 
 
+def fmnist_calibration(fmnist: dict, count: int, size: int) -> torch.Tensor:
+    """``count`` Fashion-MNIST training images (normalised, ``size`` px) outside the kNN probe's training sample."""
+    from trainer.data.base import InputSpec
+    from trainer.demo import FASHION_MNIST
+    from trainer.eval import image_batches, load_fashion_mnist
+    from trainer.models.dinov2_onnx import INPUT_SPEC
+
+    x, _ = load_fashion_mnist("train", FASHION_MNIST)
+    pick = unused_indices(len(x), fmnist["train_index"], count)
+    return torch.cat(list(image_batches(x[pick], InputSpec(size, INPUT_SPEC.mean, INPUT_SPEC.std), 64)))
+
+
+def unused_indices(total: int, used: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` seeded random indices in ``range(total)`` outside ``used``."""
+    unused = torch.ones(total, dtype=torch.bool)
+    unused[used] = False
+    pool = unused.nonzero().flatten()
+    if count > len(pool):
+        raise ValueError(f"--fmnist-calib {count}: only {len(pool)} training images are outside the kNN sample")
+    return pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(SEED + 1))[:count]]
+
+
 def mean_errors(report: pruning.PruneReport) -> dict:
     return {"fc2_error_plain": sum(s.recon_error_before for s in report.sites) / len(report.sites),
             "fc2_error_compensated": sum(s.recon_error_after for s in report.sites) / len(report.sites)}
@@ -191,7 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--knn-size", type=int, default=112)
     parser.add_argument("--ridges", type=float, nargs="*", default=[1e-2, 1e-1],
                         help="extra ridge values for diversity/teacher at the largest image count")
-    parser.add_argument("--modes", nargs="*", default=["sequential", "corrected"],
+    parser.add_argument("--fmnist-calib", type=int, default=0,
+                        help="Fashion-MNIST images added to the mixed-calibration rows (0: no such rows)")
+    parser.add_argument("--mixed-clipart", type=int, default=256, help="clip-art pictures of the mixed rows")
+    parser.add_argument("--mixed-modes", nargs="*", default=["sequential", "output"])
+    parser.add_argument("--modes", nargs="*", default=["sequential", "corrected", "output"],
                         help="block-wise modes run for every method")
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--batch-size", type=int, default=16)
@@ -250,6 +281,30 @@ def main(argv: list[str] | None = None) -> int:
                                              scores=scores if method == "taylor" else None)
         add({"method": method, "mode": mode, "calib_images": n_block, "ridge": ridge,
              "fit_s": round(time.perf_counter() - start, 1), **mean_errors(report), **evaluate(model)})
+
+    def mixed(method: str, mode: str, fm_images: torch.Tensor) -> None:
+        from trainer.demo import knn_eval_model
+
+        model = copy.deepcopy(teacher)
+        start = time.perf_counter()
+        first = "blocks.0"
+        states = stem_states(model, first, calib[:args.mixed_clipart].split(args.batch_size), forward_features)
+        states += stem_states(knn_eval_model(teacher, args.knn_size), first, fm_images.split(args.batch_size),
+                              forward_features)
+        report = calibrate_blocks(model, states, ratio=RATIO, method=method, mode=mode, ridge=ridge,
+                                  holdout_fraction=HOLDOUT, generator=torch.Generator().manual_seed(SEED),
+                                  scores=scores if method == "taylor" else None)
+        add({"method": method, "mode": f"{mode}, mixed", "calib_images": f"{args.mixed_clipart} + {len(fm_images)}",
+             "ridge": ridge, "fit_s": round(time.perf_counter() - start, 1), **mean_errors(report),
+             **evaluate(model)})
+
+    if args.fmnist_calib:
+        fm_images = fmnist_calibration(fmnist, args.fmnist_calib, args.knn_size)
+        notes["mixed"] = (f"{args.mixed_clipart} clip-art pictures (224 px) + {len(fm_images)} Fashion-MNIST training "
+                          f"images at {args.knn_size} px, none in the kNN sample, labels unused")
+        for method in args.methods:
+            for mode in args.mixed_modes:
+                mixed(method, mode, fm_images)
 
     # Diversity first, block-wise modes included: the rows the issue's target is about.
     for method in args.methods:

@@ -74,6 +74,7 @@ def model_paths(out: Path, size: int) -> dict[str, Path]:
 def prepare(args: argparse.Namespace, sizes) -> dict:
     """Shards, teacher and both starting students; everything reused when already under ``--out``."""
     from trainer.demo import (
+        CALIB_MODE,
         METHOD,
         RATIO,
         RIDGE,
@@ -89,6 +90,7 @@ def prepare(args: argparse.Namespace, sizes) -> dict:
     size = args.train_image_size
     paths = model_paths(out, size)
     recipe = json.dumps({"ratio": RATIO, "method": METHOD, "ridge": RIDGE, "calib_images": sizes.calib_images,
+                         "calib_mode": CALIB_MODE,
                          "size": size, "shards": (out / "shards" / "recipe.json").read_text()})
     stamp = out / "models" / f"recipe_{size}px.json"
     if stamp.is_file() and stamp.read_text() == recipe and all(p.is_file() for p in paths.values()):

@@ -57,6 +57,7 @@ from torch import nn  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "recovery.json"
+CALIB_PICTURES = 32  # taylor scores and teacher-mode compensation, as recovery.json was measured
 METHODS = ("diversity", "l2", "random", "taylor")
 COMPENSATE = ("none", "teacher")
 ROW_KEYS = ("name", "method", "ratio", "compensate", "set")
@@ -218,7 +219,7 @@ def run_row(spec: RowSpec, ctx: dict, args: argparse.Namespace) -> dict:
             ctx["taylor"] = taylor_scores(teacher, ctx["calib"])
         scores = ctx["taylor"]
     student = pruned_copy(teacher, spec.ratio, spec.method, scores=scores,
-                          compensate_on=ctx["calib"] if spec.compensate == "teacher" else None)
+                          compensate_on=ctx["calib"] if spec.compensate == "teacher" else None, mode="teacher")
     # The trainer rebuilds the student as prune.method=diversity at the same ratio and loads these weights
     # strictly (prune.student_init); that is valid for every method because the kept count per block is
     # int(r * width) whatever the method (pruning.num_keep_for_ratio). Checked, not assumed:
@@ -417,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
            "train_overrides": train_overrides,
            "heldout": read_shard_images(heldout_shard, sizes.heldout_images),
            "fmnist": fashion_subset(sizes, args.fashion_mnist),
-           "calib": calibration_images(train_list, sizes.calib_images)}
+           "calib": calibration_images(train_list, min(sizes.calib_images, CALIB_PICTURES))}
     teacher_row, ctx["teacher_feats"], _ = evaluate("teacher", ctx["teacher"], ctx["heldout"], ctx["fmnist"], None,
                                                     sizes)
     result = {

