@@ -134,3 +134,25 @@ def test_output_mode_is_block_wise_only_and_carries_both_streams():
     states = stem_states(model, "blocks.0", [torch.randn(shape)])
     assert (BlockCalibration(states, mode="output").hidden_state_bytes()
             == 2 * BlockCalibration(states, mode="sequential").hidden_state_bytes())
+
+
+@pytest.mark.parametrize("kind", ["open_clip", "timm_vit", "eva_plain", "eva_swiglu", "eva_glu_fused"])
+def test_every_block_layout_keeps_all_as_identity_and_prunes_to_plain_shapes(kind):
+    from pruning import prune_model
+
+    model, shape, _ = tiny_model(kind)
+    model.eval()
+    # Enough tokens (20 x 2 x 17, 80 % fitted) for the 256 kept units of every block to be determined.
+    batches = [torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i in range(20)]
+    hidden = max(p.shape[0] for n, p in model.named_parameters() if n.endswith(("fc1.weight", "c_fc.weight",
+                                                                                  "fc1_g.weight")))
+    hidden = hidden // 2 if kind == "eva_glu_fused" else hidden
+    everything = copy.deepcopy(model)
+    prune_and_compensate_blocks(everything, batches, num_keep=hidden, mode="output", ridge=0.0)
+    probe = torch.randn(shape, generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        torch.testing.assert_close(everything(probe), model(probe), rtol=1e-3, atol=1e-4)
+    pruned, plain = copy.deepcopy(model), copy.deepcopy(model)
+    prune_and_compensate_blocks(pruned, batches[:4], num_keep=24, mode="output")
+    prune_model(plain, num_keep=24)
+    assert {k: v.shape for k, v in pruned.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
