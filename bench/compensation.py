@@ -299,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
              **evaluate(model)})
 
     if args.fmnist_calib:
+        if args.mixed_clipart > len(calib):
+            raise SystemExit(f"--mixed-clipart {args.mixed_clipart}: only {len(calib)} calibration pictures "
+                             "(raise --calib)")
         fm_images = fmnist_calibration(fmnist, args.fmnist_calib, args.knn_size)
         notes["mixed"] = (f"{args.mixed_clipart} clip-art pictures (224 px) + {len(fm_images)} Fashion-MNIST training "
                           f"images at {args.knn_size} px, none in the kNN sample, labels unused")
