@@ -40,7 +40,7 @@ from .compensate import (
     site_record,
 )
 from .select import select_mlp_channels
-from .sites import MlpSite, find_mlp_sites
+from .sites import MlpSite, find_mlp_sites, prefix_token_count
 from .surgery import PruneReport, SiteReport, keep_counts, prune_site, site_param_count
 
 Forward = Callable[[nn.Module, torch.Tensor], Any]
@@ -190,9 +190,14 @@ class BlockCalibration:
     """
 
     def __init__(self, states: list[BlockState], *, mode: str = "teacher", ridge: float = 1e-3,
-                 holdout_fraction: float = 0.2) -> None:
+                 holdout_fraction: float = 0.2, prefix_tokens: int = 0) -> None:
+        """``prefix_tokens`` > 0 (mode ``output`` only): the first that many tokens of every sequence
+        (class / register tokens) weigh together as much as its patch tokens in the fit, instead of 1 of T."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if prefix_tokens < 0 or (prefix_tokens and mode != "output"):
+            raise ValueError(f"prefix token weighting needs mode 'output' and a count >= 0, got mode {mode!r} "
+                             f"and {prefix_tokens}")
         if not 0 <= holdout_fraction < 1:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
         if not ridge >= 0:
@@ -200,6 +205,7 @@ class BlockCalibration:
         if not states:
             raise ValueError("calibration: no batch")
         self.mode, self.ridge, self.holdout_fraction = mode, ridge, holdout_fraction
+        self.prefix_tokens = prefix_tokens
         self.states = states
         self.teacher_states = list(states) if mode in ("corrected", "output") else None
 
@@ -287,11 +293,12 @@ class BlockCalibration:
                     scale = (student.run(block).hidden - o) / probe
                     target = y + (teacher.hidden - o) / _branch_scale(scale, o, report_path)
                     joint = torch.cat([a.reshape(-1, width), target.reshape(-1, rows)], dim=1)
+                    weights = self._token_weights(a, report_path)
                     mask = holdout_mask(seen, joint.shape[0], self.holdout_fraction).to(joint.device)
                     seen += joint.shape[0]
-                    fit.update(joint[~mask])
+                    fit.update(joint[~mask], None if weights is None else weights[~mask])
                     if held is not None:
-                        held.update(joint[mask])
+                        held.update(joint[mask], None if weights is None else weights[mask])
         finally:
             for h in handles:
                 h.remove()
@@ -307,6 +314,18 @@ class BlockCalibration:
                 out.bias.copy_(new_bias.to(out.bias.device, out.bias.dtype))
         self.teacher_states = teacher_out
         return new_site, errors
+
+    def _token_weights(self, acts: torch.Tensor, label: str) -> torch.Tensor | None:
+        """Per-token weights of [batch, tokens, units] activations, flattened; None without prefix weighting."""
+        if not self.prefix_tokens:
+            return None
+        if acts.dim() != 3 or acts.shape[1] <= self.prefix_tokens:
+            raise ValueError(f"{label}: prefix token weighting needs [batch, tokens, units] with more than "
+                             f"{self.prefix_tokens} tokens, got {tuple(acts.shape)}")
+        tokens = acts.shape[1]
+        weights = torch.ones(acts.shape[0], tokens, dtype=torch.float64, device=acts.device)
+        weights[:, :self.prefix_tokens] = (tokens - self.prefix_tokens) / self.prefix_tokens
+        return weights.reshape(-1)
 
     def _joint_stats(self, block: nn.Module, site: MlpSite, keep: torch.Tensor
                      ) -> tuple[ActivationStats, ActivationStats | None]:
@@ -364,12 +383,13 @@ def calibrate_blocks(tower: nn.Module, states: list[BlockState], *, ratio: float
                      num_keep: int | dict[str, int] | None = None, method: str = "diversity",
                      mode: str = "teacher", ridge: float = 1e-3, holdout_fraction: float = 0.2,
                      generator: torch.Generator | None = None,
-                     scores: dict[str, torch.Tensor] | None = None) -> PruneReport:
+                     scores: dict[str, torch.Tensor] | None = None, balance_prefix: bool = False) -> PruneReport:
     """``prune_and_compensate_blocks`` from recorded inputs of block 0 (``stem_states``).
 
     States may come from several stems that share the tower's blocks: e.g. calibration images at two
     input sizes, each run through a copy of the tower built for its size.
     """
+    prefix = prefix_token_count(tower) if balance_prefix else 0
     sites = find_mlp_sites(tower)
     layout = block_layout(tower, sites)
     counts = keep_counts(sites, ratio, num_keep)
@@ -377,7 +397,8 @@ def calibrate_blocks(tower: nn.Module, states: list[BlockState], *, ratio: float
         if method == "taylor" and (scores is None or site.path not in scores):
             raise ValueError(f"method='taylor' needs scores for site {site.path}")
     total_before = sum(p.numel() for p in tower.parameters())
-    calibration = BlockCalibration(states, mode=mode, ridge=ridge, holdout_fraction=holdout_fraction)
+    calibration = BlockCalibration(states, mode=mode, ridge=ridge, holdout_fraction=holdout_fraction,
+                                   prefix_tokens=prefix)
     records = []
     for path, site, tower_site in zip(layout.blocks, layout.sites, layout.tower_sites, strict=True):
         block = tower.get_submodule(path)
@@ -401,15 +422,19 @@ def prune_and_compensate_blocks(
     holdout_fraction: float = 0.2,
     generator: torch.Generator | None = None,
     scores: dict[str, torch.Tensor] | None = None,
+    balance_prefix: bool = False,
 ) -> PruneReport:
     """``prune_and_compensate`` on a tower of blocks, carrying the hidden states instead of re-running the model.
 
     Same result as ``prune_and_compensate`` in ``teacher``/``sequential`` mode (``forward`` =
     the calibration forward, default ``tower(images)``), one block forward per block and mode pass
     instead of a full forward per block in sequential mode; also offers modes ``corrected`` and ``output``.
+    ``balance_prefix`` (mode ``output``): class / register tokens weigh as much as the patch tokens in
+    each sequence (``pruning.sites.prefix_token_count``; ``BlockCalibration(prefix_tokens=...)``).
     """
     layout = block_layout(tower)
     batches = list(batches) if not isinstance(batches, Sequence) else batches
     return calibrate_blocks(tower, stem_states(tower, layout.blocks[0], batches, forward), ratio=ratio,
                             num_keep=num_keep, method=method, mode=mode, ridge=ridge,
-                            holdout_fraction=holdout_fraction, generator=generator, scores=scores)
+                            holdout_fraction=holdout_fraction, generator=generator, scores=scores,
+                            balance_prefix=balance_prefix)

@@ -53,25 +53,34 @@ class ActivationStats:
         self.sum: torch.Tensor | None = None
         self.outer: torch.Tensor | None = None
 
-    def update(self, acts: torch.Tensor) -> None:
-        """Add activations of shape [..., size] (every leading index is a token)."""
+    def update(self, acts: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """Add activations of shape [..., size] (every leading index is a token).
+
+        ``weights``: one non-negative weight per token (default 1): a token of weight w counts as w
+        copies of it, so ``count`` is the total weight.
+        """
         if acts.shape[-1] != self.size:
             raise ValueError(f"acts: expected last dimension {self.size}, got shape {tuple(acts.shape)}")
         x = acts.detach().reshape(-1, self.size).to(torch.float64)
         if x.shape[0] == 0:
             return
+        w = None
+        if weights is not None:
+            w = weights.detach().reshape(-1).to(device=x.device, dtype=torch.float64)
+            if w.shape[0] != x.shape[0] or not bool((w >= 0).all()):
+                raise ValueError(f"weights: expected {x.shape[0]} non-negative values, got shape {tuple(weights.shape)}")
         if self.shift is None:
             self.shift = x.mean(0)
             self.sum = torch.zeros_like(self.shift)
             self.outer = torch.zeros(self.size, self.size, dtype=torch.float64, device=x.device)
         x = x - self.shift
-        self.sum += x.sum(0)
+        wx = x if w is None else x * w[:, None]
+        self.sum += wx.sum(0)
         if self.product_dtype == torch.float64:
-            self.outer.addmm_(x.T, x)
+            self.outer.addmm_(x.T, wx)
         else:
-            xp = x.to(self.product_dtype)
-            self.outer += (xp.T @ xp).to(torch.float64)
-        self.count += x.shape[0]
+            self.outer += (x.to(self.product_dtype).T @ wx.to(self.product_dtype)).to(torch.float64)
+        self.count += x.shape[0] if w is None else float(w.sum())
 
     def _require_data(self) -> None:
         if self.count == 0:

@@ -131,6 +131,23 @@ def _site(path: str, module: nn.Module, layout: str, in_names: tuple[str, ...], 
     )
 
 
+def prefix_token_count(tower: nn.Module) -> int:
+    """Tokens before the patch tokens in the tower's hidden states (class and register tokens).
+
+    timm towers say it (``num_prefix_tokens``); an open_clip ``VisionTransformer`` has one class token
+    (``class_embedding``). Anything else raises ValueError: the count is not guessed.
+    """
+    count = getattr(tower, "num_prefix_tokens", None)
+    if isinstance(count, int):
+        return count
+    trunk = getattr(tower, "trunk", None)  # open_clip's TimmModel wraps a timm tower
+    if trunk is not None and isinstance(getattr(trunk, "num_prefix_tokens", None), int):
+        return trunk.num_prefix_tokens
+    if isinstance(getattr(tower, "class_embedding", None), torch.Tensor):
+        return 1
+    raise ValueError(f"{type(tower).__name__}: cannot tell how many class/register tokens precede the patch tokens")
+
+
 @contextlib.contextmanager
 def out_inputs(model: nn.Module, sites: list[MlpSite], receive: Callable[[str, torch.Tensor], None]
                ) -> Iterator[None]:

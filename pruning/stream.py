@@ -44,7 +44,7 @@ from .export import (
 )
 from .safetensors_stream import SafetensorsReader, SafetensorsWriter
 from .select import METHODS, select_mlp_channels
-from .sites import MlpSite
+from .sites import MlpSite, prefix_token_count
 from .surgery import PruneReport, SiteReport, keep_counts, prune_site_tensors
 
 REPORT_JSON = "pruning_report.json"
@@ -151,6 +151,7 @@ def prune_checkpoint(
     ridge: float = 1e-3,
     calib_batch_size: int = 16,
     holdout_fraction: float = 0.2,
+    balance_prefix: bool = False,
 ) -> PruneReport:
     """Prune the MLPs of ``model``'s checkpoint (or seeded init weights) into export ``out_dir``.
 
@@ -163,6 +164,8 @@ def prune_checkpoint(
     tensor is used whole) in batches of ``calib_batch_size``, ``calib_mode`` in
     ``pruning.compensate.MODES``, ``ridge`` and ``holdout_fraction`` as in
     ``prune_and_compensate``; per-block reconstruction errors go into the report.
+    ``balance_prefix`` (``calib_mode='output'``): class / register tokens weigh as much as the patch
+    tokens of their image in the fit (``pruning.block_io.BlockCalibration``).
     """
     if method not in METHODS or method == "taylor":
         raise ValueError(f"method must be one of {[m for m in METHODS if m != 'taylor']} for checkpoint "
@@ -176,6 +179,8 @@ def prune_checkpoint(
             raise ValueError(f"calib_batch_size must be >= 1, got {calib_batch_size}")
         if not 0 <= holdout_fraction < 1:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+        if balance_prefix and calib_mode != "output":
+            raise ValueError(f"balance_prefix needs calib_mode 'output', got {calib_mode!r}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"output directory exists: {out_dir} (pass overwrite=True / --overwrite)")
@@ -197,7 +202,9 @@ def prune_checkpoint(
             images, label = calibration.float(), f"<tensor {tuple(calibration.shape)}>"
         else:
             images, label = load_calibration_images(calibration, num_calib, spec), str(calibration)
-        calib = _Calibration(layout, images, label, calib_mode, ridge, calib_batch_size, holdout_fraction)
+        prefix_tokens = prefix_token_count(arch.tower) if balance_prefix else 0
+        calib = _Calibration(layout, images, label, calib_mode, ridge, calib_batch_size, holdout_fraction,
+                             prefix_tokens)
     if checkpoint is not None:
         source = open_checkpoint(checkpoint)
     else:
@@ -223,8 +230,9 @@ class _Calibration:
     """Settings of a calibrated run and, once started, the block-to-block state."""
 
     def __init__(self, layout: block_io.BlockLayout, images: torch.Tensor, label: str, mode: str, ridge: float,
-                 batch_size: int, holdout_fraction: float) -> None:
+                 batch_size: int, holdout_fraction: float, prefix_tokens: int = 0) -> None:
         self.layout, self.images, self.label = layout, images, label
+        self.prefix_tokens = prefix_tokens
         self.mode, self.ridge, self.batch_size, self.holdout_fraction = mode, ridge, batch_size, holdout_fraction
         self.index = {s.path: i for i, s in enumerate(layout.tower_sites)}
         self.state: block_io.BlockCalibration | None = None
@@ -237,7 +245,8 @@ class _Calibration:
         states = block_io.stem_states(stem, self.layout.blocks[0], self.images.split(self.batch_size))
         del stem
         self.state = block_io.BlockCalibration(states, mode=self.mode, ridge=self.ridge,
-                                               holdout_fraction=self.holdout_fraction)
+                                               holdout_fraction=self.holdout_fraction,
+                                               prefix_tokens=self.prefix_tokens)
         self.peak_bytes = self.state.hidden_state_bytes()
         self.seconds += time.perf_counter() - start
 
@@ -263,6 +272,7 @@ class _Calibration:
     def summary(self) -> dict:
         return {"source": self.label, "num_images": int(self.images.shape[0]),
                 "image_shape": list(self.images.shape[1:]), "mode": self.mode, "ridge": self.ridge,
+                "prefix_tokens_balanced": self.prefix_tokens,
                 "batch_size": self.batch_size, "holdout_fraction": self.holdout_fraction,
                 "hidden_state_bytes": self.peak_bytes, "seconds": round(self.seconds, 3)}
 

@@ -156,3 +156,79 @@ def test_every_block_layout_keeps_all_as_identity_and_prunes_to_plain_shapes(kin
     prune_and_compensate_blocks(pruned, batches[:4], num_keep=24, mode="output")
     prune_model(plain, num_keep=24)
     assert {k: v.shape for k, v in pruned.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+
+
+def test_weighted_statistics_equal_repeated_tokens():
+    torch.manual_seed(0)
+    x = torch.randn(40, 5, dtype=torch.float64) + 3
+    counts = torch.randint(0, 4, (40,))
+    weighted, repeated = ActivationStats(5), ActivationStats(5)
+    for rows, w in zip(x.split(16), counts.split(16), strict=True):
+        weighted.update(rows, w.double())
+    repeated.update(x.repeat_interleave(counts, 0))
+    assert weighted.count == repeated.count == int(counts.sum())
+    torch.testing.assert_close(weighted.mean(), repeated.mean())
+    torch.testing.assert_close(weighted.covariance(), repeated.covariance())
+    with pytest.raises(ValueError, match="non-negative"):
+        weighted.update(x[:2], torch.tensor([1.0, -1.0]))
+
+
+class TokenwiseBlock(torch.nn.Module):
+    """A pre-norm residual MLP block with no attention: every token is processed on its own."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        from timm.layers import Mlp
+
+        self.norm = torch.nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+class TokenwiseTower(torch.nn.Module):
+    """Blocks of ``TokenwiseBlock`` on [batch, tokens, dim] with one class token first."""
+
+    num_prefix_tokens = 1
+
+    def __init__(self, dim: int = 16, hidden: int = 48, depth: int = 2) -> None:
+        super().__init__()
+        self.blocks = torch.nn.Sequential(*[TokenwiseBlock(dim, hidden) for _ in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+def test_balanced_prefix_tokens_count_like_repeated_class_tokens():
+    # Tokens do not mix in this tower, so weighting each class token by T - 1 must equal an unweighted
+    # fit on sequences where the class token is repeated T - 1 times.
+    torch.manual_seed(0)
+    tower = TokenwiseTower().eval()
+    batches = [torch.randn(3, 6, 16) for _ in range(8)]
+    repeated = [torch.cat([b[:, :1].repeat(1, 5, 1), b[:, 1:]], 1) for b in batches]
+    balanced_tower, repeated_tower, plain_tower = copy.deepcopy(tower), copy.deepcopy(tower), copy.deepcopy(tower)
+    prune_and_compensate_blocks(balanced_tower, batches, num_keep=12, mode="output", holdout_fraction=0.0,
+                                balance_prefix=True)
+    prune_and_compensate_blocks(repeated_tower, repeated, num_keep=12, mode="output", holdout_fraction=0.0)
+    prune_and_compensate_blocks(plain_tower, batches, num_keep=12, mode="output", holdout_fraction=0.0)
+    for name, value in repeated_tower.state_dict().items():
+        torch.testing.assert_close(balanced_tower.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.allclose(plain_tower.blocks[1].mlp.fc2.weight, balanced_tower.blocks[1].mlp.fc2.weight)
+
+
+def test_prefix_counts_and_refusals():
+    from pruning.block_io import BlockCalibration
+    from pruning.sites import prefix_token_count
+
+    model, shape, _ = tiny_model("open_clip")
+    assert prefix_token_count(model) == 1
+    assert prefix_token_count(tiny_dinov2()) == 1
+    registers = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=28, embed_dim=64,
+                                  depth=1, num_heads=2, num_classes=0)
+    assert prefix_token_count(registers) == 5
+    with pytest.raises(ValueError, match="cannot tell"):
+        prefix_token_count(torch.nn.Sequential())
+    states = stem_states(model, "transformer.resblocks.0", [torch.randn(shape)])
+    with pytest.raises(ValueError, match="needs mode 'output'"):
+        BlockCalibration(states, mode="sequential", prefix_tokens=1)

@@ -169,6 +169,28 @@ def test_two_stream_modes_stream_like_in_memory_and_start_as_teacher_mode(tmp_pa
     assert calib["hidden_state_bytes"] == 2 * 4 * 5 * 64 * 4  # both streams carried
 
 
+def test_balanced_prefix_streams_like_in_memory(tmp_path):
+    name, model, tower, size = tiny("dinov2")
+    ckpt = tmp_path / "ckpt.safetensors"
+    save_file(model.state_dict(), ckpt)
+    images = torch.randn(6, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="balance_prefix needs calib_mode 'output'"):
+        prune_checkpoint(name, tmp_path / "bad", checkpoint=ckpt, num_keep=40, calibration=images,
+                         calib_mode="sequential", balance_prefix=True)
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "out"
+    prune_checkpoint(name, out, checkpoint=ckpt, num_keep=40, calibration=images, calib_mode="output",
+                     calib_batch_size=2, balance_prefix=True)
+    expected_tower, unbalanced = copy.deepcopy(tower), copy.deepcopy(tower)
+    prune_and_compensate_blocks(expected_tower, images.split(2), num_keep=40, mode="output", balance_prefix=True)
+    prune_and_compensate_blocks(unbalanced, images.split(2), num_keep=40, mode="output")
+    got = written(out, "dinov2")
+    for key, value in expected_tower.state_dict().items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert not torch.allclose(got["blocks.1.mlp.fc2.weight"], unbalanced.blocks[1].mlp.fc2.weight, atol=1e-5)
+    assert json.loads((out / REPORT_JSON).read_text())["calibration"]["prefix_tokens_balanced"] == 1
+
+
 @pytest.mark.parametrize("mode", ["teacher", "sequential"])
 def test_blockwise_in_memory_driver_equals_prune_and_compensate_with_rope_kwargs(mode):
     # Eva passes its rotary embedding to every block as a keyword: the recorded block-0 arguments carry it.
