@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="Fashion-MNIST images added to the mixed-calibration rows (0: no such rows)")
     parser.add_argument("--mixed-clipart", type=int, default=256, help="clip-art pictures of the mixed rows")
     parser.add_argument("--mixed-modes", nargs="*", default=["sequential", "output"])
+    parser.add_argument("--balance-prefix", action="store_true",
+                        help="output-mode rows weigh the class token as much as an image's patch tokens")
     parser.add_argument("--modes", nargs="*", default=["sequential", "corrected", "output"],
                         help="block-wise modes run for every method")
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
@@ -274,12 +276,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def blockwise(method: str, mode: str) -> None:
         model = copy.deepcopy(teacher)
+        balance = args.balance_prefix and mode == "output"
         start = time.perf_counter()
         report = prune_and_compensate_blocks(model, calib[:n_block].split(args.batch_size), forward=forward_features,
                                              ratio=RATIO, method=method, mode=mode, ridge=ridge,
                                              holdout_fraction=HOLDOUT, generator=torch.Generator().manual_seed(SEED),
-                                             scores=scores if method == "taylor" else None)
-        add({"method": method, "mode": mode, "calib_images": n_block, "ridge": ridge,
+                                             scores=scores if method == "taylor" else None,
+                                             balance_prefix=balance)
+        add({"method": method, "mode": f"{mode}{', balanced' if balance else ''}", "calib_images": n_block, "ridge": ridge,
              "fit_s": round(time.perf_counter() - start, 1), **mean_errors(report), **evaluate(model)})
 
     def mixed(method: str, mode: str, fm_images: torch.Tensor) -> None:
@@ -291,10 +295,11 @@ def main(argv: list[str] | None = None) -> int:
         states = stem_states(model, first, calib[:args.mixed_clipart].split(args.batch_size), forward_features)
         states += stem_states(knn_eval_model(teacher, args.knn_size), first, fm_images.split(args.batch_size),
                               forward_features)
+        balance = args.balance_prefix and mode == "output"
         report = calibrate_blocks(model, states, ratio=RATIO, method=method, mode=mode, ridge=ridge,
                                   holdout_fraction=HOLDOUT, generator=torch.Generator().manual_seed(SEED),
-                                  scores=scores if method == "taylor" else None)
-        add({"method": method, "mode": f"{mode}, mixed", "calib_images": f"{args.mixed_clipart} + {len(fm_images)}",
+                                  scores=scores if method == "taylor" else None, balance_prefix=balance)
+        add({"method": method, "mode": f"{mode}{', balanced' if balance else ''}, mixed", "calib_images": f"{args.mixed_clipart} + {len(fm_images)}",
              "ridge": ridge, "fit_s": round(time.perf_counter() - start, 1), **mean_errors(report),
              **evaluate(model)})
 
