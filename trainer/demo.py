@@ -47,6 +47,7 @@ APT_HINT = "apt-get install -y openclipart-png dataset-fashion-mnist (as root)"
 RATIO, METHOD, SEED = 1.0, "diversity", 0
 RIDGE = 1e-3
 CALIB_MODE = "output"  # block-wise: each pruned block refitted to the original block's output (bench.compensation)
+BALANCE_PREFIX = True  # the class token weighs as much as the patch tokens: CLS cosine 0.87 -> 0.90 (bench)
 """Ridge of the closed-form compensation (pruning.prune_and_compensate)."""
 STUDENT_FILE = "student.safetensors"
 
@@ -238,7 +239,8 @@ def pruned_copy(teacher: nn.Module, ratio: float, method: str, *, compensate_on:
     with torch.no_grad():
         prune_and_compensate_blocks(model, list(normalised_batches(compensate_on, 16)),
                                     forward=lambda m, x: m.forward_features(x), ratio=ratio, method=method,
-                                    mode=mode, ridge=RIDGE, generator=generator, scores=scores)
+                                    mode=mode, ridge=RIDGE, generator=generator, scores=scores,
+                                    balance_prefix=BALANCE_PREFIX and mode == "output")
     return model
 
 
@@ -471,7 +473,7 @@ def run_demo(args: argparse.Namespace) -> Path:
         calib = calibration_images(train_list, sizes.calib_images)
         start = time.perf_counter()
         compensated = pruned_copy(teacher, RATIO, METHOD, compensate_on=calib)
-        calib_note = (f"{len(calib)} training pictures, {CALIB_MODE} mode, ridge {RIDGE:g}, "
+        calib_note = (f"{len(calib)} training pictures, {CALIB_MODE} mode (class token balanced), ridge {RIDGE:g}, "
                       f"{time.perf_counter() - start:.0f} s")
         rows.append(evaluate("compensated", compensated, heldout, fmnist, teacher_feats, sizes)[0])
         # Distillation starts from the compensated student (same ratio, method and seed: same shapes).
