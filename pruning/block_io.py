@@ -186,7 +186,7 @@ class BlockCalibration:
     block i on them, targeting the block's own unpruned units; ``corrected`` carries both and fits
     the pruned model's kept units onto the original model's units (see ``corrected_compensation``);
     ``output`` carries both and refits the output Linear so that the pruned block's output matches
-    the original block's output (see ``_output_stats``).
+    the original block's output (see ``_output_refit``).
     """
 
     def __init__(self, states: list[BlockState], *, mode: str = "teacher", ridge: float = 1e-3,

@@ -361,9 +361,7 @@ def fit_output_from_stats(stats: ActivationStats, weight: torch.Tensor, bias: to
     """
     if not ridge >= 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
-    rows, k = weight.shape
-    if stats.size != k + rows:
-        raise ValueError(f"output fit: stats have {stats.size} columns, expected {k} inputs + {rows} targets")
+    rows, k = _output_shape(stats, weight)
     mean = stats.mean()
     moment = stats.covariance() if bias is not None else stats.covariance() + torch.outer(mean, mean)
     anchor = weight.detach().to(device=mean.device, dtype=torch.float64)
@@ -375,9 +373,7 @@ def fit_output_from_stats(stats: ActivationStats, weight: torch.Tensor, bias: to
 
 def output_fit_error(stats: ActivationStats, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
     """``||W a + b - y*|| / ||y*||`` over the tokens of ``stats`` (rows ``[a, y*]`` as in ``fit_output_from_stats``)."""
-    rows, k = weight.shape
-    if stats.size != k + rows:
-        raise ValueError(f"output fit: stats have {stats.size} columns, expected {k} inputs + {rows} targets")
+    rows, _ = _output_shape(stats, weight)
     device = stats.mean().device
     w = weight.detach().to(device=device, dtype=torch.float64)
     eye = torch.eye(rows, dtype=torch.float64, device=device)
@@ -385,6 +381,14 @@ def output_fit_error(stats: ActivationStats, weight: torch.Tensor, bias: torch.T
     if reference == 0:
         raise ValueError("output fit: the target output is zero on every token")
     return (_energy(stats, torch.cat([w, -eye], 1), _bias64(bias, w)) / reference) ** 0.5
+
+
+def _output_shape(stats: ActivationStats, weight: torch.Tensor) -> tuple[int, int]:
+    """(rows, inputs) of an output Linear whose fit statistics ``stats`` hold ``[inputs, targets]`` columns."""
+    rows, k = weight.shape
+    if stats.size != k + rows:
+        raise ValueError(f"output fit: stats have {stats.size} columns, expected {k} inputs + {rows} targets")
+    return rows, k
 
 
 def _collect(model: nn.Module, sites: list[MlpSite], batches: Sequence, forward: Callable,
