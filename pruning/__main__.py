@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                             "original model's (teacher), the pruned model's kept units onto the original "
                             "model's units (corrected; carries both), or refit fc2 so each pruned block's "
                             "output matches the original block's (output; carries both; best on DINOv2 in "
-                            "bench/compensation.py, refused for post-norm blocks)")
+                            "bench/compensation.py; post-norm blocks are fitted through their norm)")
     calib.add_argument("--balance-prefix", action="store_true",
                        help="with --calib-mode output: class/register tokens weigh as much as the patch tokens "
                             "of their image (CLS cosine 0.870 -> 0.900 on DINOv2, bench/compensation.py)")

@@ -9,8 +9,8 @@ arguments and stops the forward. So every layout the sites know (timm ViT / Eva 
 
 - calls its blocks one after the other, block i+1 on block i's output, every block with the same
   extra arguments as block 0 (true for timm ``blocks`` and open_clip ``transformer.resblocks``);
-- has no non-persistent buffer outside the blocks (computed at build time, so absent from
-  checkpoints; a streamed stem refuses them by name).
+- was built with real buffers (``pruning.skeleton.parameters_on_meta``) when it streams: non-persistent
+  buffers (rotary tables, EVA's zero ``k_bias``) are in no checkpoint, so they come from the build.
 
 ``BlockCalibration`` then prunes and compensates block after block on the carried hidden states
 (``pruning.compensate`` holds the fits); ``prune_and_compensate_blocks`` is the in-memory driver,
@@ -138,38 +138,52 @@ def stem_states(tower: nn.Module, first_block: str, batches: Iterable[torch.Tens
 
 def materialize(meta_module: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
                 label: str = "") -> nn.Module:
-    """A real copy of a meta-device module holding ``tensors`` (its full state dict), floats cast to ``dtype``."""
+    """A real copy of a meta-device module holding ``tensors`` (its full state dict), floats cast to ``dtype``.
+
+    Non-persistent buffers (in no checkpoint) are taken from ``meta_module`` itself, which must hold
+    them for real (built under ``pruning.skeleton.parameters_on_meta``).
+    """
+    persistent = set(meta_module.state_dict())
+    transient = {n: b for n, b in meta_module.named_buffers() if n not in persistent}
+    _refuse_meta_buffers(transient, label)
     module = copy.deepcopy(meta_module).to_empty(device="cpu")
-    persistent = set(module.state_dict())
-    transient = [n for n, _ in module.named_buffers() if n not in persistent]
-    if transient:
-        raise ValueError(f"{label}{transient[0]}: a non-persistent buffer (computed when the model is built, not "
-                         "in checkpoints); streaming calibration cannot restore it")
     cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     module.load_state_dict(cast, strict=True)
+    for name, value in transient.items():
+        owner_path, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_path)
+        owner._buffers[attr] = value.to(dtype) if value.is_floating_point() else value.clone()
     return module.eval()
+
+
+def _refuse_meta_buffers(transient: dict[str, torch.Tensor], label: str) -> None:
+    """Non-persistent buffers that were built on meta have no values anywhere: refuse by name."""
+    missing = [n for n, b in transient.items() if b.is_meta]
+    if missing:
+        raise ValueError(f"{label}{missing[0]}: a non-persistent buffer (computed when the model is built, not "
+                         "in checkpoints) that was built on the meta device; build the model under "
+                         "pruning.skeleton.parameters_on_meta so it is real")
 
 
 def materialize_outside(meta_tower: nn.Module, container: str, get: Callable[[str], torch.Tensor],
                         dtype: torch.dtype = torch.float32) -> nn.Module:
     """A copy of the tower whose parameters and buffers outside ``container`` are real (read with ``get``).
 
-    The blocks stay on the meta device: enough to run everything before block 0.
+    The blocks stay on the meta device: enough to run everything before block 0. Non-persistent
+    buffers come from ``meta_tower`` itself (see ``materialize``).
     """
     tower = copy.deepcopy(meta_tower)
     persistent = set(tower.state_dict())
     prefix = container + "."
-    transient = [n for n, _ in tower.named_buffers() if n not in persistent and not n.startswith(prefix)]
-    if transient:
-        raise ValueError(f"{transient[0]}: a non-persistent buffer (computed when the model is built, not in "
-                         "checkpoints); streaming calibration cannot restore it")
+    transient = {n: b for n, b in tower.named_buffers() if n not in persistent and not n.startswith(prefix)}
+    _refuse_meta_buffers(transient, "")
     for kind in ("parameters", "buffers"):
         for name, _ in list(getattr(tower, f"named_{kind}")()):
             if name.startswith(prefix):
                 continue
             owner_path, _, attr = name.rpartition(".")
             owner = tower.get_submodule(owner_path)
-            value = get(name)
+            value = transient[name] if name in transient else get(name)
             value = value.to(dtype) if value.is_floating_point() else value
             if kind == "parameters":
                 owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
@@ -252,20 +266,32 @@ class BlockCalibration:
                       ) -> tuple[MlpSite, tuple[float | None, float | None]]:
         """Prune ``site`` and refit its output Linear so the block's output matches the original block's.
 
-        Per token, the block's output must be ``base + s * y`` in the output Linear's output ``y``
-        (``s`` per channel: a residual add, with or without LayerScale), so the output ``y*`` that
-        makes the pruned block give the original block's output ``o_t`` is ``y + (o_t - o) / s``.
-        ``s`` is measured by running the block again with a known offset added to ``y``; a block
-        where that does not hold (a norm after the MLP, as in post-norm blocks) is refused. The fit
-        is ``fit_output_from_stats`` on ``[a_K, y*]``, so it also undoes the drift that earlier
-        pruned blocks left in the hidden states, as far as the kept units can express it.
-        Errors: ``output_fit_error`` of the plain pruned and the refitted Linear on held-out tokens.
+        Per token, the block's output must be ``base + s * e`` in the output ``e`` of the branch's last
+        module (``s`` per channel: a residual add, with or without LayerScale). That module is the
+        output Linear (``e = y``, pre-norm blocks) or a LayerNorm reading the MLP's output (post-norm
+        blocks, ``e = LN(y)``). The wanted ``e* = e + (o_t - o) / s`` makes the pruned block give the
+        original block's output ``o_t``; ``s`` is measured by running the block again with a known
+        offset added to ``e``, and a block where that does not hold is refused. The Linear's target
+        is ``y* = e*`` before a post-norm, else ``e*`` pulled back through the norm (``norm_pullback``,
+        linearised at the original MLP's output). The fit is ``fit_output_from_stats`` on ``[a_K, y*]``,
+        so it also undoes the drift that earlier pruned blocks left in the hidden states, as far as the
+        kept units can express it. Errors: ``output_fit_error`` of the plain pruned and the refitted
+        Linear on held-out tokens.
         """
         assert self.teacher_states is not None
-        with torch.no_grad():
-            teacher_out = [t.run(block) for t in self.teacher_states]
+        post_norm = _post_norm(block, site, self.teacher_states[0], report_path)
+        teacher_y: list[torch.Tensor] = []
+        norm_input = post_norm.register_forward_pre_hook(lambda _m, args: teacher_y.append(args[0].detach())) \
+            if post_norm is not None else None
+        try:
+            with torch.no_grad():
+                teacher_out = [t.run(block) for t in self.teacher_states]
+        finally:
+            if norm_input is not None:
+                norm_input.remove()
         new_site = prune_site(block, site, keep)
         out = getattr(new_site.module(block), site.out_name)
+        end = out if post_norm is None else post_norm
         width, rows = out.weight.shape[1], out.weight.shape[0]
         fit = ActivationStats(width + rows)
         held = ActivationStats(width + rows) if self.holdout_fraction > 0 else None
@@ -277,21 +303,25 @@ class BlockCalibration:
         def before(_m: nn.Module, args: tuple) -> None:
             captured["a"] = args[0].detach()
 
-        def after(_m: nn.Module, _args: tuple, y: torch.Tensor) -> torch.Tensor | None:
-            captured["y"] = y.detach()
-            return y + offset[0] if offset else None
+        def shift_end(_m: nn.Module, _args: tuple, e: torch.Tensor) -> torch.Tensor | None:
+            captured["e"] = e.detach()
+            return e + offset[0] if offset else None
 
-        handles = [out.register_forward_pre_hook(before), out.register_forward_hook(after)]
+        handles = [out.register_forward_pre_hook(before), end.register_forward_hook(shift_end)]
         seen = 0
         try:
             with torch.no_grad():
-                for student, teacher in zip(self.states, teacher_out, strict=True):
+                for i, (student, teacher) in enumerate(zip(self.states, teacher_out, strict=True)):
                     offset.clear()
                     o = student.run(block).hidden
-                    a, y = captured["a"], captured["y"]
+                    a, e = captured["a"], captured["e"]
                     offset.append(probe)
                     scale = (student.run(block).hidden - o) / probe
-                    target = y + (teacher.hidden - o) / _branch_scale(scale, o, report_path)
+                    wanted = e + (teacher.hidden - o) / _branch_scale(scale, o, report_path)
+                    if post_norm is None:
+                        target = wanted
+                    else:
+                        target = norm_pullback(post_norm, teacher_y[i], wanted)
                     joint = torch.cat([a.reshape(-1, width), target.reshape(-1, rows)], dim=1)
                     weights = self._token_weights(a, report_path)
                     mask = holdout_mask(seen, joint.shape[0], self.holdout_fraction).to(joint.device)
@@ -359,6 +389,65 @@ class BlockCalibration:
             raise ValueError(f"{site.path}: not enough calibration tokens for the fit and the held-out split")
         self.teacher_states = next_teacher
         return fit, held
+
+
+def _post_norm(block: nn.Module, site: MlpSite, state: BlockState, label: str) -> nn.LayerNorm | None:
+    """The LayerNorm of ``block`` that reads the MLP's output (post-norm blocks), or None (pre-norm).
+
+    Found by running the block once: the norm whose input is the MLP module's output. The output
+    Linear must give that output itself (nothing but identities after it), or the block is refused.
+    """
+    mlp = site.module(block)
+    seen: dict[str, torch.Tensor] = {}
+    norms = {name: m for name, m in block.named_modules() if isinstance(m, nn.LayerNorm)
+             and not any(m is inner for inner in mlp.modules())}
+
+    def keep(key: str) -> Callable:
+        return lambda _m, args, result=None: seen.__setitem__(key, args[0] if result is None else result)
+
+    handles = [mlp.register_forward_hook(keep("mlp")),
+               getattr(mlp, site.out_name).register_forward_hook(keep("linear"))]
+    handles += [m.register_forward_pre_hook(keep(name)) for name, m in norms.items()]
+    try:
+        with torch.no_grad():
+            state.run(block)
+    finally:
+        for h in handles:
+            h.remove()
+    reads = [name for name in norms if name in seen and (seen[name] is seen["mlp"] or (
+        seen[name].shape == seen["mlp"].shape and torch.equal(seen[name], seen["mlp"])))]
+    if not reads:
+        return None
+    if not torch.equal(seen["linear"], seen["mlp"]):
+        raise ValueError(f"{label}: {reads[0]} normalises the MLP's output, which is not the output Linear's "
+                         "output: calibration mode 'output' cannot place its target; use mode 'sequential'")
+    norm = norms[reads[0]]
+    if len(norm.normalized_shape) != 1:
+        raise ValueError(f"{label}: {reads[0]} normalises over {tuple(norm.normalized_shape)}, not the channels")
+    return norm
+
+
+def norm_pullback(norm: nn.LayerNorm, y_ref: torch.Tensor, e_wanted: torch.Tensor) -> torch.Tensor:
+    """An input near ``y_ref`` whose LayerNorm output is ``e_wanted``, to first order.
+
+    The minimum-norm Gauss-Newton step ``y_ref + sigma * P((e_wanted - norm(y_ref)) / gamma)``: ``sigma``
+    the per-token scale the norm divides by, ``P`` removes the directions the norm ignores (each token's
+    mean and its own normalised vector). Channels whose gain is ~0 are not asked to move. The norm is
+    applied functionally, so hooks on ``norm`` do not see this.
+    """
+    y = y_ref.to(torch.float64)
+    mean = y.mean(-1, keepdim=True)
+    sigma = (y.var(-1, unbiased=False, keepdim=True) + norm.eps).sqrt()
+    unit = (y - mean) / sigma
+    gain = None if norm.weight is None else norm.weight.detach().to(torch.float64)
+    shift = None if norm.bias is None else norm.bias.detach().to(torch.float64)
+    delta = e_wanted.to(torch.float64) - nn.functional.layer_norm(y, norm.normalized_shape, gain, shift, norm.eps)
+    if gain is not None:
+        movable = gain.abs() > 1e-6 * float(gain.abs().max())
+        delta = torch.where(movable, delta / torch.where(movable, gain, torch.ones_like(gain)), torch.zeros_like(delta))
+    delta = delta - delta.mean(-1, keepdim=True)
+    delta = delta - (delta * unit).sum(-1, keepdim=True) / (unit * unit).sum(-1, keepdim=True).clamp_min(1e-12) * unit
+    return (y + sigma * delta).to(y_ref.dtype)
 
 
 def _branch_scale(scale: torch.Tensor, output: torch.Tensor, label: str) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .sites import MlpSite, find_mlp_sites
+from .skeleton import parameters_on_meta
 from .surgery import prune_site
 
 OPEN_CLIP = "open_clip"
@@ -70,7 +71,8 @@ class Architecture:
 
 
 def resolve_architecture(model_name: str) -> Architecture:
-    """Build ``open_clip:NAME``, ``timm:NAME`` or a bare name (open_clip first) on the meta device."""
+    """Build ``open_clip:NAME``, ``timm:NAME`` or a bare name (open_clip first): parameters on the meta
+    device, buffers real (``pruning.skeleton``: non-persistent ones are in no checkpoint)."""
     family, _, name = model_name.partition(":") if ":" in model_name else ("", "", model_name)
     if family not in ("", OPEN_CLIP, TIMM):
         raise ValueError(f"model {model_name!r}: prefix must be 'open_clip:' or 'timm:'")
@@ -78,11 +80,11 @@ def resolve_architecture(model_name: str) -> Architecture:
     import timm
 
     if family in ("", OPEN_CLIP) and open_clip.get_model_config(name) is not None:
-        with torch.device("meta"):
+        with parameters_on_meta():
             model = open_clip.create_model(name, pretrained=None, device="meta")
         return Architecture(OPEN_CLIP, name, model, "visual")
     if family in ("", TIMM) and timm.is_model(name):
-        with torch.device("meta"):
+        with parameters_on_meta():
             model = timm.create_model(name, pretrained=False)
         return Architecture(TIMM, name, model, "")
     raise ValueError(f"model {model_name!r} is neither an open_clip model config nor a timm model name")

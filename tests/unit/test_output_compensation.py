@@ -116,10 +116,85 @@ def test_output_fit_is_least_squares_and_its_error_is_the_direct_one(bias):
     torch.testing.assert_close(far, anchor, rtol=1e-4, atol=1e-4)
 
 
-def test_post_norm_blocks_are_refused_naming_the_block():
+def tiny_post_norm_eva(norm_layer=None) -> torch.nn.Module:
+    """EVA02-E's block design (post-norm: LayerNorm on the attention and MLP outputs) at width 64, with
+    random norm gains and biases so the pull-back through the norm is not the identity."""
     torch.manual_seed(0)
-    tower = Eva(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=0, use_post_norm=True,
-                use_rot_pos_emb=False).eval()
+    extra = {} if norm_layer is None else {"norm_layer": norm_layer}
+    tower = Eva(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=2, num_classes=0, use_post_norm=True,
+                use_rot_pos_emb=True, ref_feat_shape=(4, 4), **extra)
+    with torch.no_grad():
+        for name, p in tower.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+            elif "norm" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+    return tower.eval()
+
+
+def test_post_norm_tower_with_repeated_units_is_given_back():
+    # Post-norm blocks: the target passes back through the LayerNorm after the MLP. Removed units that
+    # repeat kept ones make the original MLP output reachable, and the pull-back must land on it exactly.
+    model = tiny_post_norm_eva()
+    with torch.no_grad():
+        for block in model.blocks:
+            hidden = block.mlp.fc1.out_features // 4
+            for copy_start in range(hidden, 4 * hidden, hidden):
+                block.mlp.fc1.weight[copy_start:copy_start + hidden] = block.mlp.fc1.weight[:hidden]
+                block.mlp.fc1.bias[copy_start:copy_start + hidden] = block.mlp.fc1.bias[:hidden]
+    pruned = copy.deepcopy(model)
+    report = prune_and_compensate_blocks(pruned, images(64, size=32).split(16), num_keep=64, mode="output",
+                                         ridge=0.0)
+    probe = images(4, size=32, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(probe), model(probe), rtol=1e-4, atol=1e-4)
+    for site in report.sites:
+        assert sorted(k % 64 for k in site.kept) == list(range(64))
+        assert site.recon_error_before > 0.1 and site.recon_error_after < 1e-4
+
+
+def test_post_norm_keep_all_is_identity_and_pruning_beats_sequential_mode():
+    model = tiny_post_norm_eva()
+    kept_all = copy.deepcopy(model)
+    prune_and_compensate_blocks(kept_all, images(64, size=32).split(16), num_keep=256, mode="output", ridge=0.0)
+    probe = images(32, size=32, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(kept_all(probe), model(probe), rtol=1e-4, atol=1e-4)
+        reference = model.forward_features(probe)
+    errors = {}
+    for mode in ("sequential", "output"):
+        pruned = copy.deepcopy(model)
+        prune_and_compensate_blocks(pruned, images(128, size=32).split(32), num_keep=64, mode=mode)
+        with torch.no_grad():
+            errors[mode] = float((pruned.forward_features(probe) - reference).norm() / reference.norm())
+    assert errors["output"] < errors["sequential"], errors
+
+
+def test_norm_pullback_is_a_gauss_newton_step_through_the_norm():
+    from pruning.block_io import norm_pullback
+
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(16, eps=1e-5).double().requires_grad_(False)
+    norm.weight.uniform_(0.5, 2.0)
+    norm.bias.normal_()
+    y_ref = torch.randn(200, 16, dtype=torch.float64) * 3 + 1
+    for size in (1e-2, 1e-3):
+        y_true = y_ref + size * torch.randn_like(y_ref)
+        got = norm_pullback(norm, y_ref, norm(y_true))
+        miss = float((norm(got) - norm(y_true)).norm() / (norm(y_true) - norm(y_ref)).norm())
+        assert miss < 30 * size  # second order: the miss shrinks with the step
+    # Reaching the reference output is no step; mean and scale of each token are not moved.
+    torch.testing.assert_close(norm_pullback(norm, y_ref, norm(y_ref)), y_ref)
+    moved = norm_pullback(norm, y_ref, norm(y_ref) + torch.randn_like(y_ref))
+    torch.testing.assert_close(moved.mean(-1), y_ref.mean(-1))
+    torch.testing.assert_close(((moved - y_ref) * (y_ref - y_ref.mean(-1, keepdim=True))).sum(-1),
+                               torch.zeros(200, dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+def test_post_norm_that_is_not_a_layernorm_is_refused_naming_the_block():
+    from timm.layers import RmsNorm
+
+    tower = tiny_post_norm_eva(norm_layer=RmsNorm)
     with pytest.raises(ValueError, match=r"blocks\.0\.mlp.*post-norm"):
         prune_and_compensate_blocks(tower, images(8, size=32).split(4), num_keep=40, mode="output")
 

@@ -23,6 +23,7 @@ from pruning import prune_and_compensate, prune_model
 from pruning.block_io import block_layout, materialize_outside, prune_and_compensate_blocks, stem_states
 from pruning.calib_images import ImageSpec, expand_braces, load_calibration_images
 from pruning.export import OPEN_CLIP_VISUAL_WEIGHTS, OPEN_CLIP_WEIGHTS, TIMM_WEIGHTS, load_pruned
+from pruning.skeleton import parameters_on_meta
 from pruning.stream import REPORT_JSON, REPORT_MD, prune_checkpoint
 
 pytestmark = pytest.mark.unit
@@ -49,6 +50,21 @@ def dgmr_test_calib_vit(pretrained: bool = False, **kwargs: object) -> nn.Module
     kwargs.setdefault("num_classes", 0)
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64,
                              depth=3, num_heads=2, **kwargs)
+
+
+@register_model
+def dgmr_test_calib_eva_post(pretrained: bool = False, **kwargs: object) -> nn.Module:
+    """EVA02-E's design (timm's EVA-CLIP-E trunk: post-norm blocks, no rotary embedding) at 32 px, width 64."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
+    kwargs.setdefault("num_classes", 0)
+    return timm.create_model("eva02_enormous_patch14_clip_224", pretrained=False, img_size=32, patch_size=8,
+                             embed_dim=64, depth=3, num_heads=2, **{"mlp_ratio": 4.0, **kwargs})
+
+
+@register_model
+def dgmr_test_calib_eva_post_rope(pretrained: bool = False, **kwargs: object) -> nn.Module:
+    """The same with a rotary embedding: its tables are non-persistent buffers outside the blocks."""
+    return dgmr_test_calib_eva_post(use_rot_pos_emb=True, ref_feat_shape=(4, 4), **kwargs)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -169,6 +185,27 @@ def test_two_stream_modes_stream_like_in_memory_and_start_as_teacher_mode(tmp_pa
     assert calib["hidden_state_bytes"] == 2 * 4 * 5 * 64 * 4  # both streams carried
 
 
+@pytest.mark.parametrize("name", ["dgmr_test_calib_eva_post", "dgmr_test_calib_eva_post_rope"])
+def test_output_mode_streams_post_norm_blocks_like_in_memory(tmp_path, name):
+    # EVA attention keeps a zero k_bias as a non-persistent buffer (and rope its tables): in no
+    # checkpoint, so the streamed blocks and stem must take them from the build.
+    torch.manual_seed(0)
+    model = _randomise_biases(timm.create_model(name, pretrained=False))
+    ckpt = tmp_path / "ckpt.safetensors"
+    save_file(model.state_dict(), ckpt)
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    out = tmp_path / "out"
+    report = prune_checkpoint(f"timm:{name}", out, checkpoint=ckpt, num_keep=40, calibration=images,
+                              calib_mode="output", calib_batch_size=2)
+    expected = copy.deepcopy(model)
+    prune_and_compensate_blocks(expected, images.split(2), num_keep=40, mode="output",
+                                forward=lambda m, x: m.forward_features(x))
+    got = written(out, "timm_vit")
+    for key, value in expected.state_dict().items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert all(s.recon_error_after < s.recon_error_before for s in report.sites)
+
+
 def test_balanced_prefix_streams_like_in_memory(tmp_path):
     name, model, tower, size = tiny("dinov2")
     ckpt = tmp_path / "ckpt.safetensors"
@@ -206,12 +243,22 @@ def test_blockwise_in_memory_driver_equals_prune_and_compensate_with_rope_kwargs
         assert torch.equal(b.state_dict()[key], value), key
     states = stem_states(model, "blocks.0", images[:1])
     assert states[0].kwargs["rope"] is not None
-    # Its rotary tables are built at construction, absent from checkpoints: streaming refuses them by name.
+    # Its rotary tables are built at construction, absent from checkpoints: a stem built all on meta is
+    # refused by name; built with real buffers (as the streaming CLI builds) it gives the model's own states.
+    def build() -> nn.Module:
+        return Eva(img_size=28, patch_size=7, embed_dim=64, depth=2, num_heads=2, num_classes=0,
+                   use_rot_pos_emb=True, ref_feat_shape=(4, 4))
+
     with torch.device("meta"):
-        meta = Eva(img_size=28, patch_size=7, embed_dim=64, depth=2, num_heads=2, num_classes=0, use_rot_pos_emb=True,
-                   ref_feat_shape=(4, 4))
-    with pytest.raises(ValueError, match=r"rope\.\w+: a non-persistent buffer"):
+        meta = build()
+    with pytest.raises(ValueError, match=r"rope\.\w+: a non-persistent buffer .* meta"):
         materialize_outside(meta, "blocks", lambda n: model.state_dict()[n])
+    with parameters_on_meta():
+        skeleton = build()
+    stem = materialize_outside(skeleton, "blocks", lambda n: model.state_dict()[n])
+    streamed = stem_states(stem, "blocks.0", images[:1])
+    assert torch.equal(streamed[0].hidden, states[0].hidden)
+    assert torch.equal(streamed[0].kwargs["rope"], states[0].kwargs["rope"])
 
 
 def _png(color: tuple[int, ...], size: tuple[int, int], mode: str = "RGB") -> bytes:

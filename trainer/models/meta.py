@@ -8,12 +8,12 @@ which is exactly what ``pruning.prune_model`` leaves for a uniform ratio.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from pruning import skeleton
 from pruning.sites import find_mlp_sites
 from pruning.surgery import num_keep_for_ratio
 from trainer.config import ModelConfig
@@ -61,29 +61,9 @@ def build_on_meta(cfg: ModelConfig) -> nn.Module:
         return adapter.build(meta_cfg)
 
 
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
+def parameters_on_meta() -> contextlib.AbstractContextManager[None]:
     """Build models inside this context to get parameters on meta and real buffers (sharded construction)."""
-    # Parameters are created where the library creates them and moved to meta as they are registered
-    # (one tensor at a time, never initialised in place); buffers stay real. ``Module.to`` is a no-op
-    # meanwhile: factories that move the finished model (open_clip) would try to copy meta tensors out.
-    register, move = nn.Module.register_parameter, nn.Module.to
-
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    def stay(module: nn.Module, *args: object, **kwargs: object) -> nn.Module:
-        if kwargs.get("dtype") is not None or any(isinstance(a, torch.dtype) for a in args):
-            raise ValueError("model.kwargs: a dtype / precision cast is not supported with prune.in_engine")
-        return module
-
-    nn.Module.register_parameter, nn.Module.to = register_on_meta, stay  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter, nn.Module.to = register, move  # type: ignore[method-assign]
+    return skeleton.parameters_on_meta("model.kwargs: a dtype / precision cast is not supported with prune.in_engine")
 
 
 def build_skeleton(cfg: ModelConfig) -> nn.Module:
