@@ -166,26 +166,27 @@ class Evaluator:
                 "eval_s": round(time.perf_counter() - start, 1)}
 
 
-def fmnist_calibration(fmnist: dict, count: int, size: int) -> torch.Tensor:
-    """``count`` Fashion-MNIST training images (normalised, ``size`` px) outside the kNN probe's training sample."""
+def fmnist_calibration(fmnist: dict, count: int, size: int, seed: int = SEED + 1) -> torch.Tensor:
+    """``count`` Fashion-MNIST training images (normalised, ``size`` px) outside the kNN probe's training sample,
+    drawn with ``seed``."""
     from trainer.data.base import InputSpec
     from trainer.demo import FASHION_MNIST
     from trainer.eval import image_batches, load_fashion_mnist
     from trainer.models.dinov2_onnx import INPUT_SPEC
 
     x, _ = load_fashion_mnist("train", FASHION_MNIST)
-    pick = unused_indices(len(x), fmnist["train_index"], count)
+    pick = unused_indices(len(x), fmnist["train_index"], count, seed)
     return torch.cat(list(image_batches(x[pick], InputSpec(size, INPUT_SPEC.mean, INPUT_SPEC.std), 64)))
 
 
-def unused_indices(total: int, used: torch.Tensor, count: int) -> torch.Tensor:
-    """``count`` seeded random indices in ``range(total)`` outside ``used``."""
+def unused_indices(total: int, used: torch.Tensor, count: int, seed: int = SEED + 1) -> torch.Tensor:
+    """``count`` random indices in ``range(total)`` outside ``used``, drawn with ``seed``."""
     unused = torch.ones(total, dtype=torch.bool)
     unused[used] = False
     pool = unused.nonzero().flatten()
     if count > len(pool):
         raise ValueError(f"--fmnist-calib {count}: only {len(pool)} training images are outside the kNN sample")
-    return pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(SEED + 1))[:count]]
+    return pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:count]]
 
 
 def mean_errors(report: pruning.PruneReport) -> dict:

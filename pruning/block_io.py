@@ -137,7 +137,7 @@ def stem_states(tower: nn.Module, first_block: str, batches: Iterable[torch.Tens
 
 
 def materialize(meta_module: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
-                label: str = "") -> nn.Module:
+                label: str = "", device: torch.device | str = "cpu") -> nn.Module:
     """A real copy of a meta-device module holding ``tensors`` (its full state dict), floats cast to ``dtype``.
 
     Non-persistent buffers (in no checkpoint) are taken from ``meta_module`` itself, which must hold
@@ -146,13 +146,13 @@ def materialize(meta_module: nn.Module, tensors: dict[str, torch.Tensor], dtype:
     persistent = set(meta_module.state_dict())
     transient = {n: b for n, b in meta_module.named_buffers() if n not in persistent}
     _refuse_meta_buffers(transient, label)
-    module = copy.deepcopy(meta_module).to_empty(device="cpu")
+    module = copy.deepcopy(meta_module).to_empty(device=device)
     cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     module.load_state_dict(cast, strict=True)
     for name, value in transient.items():
         owner_path, _, attr = name.rpartition(".")
         owner = module.get_submodule(owner_path)
-        owner._buffers[attr] = value.to(dtype) if value.is_floating_point() else value.clone()
+        owner._buffers[attr] = value.to(device, dtype) if value.is_floating_point() else value.to(device, copy=True)
     return module.eval()
 
 
@@ -204,9 +204,12 @@ class BlockCalibration:
     """
 
     def __init__(self, states: list[BlockState], *, mode: str = "teacher", ridge: float = 1e-3,
-                 holdout_fraction: float = 0.2, prefix_tokens: int = 0) -> None:
+                 holdout_fraction: float = 0.2, prefix_tokens: int = 0,
+                 reduce: Callable[[ActivationStats], None] | None = None) -> None:
         """``prefix_tokens`` > 0 (mode ``output`` only): the first that many tokens of every sequence
-        (class / register tokens) weigh together as much as its patch tokens in the fit, instead of 1 of T."""
+        (class / register tokens) weigh together as much as its patch tokens in the fit, instead of 1 of T.
+        ``reduce``: applied to every fit and held-out statistics before they are used, e.g. an all-reduce
+        when each process holds its own share of the calibration images (in-engine pruning)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if prefix_tokens < 0 or (prefix_tokens and mode != "output"):
@@ -216,10 +219,12 @@ class BlockCalibration:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
         if not ridge >= 0:
             raise ValueError(f"ridge must be >= 0, got {ridge}")
+        states = [s for s in states if s.hidden.shape[0] > 0]  # an empty batch adds nothing to any fit
         if not states:
-            raise ValueError("calibration: no batch")
+            raise ValueError("calibration: no batch with any image")
         self.mode, self.ridge, self.holdout_fraction = mode, ridge, holdout_fraction
         self.prefix_tokens = prefix_tokens
+        self.reduce = reduce
         self.states = states
         self.teacher_states = list(states) if mode in ("corrected", "output") else None
 
@@ -249,7 +254,7 @@ class BlockCalibration:
                 outputs.append(state.run(module))
 
             collected = _collect(block, [site], self.states, run, self.holdout_fraction)
-            fit, held = collected[site.path]
+            fit, held = self._reduced(*collected[site.path])
             if fit.count == 0:
                 raise ValueError(f"{report_path}: no calibration token reached this MLP")
             new_site = compensate_site(block, site, keep, fit, self.ridge)
@@ -332,6 +337,7 @@ class BlockCalibration:
         finally:
             for h in handles:
                 h.remove()
+        fit, held = self._reduced(fit, held)
         if fit.count == 0 or (held is not None and held.count == 0):
             raise ValueError(f"{report_path}: not enough calibration tokens for the fit and the held-out split")
         new_weight, new_bias = fit_output_from_stats(fit, out.weight, out.bias, self.ridge)
@@ -344,6 +350,14 @@ class BlockCalibration:
                 out.bias.copy_(new_bias.to(out.bias.device, out.bias.dtype))
         self.teacher_states = teacher_out
         return new_site, errors
+
+    def _reduced(self, fit: ActivationStats, held: ActivationStats | None
+                 ) -> tuple[ActivationStats, ActivationStats | None]:
+        if self.reduce is not None:
+            self.reduce(fit)
+            if held is not None:
+                self.reduce(held)
+        return fit, held
 
     def _token_weights(self, acts: torch.Tensor, label: str) -> torch.Tensor | None:
         """Per-token weights of [batch, tokens, units] activations, flattened; None without prefix weighting."""
@@ -385,6 +399,7 @@ class BlockCalibration:
                         held.update(joint[mask])
         finally:
             handle.remove()
+        fit, held = self._reduced(fit, held)
         if fit.count == 0 or (held is not None and held.count == 0):
             raise ValueError(f"{site.path}: not enough calibration tokens for the fit and the held-out split")
         self.teacher_states = next_teacher

@@ -82,6 +82,22 @@ class ActivationStats:
             self.outer += (x.to(self.product_dtype).T @ wx.to(self.product_dtype)).to(torch.float64)
         self.count += x.shape[0] if w is None else float(w.sum())
 
+    def rebase(self, shift: torch.Tensor) -> None:
+        """Hold the same moments about ``shift`` instead: stats of several processes, each rebased onto one
+        common shift, add up (count, sum and outer product) to the stats of all their tokens."""
+        shift = shift.detach().to(torch.float64)
+        if shift.shape != (self.size,):
+            raise ValueError(f"shift: expected shape ({self.size},), got {tuple(shift.shape)}")
+        if self.shift is None:
+            self.shift, self.sum = shift.clone(), torch.zeros_like(shift)
+            self.outer = torch.zeros(self.size, self.size, dtype=torch.float64, device=shift.device)
+            return
+        d = (self.shift - shift.to(self.shift.device))
+        # sum (x - s')(x - s')^T with x - s' = (x - s) + d
+        self.outer += torch.outer(d, self.sum) + torch.outer(self.sum, d) + self.count * torch.outer(d, d)
+        self.sum += self.count * d
+        self.shift = shift.to(self.shift.device).clone()
+
     def _require_data(self) -> None:
         if self.count == 0:
             raise ValueError("ActivationStats has no tokens: feed activations with update() first")

@@ -18,6 +18,8 @@ from trainer.models.names import FAMILIES
 
 PRECISIONS = ("fp32", "bf16")
 PRUNE_METHODS = ("diversity", "l2", "random", "taylor")
+CALIB_MODES = ("teacher", "sequential", "corrected", "output")
+"""pruning.compensate.MODES, named here so that reading a config does not import the pruning package."""
 LOSS_OBJECTIVES = ("mse", "mse_postnorm", "cosine", "mse_standardized")
 VALIDATION_METRICS = ("cos_cls", "cos_patch", "knn_top1")
 
@@ -93,6 +95,16 @@ class PruneConfig:
     (the last one, when there are two or more, is held out for the reported reconstruction error)."""
     ridge: float = 1e-3
     """compensate: ridge lambda relative to the mean variance of the kept units (0: plain least squares)."""
+    calib_mode: str = "teacher"
+    """compensate: ``teacher`` fits every block on the unpruned teacher's activations (grouped passes, below);
+    ``sequential``, ``corrected`` or ``output`` (recommended, docs/compensation.md) run
+    pruning.block_io.BlockCalibration block after block on whole blocks gathered from the shards, carrying
+    each rank's calibration hidden states, with the fit statistics all-reduced."""
+    calib_holdout: float = 0.2
+    """compensate, block-wise modes: fraction of each rank's calibration tokens held out of the fit for the
+    reported errors (teacher mode holds out the last batch instead)."""
+    balance_prefix: bool = False
+    """compensate, calib_mode output: class / register tokens weigh as much as an image's patch tokens."""
     calib_stats_gib: float = 4.0
     """compensate: the float64 activation moments (hidden^2 x 8 bytes per block, twice with a held-out
     batch) held at once per rank. Blocks are calibrated in consecutive groups that fit, each group with
@@ -112,6 +124,11 @@ class PruneConfig:
         _check(self.calib_batches >= 1, "prune.calib_batches", f"must be >= 1, got {self.calib_batches}")
         _check(self.ridge >= 0, "prune.ridge", f"must be >= 0, got {self.ridge}")
         _check(self.calib_stats_gib > 0, "prune.calib_stats_gib", f"must be > 0, got {self.calib_stats_gib}")
+        _check(self.calib_mode in CALIB_MODES, "prune.calib_mode",
+               f"must be one of {CALIB_MODES}, got {self.calib_mode!r}")
+        _check(0 <= self.calib_holdout < 1, "prune.calib_holdout", f"must be in [0, 1), got {self.calib_holdout}")
+        _check(not self.balance_prefix or self.calib_mode == "output", "prune.balance_prefix",
+               f"needs prune.calib_mode=output, got {self.calib_mode!r}")
         _check(not self.compensate or self.in_engine, "prune.compensate",
                "needs prune.in_engine=true (on the host path load a compensated student with prune.student_init)")
 

@@ -36,13 +36,15 @@ import torch.distributed as torch_dist
 from torch import nn
 
 import pruning
+from pruning import block_io
 from pruning.compensate import (
     ActivationStats,
     fit_compensation_from_stats,
     fold_compensation,
     reconstruction_energies,
 )
-from pruning.sites import GATED_FUSED, MlpSite, find_mlp_sites, out_inputs
+from pruning.sites import GATED_FUSED, MlpSite, find_mlp_sites, out_inputs, prefix_token_count
+from pruning.skeleton import parameters_on_meta
 from pruning.surgery import keep_counts
 from trainer.config import ModelConfig, PruneConfig
 from trainer.models.base import ModelAdapter, TokenLayout
@@ -180,8 +182,7 @@ class InEngineBuild:
         ``student_context`` (default: ``context``) builds the student otherwise than the teacher.
         """
         student_context = student_context or context
-        arch = ModelConfig(family=self.model_cfg.family, name=self.model_cfg.name,
-                           kwargs=dict(self.model_cfg.kwargs), pretrained=None)
+        arch = self._architecture()
         with context():
             teacher = self.adapter.build(arch)
         with student_context():
@@ -211,6 +212,18 @@ class InEngineBuild:
         self.sharded_numel = count_params(teacher) + count_params(student)
         """Teacher and student elements the engine holds in all, heads stripped (the shards add up to this)."""
         return teacher, student
+
+    def _architecture(self) -> ModelConfig:
+        return ModelConfig(family=self.model_cfg.family, name=self.model_cfg.name,
+                           kwargs=dict(self.model_cfg.kwargs), pretrained=None)
+
+    def teacher_skeleton(self) -> nn.Module:
+        """A fresh teacher tower, head stripped, parameters on meta and buffers real: block-wise calibration
+        makes a local copy of each block from it and the values gathered from the shards."""
+        with parameters_on_meta():
+            teacher = self.adapter.build(self._architecture())
+        self.adapter.strip_head(teacher)
+        return teacher.eval()
 
     def _load_removed(self, layout: TokenLayout) -> None:
         """Give the parts strip_head took out (final norm, head) the teacher's real weights, on the host.
@@ -264,6 +277,16 @@ class PruningEngine(Protocol):
         ``compensation``: ``(B, c)`` of ``pruning.compensate.fit_compensation_from_stats`` on the ascending
         ``keep`` (identical on every rank), folded into fc_out's weight and bias with ``fold_compensation``.
         """
+        ...
+
+    def gather_teacher_module(self, path: str) -> AbstractContextManager[dict[str, torch.Tensor]]:
+        """Full tensors (parameters and buffers, names relative to ``path``) of the teacher submodule ``path``,
+        held on every rank inside the context (a collective): block-wise calibration runs whole blocks."""
+        ...
+
+    def write_student_tensors(self, site: MlpSite, tensors: dict[str, torch.Tensor]) -> None:
+        """Fill this rank's shards of the student site's parameters from full tensors (names relative to
+        the site, identical on every rank), cast to the student's dtype."""
         ...
 
     def teacher_out_rows(self, site: MlpSite, gathered: dict[str, torch.Tensor]
@@ -463,6 +486,112 @@ def _compensate(engine: PruningEngine, site: MlpSite, keep: torch.Tensor, gather
     return (b, c), ((before / reference) ** 0.5, (after / reference) ** 0.5)
 
 
+def _select(site: MlpSite, rows: torch.Tensor, index: int, method: str, count: int,
+            generator: torch.Generator, scores: dict[str, torch.Tensor] | None, memory: MemoryRecord,
+            device: torch.device) -> torch.Tensor:
+    """Kept units of site number ``index``: selected on rank ``index % world`` from ``rows`` (the ranking rows
+    of its first input Linear) and broadcast."""
+    rank, world = _world()
+    owner = index % world
+    keep = torch.empty(count, dtype=torch.long)
+    # Random needs no weights but one generator drawn site after site: every rank draws them all.
+    if rank == owner or method == "random":
+        keep = pruning.select_mlp_channels(rows, count, method, generator=generator,
+                                           scores=None if scores is None else scores[site.path]).cpu()
+        if rank == owner:
+            memory.sites_selected.append(site.path)
+    if world > 1:
+        buffer = keep.to(device)
+        torch_dist.broadcast(buffer, src=owner)
+        keep = buffer.cpu()
+    return keep
+
+
+def all_reduce_stats(stats: ActivationStats) -> None:
+    """Make ``stats`` the statistics of every rank's tokens (a collective): one common shift (the
+    token-weighted mean of the ranks' shifts), then count, sum and outer product summed."""
+    if _world()[1] == 1:
+        return
+    device = stats.outer.device if stats.outer is not None else torch.device("cpu")
+    shift = stats.shift if stats.shift is not None else torch.zeros(stats.size, dtype=torch.float64, device=device)
+    packed = torch.cat([shift.to(device) * float(stats.count), shift.new_tensor([float(stats.count)]).to(device)])
+    _all_reduce(packed)
+    if float(packed[-1]) == 0:
+        return
+    stats.rebase(packed[:-1] / packed[-1])
+    count = torch.tensor([float(stats.count)], dtype=torch.float64, device=device)
+    for tensor in (count, stats.sum, stats.outer):
+        _all_reduce(tensor)
+    stats.count = float(count.item())
+
+
+def _stem_states(engine: PruningEngine, first_block: str, batches: list[torch.Tensor]) -> list[block_io.BlockState]:
+    """The inputs of ``first_block`` of the sharded teacher for each of this rank's batches (fp32): the whole
+    teacher runs (a collective), a pre-hook records what the tower gives its first block."""
+    module, forward = engine.taylor_module()
+    seen: list[block_io.BlockState] = []
+
+    def fp32(value: object) -> object:
+        return value.detach().float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+    def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.append(block_io.BlockState(fp32(args[0]), tuple(fp32(a) for a in args[1:]),
+                                        {k: fp32(v) for k, v in kwargs.items()}))
+
+    handle = module.get_submodule(first_block).register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for images in batches:
+                forward(images)
+    finally:
+        handle.remove()
+    if len(seen) != len(batches):
+        raise ValueError(f"prune.calib_mode: the teacher ran {first_block} {len(seen)} times for {len(batches)} "
+                         "batches; block-wise calibration needs a tower that runs each block once per forward")
+    return seen
+
+
+def _prune_blockwise(engine: PruningEngine, build: InEngineBuild, calib: list[torch.Tensor],
+                     generator: torch.Generator, scores: dict[str, torch.Tensor] | None, memory: MemoryRecord,
+                     device: torch.device) -> list[pruning.SiteReport]:
+    """``prune.calib_mode`` sequential / corrected / output: ``pruning.block_io.BlockCalibration`` block after
+    block, as the streaming prune runs it, on whole teacher blocks gathered from their shards.
+
+    Every rank carries the hidden states of its own calibration batches; the fit statistics are
+    all-reduced (``all_reduce_stats``), so every rank computes the same refitted block and writes its
+    shards of the student site. Memory beyond the shards: one gathered block, its local copy and the
+    carried states (both streams in corrected / output modes).
+    """
+    prune = build.prune
+    if not calib:
+        raise ValueError("prune.calib_batches: no calibration batch")
+    skeleton = build.teacher_skeleton()
+    layout = block_io.block_layout(skeleton, build.sites)
+    states = _stem_states(engine, layout.blocks[0], calib)
+    calibration = block_io.BlockCalibration(
+        states, mode=prune.calib_mode, ridge=prune.ridge, holdout_fraction=prune.calib_holdout,
+        prefix_tokens=prefix_token_count(skeleton) if prune.balance_prefix else 0, reduce=all_reduce_stats)
+    records = []
+    for i, (path, local, site) in enumerate(zip(layout.blocks, layout.sites, layout.tower_sites, strict=True)):
+        meta = skeleton.get_submodule(path)
+        with engine.gather_teacher_module(path) as tensors:
+            state = {n: tensors[n] for n in meta.state_dict()}  # non-persistent buffers come from the skeleton
+            block = block_io.materialize(meta, state, label=f"{path}.", device=device)
+            gathered = sum(t.numel() for t in state.values())
+        keep = _select(site, local.selection_weight(block), i, prune.method, build.counts[site.path], generator,
+                       scores, memory, device)
+        records.append(calibration.step(block, local, keep, site.path))
+        # Every tensor the hidden width shapes, and fc_out's bias, which the refit moves.
+        params = dict(local.module(block).named_parameters())
+        names = dict.fromkeys([*site.parameter_names(), f"{site.out_name}.bias"])
+        engine.write_student_tensors(site, {n: params[n].detach() for n in names if n in params})
+        memory.peak_extra_numel = max(memory.peak_extra_numel,
+                                      gathered + sum(p.numel() for p in block.parameters()))
+        del block
+    memory.calib_groups = len(layout.blocks)
+    return records
+
+
 def prune_in_engine(engine: PruningEngine, build: InEngineBuild, *, taylor_batches: Iterable[torch.Tensor] = (),
                     calib_batches: Iterable[torch.Tensor] = (), device: torch.device | None = None
                     ) -> tuple[pruning.PruneReport, list[MemoryRecord]]:
@@ -482,13 +611,15 @@ def prune_in_engine(engine: PruningEngine, build: InEngineBuild, *, taylor_batch
     calibration: CalibrationStats | None = None
     groups: dict[str, list[MlpSite]] = {}  # the group each site is calibrated with, keyed by its first site
     calib = list(calib_batches)
+    blockwise = prune.enabled and prune.compensate and prune.calib_mode != "teacher"
     if prune.enabled and prune.compensate:
         for site in build.sites:
             if site.norm_name is not None:
                 raise ValueError(f"prune.compensate: {site.path} has a LayerNorm over the hidden units "
                                  f"({site.norm_name}); compensation is not defined there (docs/compensation.md)")
-        groups = {group[0].path: group for group in
-                  calibration_groups(build.sites, held_out=len(calib) > 1, budget_gib=prune.calib_stats_gib)}
+        if not blockwise:
+            groups = {group[0].path: group for group in
+                      calibration_groups(build.sites, held_out=len(calib) > 1, budget_gib=prune.calib_stats_gib)}
     generator = torch.Generator().manual_seed(build.seed)
     teacher_local, student_local = engine.pruning_local_numel()
     memory = MemoryRecord(rank, teacher_local, student_local, 0,
@@ -496,21 +627,13 @@ def prune_in_engine(engine: PruningEngine, build: InEngineBuild, *, taylor_batch
                           max(after for _, after in build.site_params.values()),
                           _proc_status_bytes("VmRSS"), 0)
     records = []
-    for i, site in enumerate(build.sites if prune.enabled else []):
-        owner, count = i % world, build.counts[site.path]
+    if blockwise:
+        records = _prune_blockwise(engine, build, calib, generator, scores, memory, device)
+    for i, site in enumerate(build.sites if prune.enabled and not blockwise else []):
         with engine.gather_teacher_site(site) as gathered:
-            keep = torch.empty(count, dtype=torch.long)
-            # Random needs no weights but one generator drawn site after site: every rank draws them all.
-            if rank == owner or method == "random":
-                rows = site.selection_rows(gathered[site.selection_tensor_name])
-                keep = pruning.select_mlp_channels(rows, count, method, generator=generator,
-                                                   scores=None if scores is None else scores[site.path]).cpu()
-                if rank == owner:
-                    memory.sites_selected.append(site.path)
-            if world > 1:
-                buffer = keep.to(device)
-                torch_dist.broadcast(buffer, src=owner)
-                keep = buffer.cpu()
+            count = build.counts[site.path]
+            keep = _select(site, site.selection_rows(gathered[site.selection_tensor_name]), i, method, count,
+                           generator, scores, memory, device)
             fold, errors = None, (None, None)
             if site.path in groups:  # the next group's moments, from the unpruned teacher (a collective)
                 calibration = None

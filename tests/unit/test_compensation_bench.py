@@ -1,4 +1,4 @@
-"""bench.compensation's mixed calibration draws Fashion-MNIST images the kNN probe never sees."""
+"""bench.compensation's mixed calibration draws Fashion-MNIST images the kNN probe never sees; the kNN sweep's variants."""
 
 import pytest
 import torch
@@ -16,3 +16,16 @@ def test_calibration_indices_avoid_the_knn_sample_and_are_seeded():
     assert torch.equal(pick, unused_indices(1000, used, 300))
     with pytest.raises(ValueError, match="only 400 training images"):
         unused_indices(1000, used, 401)
+
+
+def test_draws_differ_by_seed_and_knn_sweep_variants_parse():
+    from bench.compensation_knn import Variant
+
+    used = torch.arange(0, 1000, 2)
+    assert not torch.equal(unused_indices(1000, used, 50, seed=1), unused_indices(1000, used, 50, seed=7))
+    assert Variant.parse("ridge=1e-2,clip=0,fm=512") == Variant(clip=0, fm=512, ridge=1e-2)
+    assert Variant.parse("flip,seed=7") == Variant(flip=True, seed=7)
+    with pytest.raises(ValueError, match="unknown setting 'foo=1'"):
+        Variant.parse("foo=1")
+    with pytest.raises(ValueError, match="at least one calibration image"):
+        Variant.parse("clip=0,fm=0")

@@ -307,3 +307,40 @@ def test_prefix_counts_and_refusals():
     states = stem_states(model, "transformer.resblocks.0", [torch.randn(shape)])
     with pytest.raises(ValueError, match="needs mode 'output'"):
         BlockCalibration(states, mode="sequential", prefix_tokens=1)
+
+
+def test_empty_calibration_batches_add_nothing_and_none_at_all_is_refused():
+    model = tiny_dinov2(hidden=128)
+    batches = images(16).split(8)
+    with_empty, plain = copy.deepcopy(model), copy.deepcopy(model)
+    calibrate_blocks(with_empty, stem_states(with_empty, "blocks.0", [images(0), *batches]), num_keep=40,
+                     mode="output")
+    calibrate_blocks(plain, stem_states(plain, "blocks.0", batches), num_keep=40, mode="output")
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(with_empty.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    with pytest.raises(ValueError, match="no batch with any image"):
+        calibrate_blocks(copy.deepcopy(model), stem_states(model, "blocks.0", [images(0)]), num_keep=40,
+                         mode="output")
+
+
+def test_stats_rebased_onto_one_shift_add_up_to_the_stats_of_all_tokens():
+    # What in-engine block-wise calibration all-reduces: each rank's moments about a common shift.
+    x = torch.randn(300, 5, dtype=torch.float64) * 2 + 7
+    whole = ActivationStats(5)
+    whole.update(x)
+    parts = [ActivationStats(5) for _ in range(3)]
+    for part, chunk in zip(parts, (x[:40], x[40:200], x[200:]), strict=True):
+        part.update(chunk)
+    empty = ActivationStats(5)  # a rank without tokens contributes zeros
+    shift = torch.full((5,), 3.0, dtype=torch.float64)
+    for part in (*parts, empty):
+        part.rebase(shift)
+    total = ActivationStats(5)
+    total.rebase(shift)
+    total.count = sum(p.count for p in (*parts, empty))
+    total.sum = sum(p.sum for p in (*parts, empty))
+    total.outer = sum(p.outer for p in (*parts, empty))
+    torch.testing.assert_close(total.mean(), whole.mean())
+    torch.testing.assert_close(total.covariance(), whole.covariance())
+    with pytest.raises(ValueError, match=r"shift: expected shape \(5,\)"):
+        total.rebase(torch.zeros(4))

@@ -191,13 +191,25 @@ class DeepSpeedEngine:
                                                             sorted_keep(site, keep), *compensation)
             if shifted is not None:
                 pruned[out_bias] = shifted
-        with torch.no_grad():
-            for name, param in student_params.items():
-                if self.cfg.zero_stage == 3:
-                    self._write_partition(param, lambda start, stop, t=pruned[name]: t[start:stop])
-                else:
-                    param.copy_(pruned[name])
+        self.write_student_tensors(site, {name: pruned[name] for name in student_params})
         return sum(pruned[n].numel() for n in site.parameter_names() if n in pruned)
+
+    @contextlib.contextmanager
+    def gather_teacher_module(self, path: str) -> Iterator[dict[str, torch.Tensor]]:
+        module = self.teacher_engine.module.get_submodule(path)
+        params = dict(module.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            yield {**{n: p.data for n, p in params.items()}, **dict(module.named_buffers())}
+
+    def write_student_tensors(self, site: MlpSite, tensors: dict[str, torch.Tensor]) -> None:
+        student_params = dict(site.module(self._student_module).named_parameters())
+        with torch.no_grad():
+            for name, value in tensors.items():
+                param = student_params[name]
+                if self.cfg.zero_stage == 3:
+                    self._write_partition(param, lambda start, stop, t=value: t[start:stop])
+                else:
+                    param.copy_(value)
 
     def teacher_out_rows(self, site: MlpSite, gathered: dict[str, torch.Tensor]
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:

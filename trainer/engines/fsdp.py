@@ -139,6 +139,21 @@ class FsdpEngine:
                                                               src_data_rank=None).to_local())
         return transient
 
+    @contextlib.contextmanager
+    def gather_teacher_module(self, path: str) -> Iterator[dict[str, torch.Tensor]]:
+        module = self.teacher_model.get_submodule(path)
+        full = {n: p.full_tensor() if isinstance(p, DTensor) else p.detach() for n, p in module.named_parameters()}
+        yield {**full, **dict(module.named_buffers())}
+
+    def write_student_tensors(self, site: MlpSite, tensors: dict[str, torch.Tensor]) -> None:
+        student_params = dict(site.module(self.student_model).named_parameters())
+        with torch.no_grad():
+            for name, value in tensors.items():
+                target = student_params[name]
+                full = value.to(target.device, target.dtype)
+                target.to_local().copy_(distribute_tensor(full, self.mesh, target.placements,
+                                                          src_data_rank=None).to_local())
+
     def teacher_out_rows(self, site: MlpSite, gathered: dict[str, torch.Tensor]
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = getattr(site.module(self.teacher_model), site.out_name)

@@ -1,0 +1,129 @@
+"""Block-wise calibration inside in-engine pruning (prune.calib_mode sequential / output) on 2 gloo ranks.
+
+Each rank carries the hidden states of its own calibration batches through whole teacher blocks gathered
+from the shards, and the fit statistics are all-reduced: the student must equal
+``pruning.block_io.calibrate_blocks`` on the full teacher in this process, fed every rank's batches (FSDP2
+and ZeRO-3; an open_clip ViT and an EVA-CLIP-E-style timm tower: post-norm blocks, rotary tables and a zero
+``k_bias`` that are in no checkpoint). One torchrun launch of tests/dist/inengine_worker.py runs every job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import inengine_worker  # tests/dist is on sys.path
+import open_clip
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+import trainer.models.open_clip_family  # noqa: F401  registers ViT-Tiny-8 (configs/open_clip)
+from pruning.block_io import block_layout, calibrate_blocks, stem_states
+
+pytestmark = pytest.mark.dist
+
+WORKER = Path(__file__).with_name("inengine_worker.py")
+RATIO = 0.5
+CALIB = 2  # batches per rank
+RIDGE = 1e-3
+CLIP = {"family": "open_clip", "model": "ViT-Tiny-8"}
+EVA = {"family": "timm", "model": inengine_worker.TINY_EVA}
+JOBS = {"fsdp_output": {**CLIP, "engine": "fsdp", "calib_mode": "output", "calib_holdout": 0.0},
+        "zero3_output": {**CLIP, "engine": "deepspeed", "zero_stage": 3, "calib_mode": "output", "calib_holdout": 0.0},
+        "fsdp_output_eva": {**EVA, "engine": "fsdp", "calib_mode": "output", "calib_holdout": 0.0},
+        "zero2_sequential": {**CLIP, "engine": "deepspeed", "zero_stage": 2, "calib_mode": "sequential",
+                             "calib_holdout": 0.25}}
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("inengine_blockwise")
+    torch.manual_seed(1234)
+    clip = open_clip.create_model(CLIP["model"], pretrained=None)
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, out / "clip.safetensors")
+    torch.manual_seed(1234)
+    eva = timm.create_model(EVA["model"], pretrained=False)
+    with torch.no_grad():
+        for name, p in eva.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)  # stock inits zero them: make the intercepts and the norm shifts count
+    save_file({k: v.contiguous() for k, v in eva.state_dict().items()}, out / "eva.safetensors")
+    jobs = [{**spec, "name": name, "pretrained": str(out / ("eva" if spec is JOBS["fsdp_output_eva"] else "clip")
+                                                       ) + ".safetensors",
+             "ratio": RATIO, "method": "diversity", "in_engine": True, "compensate": True, "calib_batches": CALIB,
+             "ridge": RIDGE, "stream": "synthetic", "train": False} for name, spec in JOBS.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(WORKER), str(out),
+               *(json.dumps(j) for j in jobs)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return out
+
+
+def host(out: Path, name: str) -> tuple[dict, list]:
+    """calibrate_blocks on the full teacher with both ranks' calibration batches: (state, report sites)."""
+    from trainer.models.registry import get_adapter
+
+    spec = JOBS[name]
+    job = {**spec, "name": f"host-{name}", "pretrained": str(out / ("eva" if "eva" in name else "clip")) + ".safetensors",
+           "stream": "synthetic", "ratio": RATIO, "method": "diversity", "in_engine": False}
+    cfg = inengine_worker.config(out / "host", {**job, "engine": "fsdp"}, 1, 0.05)
+    adapter = get_adapter(cfg.model.family)
+    teacher = adapter.build(cfg.model).eval().requires_grad_(False)
+    adapter.strip_head(teacher)
+    images = [inengine_worker.stream(job, rank).batch_at(i).model_input() for rank in range(2) for i in range(CALIB)]
+    states = stem_states(teacher, block_layout(teacher).blocks[0], images)
+    report = calibrate_blocks(teacher, states, ratio=RATIO, method="diversity", mode=spec["calib_mode"],
+                              ridge=RIDGE, holdout_fraction=spec["calib_holdout"])
+    return teacher.state_dict(), report.sites
+
+
+def ranks(out: Path, name: str) -> list[dict]:
+    found = [json.loads(p.read_text()) for p in sorted(out.glob(f"{name}.prune.rank*.json"))]
+    assert len(found) == 2, name
+    return found
+
+
+@pytest.mark.parametrize("name", ["fsdp_output", "zero3_output", "fsdp_output_eva"])
+def test_blockwise_student_equals_calibrate_blocks_on_the_full_teacher(out: Path, name: str) -> None:
+    want, sites = host(out, name)
+    student = load_file(out / f"{name}.pruned.safetensors")
+    assert student and set(student) <= set(want)
+    for key, value in student.items():
+        torch.testing.assert_close(value, want[key], rtol=1e-5, atol=1e-5, msg=key)
+    for record in ranks(out, name):
+        assert [s["kept"] for s in record["report"]["sites"]] == [s.kept for s in sites]
+    # The refit did something: every fc2 differs from the teacher's kept columns (plain pruning).
+    teacher = load_file(out / ("eva.safetensors" if "eva" in name else "clip.safetensors"))
+    prefix = "visual." if "eva" not in name else ""
+    for site in sites:
+        out_weight = next(k for k in student if k.startswith(site.path + ".") and k.endswith("weight")
+                          and student[k].shape[1] == len(site.kept))
+        plain = teacher[prefix + out_weight][:, torch.tensor(site.kept).sort().values]
+        assert (student[out_weight] - plain).abs().max() > 1e-3, out_weight
+
+
+def test_blockwise_reports_held_out_errors_alike_on_every_rank(out: Path) -> None:
+    records = ranks(out, "zero2_sequential")
+    errors = [[(s["recon_error_before"], s["recon_error_after"]) for s in r["report"]["sites"]] for r in records]
+    assert errors[0] == errors[1]
+    assert all(before is not None and after is not None and after < before for before, after in errors[0])
+
+
+def test_blockwise_config_keys_are_validated() -> None:
+    from pruning.compensate import MODES
+    from trainer.config import CALIB_MODES, from_dict
+
+    assert CALIB_MODES == MODES
+    with pytest.raises(ValueError, match="prune.calib_mode: must be one of"):
+        from_dict({"prune": {"in_engine": True, "compensate": True, "calib_mode": "blockwise"}})
+    with pytest.raises(ValueError, match=r"prune.calib_holdout: must be in \[0, 1\)"):
+        from_dict({"prune": {"in_engine": True, "compensate": True, "calib_holdout": 1.0}})
+    with pytest.raises(ValueError, match="prune.balance_prefix: needs prune.calib_mode=output"):
+        from_dict({"prune": {"in_engine": True, "compensate": True, "balance_prefix": True}})
