@@ -328,7 +328,8 @@ class MemoryRecord:
     sites_selected: list[str] = field(default_factory=list)
     """Site paths whose selection ran on this rank (round robin)."""
     calib_groups: int = 0
-    """compensate: groups of sites calibrated one after another (prune.calib_stats_gib)."""
+    """compensate: groups of sites calibrated one after another (prune.calib_stats_gib; block-wise modes:
+    one per block)."""
 
     @property
     def peak_local_numel(self) -> int:
@@ -601,7 +602,9 @@ def prune_in_engine(engine: PruningEngine, build: InEngineBuild, *, taylor_batch
     ``pruning.stream.prune_checkpoint`` on the same checkpoint with the same method and seed
     (``random`` draws every site on every rank from one generator, in module order, as the stream does).
     ``prune.compensate``: every site is fitted on ``calib_batches`` (this rank's; all ranks' in effect) of
-    the unpruned teacher, as ``pruning.prune_and_compensate(mode='teacher')`` on the full model.
+    the unpruned teacher, as ``pruning.prune_and_compensate(mode='teacher')`` on the full model; with
+    ``prune.calib_mode`` sequential / corrected / output, block after block as
+    ``pruning.block_io.calibrate_blocks`` (``_prune_blockwise``).
     """
     device = device or torch.device("cpu")
     rank, world = _world()
