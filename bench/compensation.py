@@ -2,8 +2,9 @@
 
 For every selection method, plain pruning against compensation (teacher / sequential / corrected /
 output modes), and for diversity the number of calibration images and the ridge: mean CLS and patch-token
-cosine to the teacher (tokens after the final norm) on held-out openclipart pictures at 224 px, and
-Fashion-MNIST kNN top-1 (k=20, CLS token, images upsampled to 112 px, as the demo measures it).
+cosine to the teacher (tokens after the final norm) on held-out openclipart pictures at 224 px (and the
+same pictures at the kNN input size), and Fashion-MNIST kNN top-1 (k=20, CLS token, images upsampled to
+112 px, as the demo measures it).
 
 Calibration pictures: an evenly spread openclipart subset (Debian ``openclipart-png``), disjoint
 from the held-out ones, shuffled with a fixed seed so that the first 64 / 256 are random subsets of
@@ -140,9 +141,11 @@ class Evaluator:
 
     def __init__(self, teacher: nn.Module, heldout: torch.Tensor, fmnist: dict, knn_size: int):
         self.heldout, self.fmnist, self.knn_size = heldout, fmnist, knn_size
-        self.teacher_feats = None
+        # The held-out pictures again at the probe's input size: compensation is fitted for the sizes it saw.
+        self.heldout_small = nn.functional.interpolate(heldout, size=knn_size, mode="bicubic", antialias=True)
+        self.teacher_feats = self.teacher_small_feats = None
         self.teacher_row = self(teacher)
-        self.teacher_feats = self._feats
+        self.teacher_feats, self.teacher_small_feats = self._feats, self._small_feats
 
     def __call__(self, model: nn.Module) -> dict:
         from trainer.data.base import InputSpec
@@ -158,11 +161,16 @@ class Evaluator:
         fid = token_fidelity(feats, self.teacher_feats or feats)
         spec = InputSpec(self.knn_size, INPUT_SPEC.mean, INPUT_SPEC.std)
         small = knn_eval_model(model, self.knn_size)
+        small_feats = extract_features(small, self.heldout_small.split(16), forward_tokens, keep_patches=True,
+                                       show_progress=False)
+        self._small_feats = small_feats
+        fid_small = token_fidelity(small_feats, self.teacher_small_feats or small_feats)
         f = self.fmnist
         train = extract_features(small, image_batches(f["train_x"], spec, 50), forward_tokens, show_progress=False).cls
         test = extract_features(small, image_batches(f["test_x"], spec, 50), forward_tokens, show_progress=False).cls
         acc = knn_accuracy(train, f["train_y"], test, f["test_y"], k=20)
         return {"cls_cosine": fid["cls_cosine"], "patch_cosine": fid["patch_cosine"], "knn_top1": 100 * acc,
+                "cls_cosine_knn_size": fid_small["cls_cosine"], "patch_cosine_knn_size": fid_small["patch_cosine"],
                 "eval_s": round(time.perf_counter() - start, 1)}
 
 

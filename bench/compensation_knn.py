@@ -4,11 +4,14 @@ DINOv2 ViT-S/14 pruned to MLP 1536 -> 384 with diversity selection and compensat
 on a mixed calibration set: the first C openclipart pictures (224 px, the pictures of
 ``bench.compensation``) plus F unlabeled Fashion-MNIST training images at 112 px drawn with a seed
 from those outside the kNN probe. Each variant is one row: CLS / patch cosine to the teacher on the
-64 held-out clip-art pictures and Fashion-MNIST kNN top-1 (k=20, CLS, 112 px) on a probe large
+64 held-out clip-art pictures (at 224 px and at the probe's 112 px) and Fashion-MNIST kNN top-1 (k=20, CLS, 112 px) on a probe large
 enough to tell a point apart (default 5000 train / 2000 test).
 
 A variant is comma-separated ``key=value`` settings: ``clip`` (C, default 256), ``fm`` (F, 256),
-``ridge`` (1e-3), ``seed`` (Fashion-MNIST draw, 1), ``flip`` (add the mirror image of every picture).
+``ridge`` (1e-3), ``seed`` (Fashion-MNIST draw, 1), ``flip`` (add the mirror image of every picture),
+``clipsize`` (input size of the clip-art pictures, default 224; 112 = the probe's size, through the
+112-px stem like the Fashion-MNIST images; ``224+112`` = every picture at both sizes), ``clip112`` (further
+clip-art pictures, after the first C, at 112 px; default 0).
 
     .venv/bin/python -m bench.compensation_knn ridge=1e-3 ridge=1e-2 flip seed=7 clip=0,fm=512
 """
@@ -40,6 +43,8 @@ class Variant:
     ridge: float = 1e-3
     seed: int = base.SEED + 1
     flip: bool = False
+    clipsize: tuple[int, ...] = (224,)
+    clip112: int = 0
 
     @classmethod
     def parse(cls, text: str) -> Variant:
@@ -48,13 +53,16 @@ class Variant:
             key, _, value = part.partition("=")
             if key == "flip" and not value:
                 variant = replace(variant, flip=True)
-            elif key in ("clip", "fm", "seed") and value:
+            elif key == "clipsize" and value:
+                variant = replace(variant, clipsize=tuple(int(size) for size in value.split("+")))
+            elif key in ("clip", "fm", "seed", "clip112") and value:
                 variant = replace(variant, **{key: int(value)})
             elif key == "ridge" and value:
                 variant = replace(variant, ridge=float(value))
             else:
-                raise ValueError(f"variant {text!r}: unknown setting {part!r} (clip=, fm=, ridge=, seed=, flip)")
-        if variant.clip < 0 or variant.fm < 0 or variant.clip + variant.fm == 0:
+                raise ValueError(f"variant {text!r}: unknown setting {part!r} (clip=, fm=, ridge=, seed=, flip, "
+                                 "clipsize=, clip112=)")
+        if min(variant.clip, variant.fm, variant.clip112) < 0 or variant.clip + variant.fm + variant.clip112 == 0:
             raise ValueError(f"variant {text!r}: needs at least one calibration image")
         return variant
 
@@ -86,31 +94,41 @@ def main(argv: list[str] | None = None) -> int:
              "heldout": f"{len(heldout)} openclipart pictures, 224 px", "torch": torch.__version__}
     small_teacher = knn_eval_model(teacher, 112)
     for text, v in variants:
-        if v.clip > len(calib):
+        if v.clip + v.clip112 > len(calib):
             raise SystemExit(f"variant {text!r}: only {len(calib)} clip-art pictures")
-        clip = calib[:v.clip]
+        clip, clip112 = calib[:v.clip], calib[v.clip:v.clip + v.clip112]
         fm = base.fmnist_calibration(fmnist, v.fm, 112, v.seed) if v.fm else clip.new_zeros(0, 3, 112, 112)
         if v.flip:
             clip, fm = torch.cat([clip, clip.flip(-1)]), torch.cat([fm, fm.flip(-1)])
         model = copy.deepcopy(teacher)
         start = time.perf_counter()
-        states = stem_states(model, "blocks.0", clip.split(args.batch_size), base.forward_features) if v.clip else []
+        states = []
+        for size in v.clipsize if v.clip else ():
+            sized = clip if size == clip.shape[-1] else torch.nn.functional.interpolate(
+                clip, size=size, mode="bicubic", antialias=True)
+            states += stem_states(knn_eval_model(teacher, size), "blocks.0", sized.split(args.batch_size),
+                                  base.forward_features)
+        if v.clip112:
+            small = torch.nn.functional.interpolate(clip112, size=112, mode="bicubic", antialias=True)
+            states += stem_states(small_teacher, "blocks.0", small.split(args.batch_size), base.forward_features)
         if v.fm:
             states += stem_states(small_teacher, "blocks.0", fm.split(args.batch_size), base.forward_features)
         calibrate_blocks(model, states, ratio=base.RATIO, method="diversity", mode="output", ridge=v.ridge,
                          holdout_fraction=base.HOLDOUT, generator=torch.Generator().manual_seed(base.SEED))
-        row = {"variant": text, "images": f"{v.clip} clip art + {v.fm} Fashion-MNIST" + (" (+ mirrored)" if v.flip
-                                                                                         else ""),
+        sizes_px = " and ".join(str(size) for size in v.clipsize)
+        more = f" + {v.clip112} clip art at 112 px" if v.clip112 else ""
+        row = {"variant": text, "images": f"{v.clip} clip art at {sizes_px} px{more} + {v.fm} Fashion-MNIST"
+                                          + (" (+ mirrored)" if v.flip else ""),
                "ridge": v.ridge, "fit_s": round(time.perf_counter() - start, 1), **evaluate(model)}
         rows.append(row)
         base.log(f"{text}: CLS {row['cls_cosine']:.4f} patch {row['patch_cosine']:.4f} kNN {row['knn_top1']:.2f}")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"notes": {**notes, "elapsed_s": round(time.perf_counter() - t0)},
                                         "rows": rows}, indent=1) + "\n")
-    print("| variant | calibration | CLS cos | patch cos | kNN % |\n|---|---|---|---|---|")
+    print("| variant | calibration | CLS / patch cos, 224 px | CLS / patch cos, 112 px | kNN % |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r.get('images', '')} | {r['cls_cosine']:.3f} | {r['patch_cosine']:.3f} | "
-              f"{r['knn_top1']:.2f} |")
+        print(f"| {r['variant']} | {r.get('images', '')} | {r['cls_cosine']:.3f} / {r['patch_cosine']:.3f} | "
+              f"{r['cls_cosine_knn_size']:.3f} / {r['patch_cosine_knn_size']:.3f} | {r['knn_top1']:.2f} |")
     return 0
 
 
