@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -115,6 +116,16 @@ def run(out_dir: Path, job: dict, rank: int) -> None:
         save_file({k: v.contiguous() for k, v in student.items()}, out_dir / f"{job['name']}.trained.safetensors")
     (out_dir / f"{job['name']}.rank{rank}.json").write_text(json.dumps(record))
     result.engine.close()
+
+
+def launch(out_dir: Path, jobs: list[dict]) -> None:
+    """Run ``jobs`` in one torchrun launch of this worker on 2 gloo ranks (the tests' entry); fail with its output."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", __file__, str(out_dir),
+               *(json.dumps(j) for j in jobs)]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
 
 
 def main() -> None:

@@ -10,9 +10,6 @@ and ZeRO-3; an open_clip ViT and an EVA-CLIP-E-style timm tower: post-norm block
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import inengine_worker  # tests/dist is on sys.path
@@ -27,7 +24,6 @@ from pruning.block_io import block_layout, calibrate_blocks, stem_states
 
 pytestmark = pytest.mark.dist
 
-WORKER = Path(__file__).with_name("inengine_worker.py")
 RATIO = 0.5
 CALIB = 2  # batches per rank
 RIDGE = 1e-3
@@ -57,12 +53,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                                        ) + ".safetensors",
              "ratio": RATIO, "method": "diversity", "in_engine": True, "compensate": True, "calib_batches": CALIB,
              "ridge": RIDGE, "stream": "synthetic", "train": False} for name, spec in JOBS.items()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(WORKER), str(out),
-               *(json.dumps(j) for j in jobs)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    inengine_worker.launch(out, jobs)
     return out
 
 

@@ -10,9 +10,6 @@ job then also trains 3 steps through trainer.loop.train with compensation switch
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import inengine_worker  # tests/dist is on sys.path
@@ -27,7 +24,6 @@ from pruning.compensate import ActivationStats, reconstruction_error
 
 pytestmark = pytest.mark.dist
 
-WORKER = Path(__file__).with_name("inengine_worker.py")
 RATIO = 0.5  # width 64 -> 32 kept of 256 hidden units
 CALIB = 3  # per rank: 2 fitted batches, the last held out
 RIDGE = 1e-3
@@ -47,12 +43,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     common = {**MODEL, "pretrained": str(out / "vit.safetensors"), "ratio": RATIO, "method": "diversity",
               "in_engine": True, "compensate": True, "calib_batches": CALIB, "ridge": RIDGE, "stream": "synthetic"}
     jobs = [{**common, **spec, "name": engine, "train": engine == "fsdp"} for engine, spec in ENGINES.items()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(WORKER), str(out),
-               *(json.dumps(j) for j in jobs)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    inengine_worker.launch(out, jobs)
     return out
 
 

@@ -11,9 +11,6 @@ run with in-engine pruning and a reference run started from the offline-pruned w
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import inengine_worker  # tests/dist is on sys.path; registers the tiny EVA in this process too
@@ -29,7 +26,6 @@ from pruning.stream import REPORT_JSON, prune_checkpoint
 
 pytestmark = pytest.mark.dist
 
-WORKER = Path(__file__).with_name("inengine_worker.py")
 RATIO = 0.5  # width 64 -> 32 kept of 256 hidden units
 MODELS = {
     "vit": {"family": "open_clip", "model": "ViT-Tiny-8"},
@@ -81,12 +77,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
                      "method": "taylor", "name": f"{engine}-vit-taylor", "in_engine": True})
     jobs.append({**MODELS["vit"], **ENGINES["zero3"], "pretrained": str(out / "vit.safetensors"), "ratio": RATIO,
                  "method": "diversity", "name": "zero3-vit-unpruned", "in_engine": True, "enabled": False})
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(WORKER), str(out),
-               *(json.dumps(j) for j in jobs)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    inengine_worker.launch(out, jobs)
     return out
 
 
