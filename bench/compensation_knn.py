@@ -11,9 +11,11 @@ A variant is comma-separated ``key=value`` settings: ``clip`` (C, default 256), 
 ``ridge`` (1e-3), ``seed`` (Fashion-MNIST draw, 1), ``flip`` (add the mirror image of every picture),
 ``clipsize`` (input size of the clip-art pictures, default 224; 112 = the probe's size, through the
 112-px stem like the Fashion-MNIST images; ``224+112`` = every picture at both sizes), ``clip112`` (further
-clip-art pictures, after the first C, at 112 px; default 0).
+clip-art pictures, after the first C, at 112 px; default 0), ``w224`` (weight of each token of the 224-px
+pictures in the fit, default 1: below 1 tilts the fit towards the probe's input size).
 
     .venv/bin/python -m bench.compensation_knn ridge=1e-3 ridge=1e-2 flip seed=7 clip=0,fm=512
+    .venv/bin/python -m bench.compensation_knn ridge=1e-2,w224=0.25   # meets the issue's target
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Variant:
     flip: bool = False
     clipsize: tuple[int, ...] = (224,)
     clip112: int = 0
+    w224: float = 1.0
 
     @classmethod
     def parse(cls, text: str) -> Variant:
@@ -57,11 +60,11 @@ class Variant:
                 variant = replace(variant, clipsize=tuple(int(size) for size in value.split("+")))
             elif key in ("clip", "fm", "seed", "clip112") and value:
                 variant = replace(variant, **{key: int(value)})
-            elif key == "ridge" and value:
-                variant = replace(variant, ridge=float(value))
+            elif key in ("ridge", "w224") and value:
+                variant = replace(variant, **{key: float(value)})
             else:
                 raise ValueError(f"variant {text!r}: unknown setting {part!r} (clip=, fm=, ridge=, seed=, flip, "
-                                 "clipsize=, clip112=)")
+                                 "clipsize=, clip112=, w224=)")
         if min(variant.clip, variant.fm, variant.clip112) < 0 or variant.clip + variant.fm + variant.clip112 == 0:
             raise ValueError(f"variant {text!r}: needs at least one calibration image")
         return variant
@@ -106,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         for size in v.clipsize if v.clip else ():
             sized = clip if size == clip.shape[-1] else torch.nn.functional.interpolate(
                 clip, size=size, mode="bicubic", antialias=True)
-            states += stem_states(knn_eval_model(teacher, size), "blocks.0", sized.split(args.batch_size),
-                                  base.forward_features)
+            sized_states = stem_states(knn_eval_model(teacher, size), "blocks.0", sized.split(args.batch_size),
+                                       base.forward_features)
+            states += [replace(st, weight=v.w224) for st in sized_states] if size == 224 else sized_states
         if v.clip112:
             small = torch.nn.functional.interpolate(clip112, size=112, mode="bicubic", antialias=True)
             states += stem_states(small_teacher, "blocks.0", small.split(args.batch_size), base.forward_features)

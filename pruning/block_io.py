@@ -53,13 +53,16 @@ class BlockState:
     hidden: torch.Tensor
     args: tuple
     kwargs: dict
+    weight: float = 1.0
+    """How much each of the batch's tokens counts in the fits (mode ``output``): e.g. to balance
+    calibration images of two input sizes, whose token counts differ."""
 
     def run(self, block: nn.Module) -> BlockState:
         out = block(self.hidden, *self.args, **self.kwargs)
         if not isinstance(out, torch.Tensor):
             raise ValueError(f"{type(block).__name__} returned {type(out).__name__}, not the next hidden states: "
                              "streaming calibration needs blocks that map a tensor to a tensor")
-        return BlockState(out, self.args, self.kwargs)
+        return BlockState(out, self.args, self.kwargs, self.weight)
 
     def nbytes(self) -> int:
         tensors = [self.hidden, *self.args, *self.kwargs.values()]
@@ -222,6 +225,10 @@ class BlockCalibration:
         states = [s for s in states if s.hidden.shape[0] > 0]  # an empty batch adds nothing to any fit
         if not states:
             raise ValueError("calibration: no batch with any image")
+        if mode != "output" and any(s.weight != 1 for s in states):
+            raise ValueError(f"calibration: batch weights need mode 'output', got mode {mode!r}")
+        if any(not s.weight > 0 for s in states):
+            raise ValueError("calibration: batch weights must be > 0")
         self.mode, self.ridge, self.holdout_fraction = mode, ridge, holdout_fraction
         self.prefix_tokens = prefix_tokens
         self.reduce = reduce
@@ -328,7 +335,7 @@ class BlockCalibration:
                     else:
                         target = norm_pullback(post_norm, teacher_y[i], wanted)
                     joint = torch.cat([a.reshape(-1, width), target.reshape(-1, rows)], dim=1)
-                    weights = self._token_weights(a, report_path)
+                    weights = self._token_weights(a, report_path, student.weight)
                     mask = holdout_mask(seen, joint.shape[0], self.holdout_fraction).to(joint.device)
                     seen += joint.shape[0]
                     fit.update(joint[~mask], None if weights is None else weights[~mask])
@@ -359,16 +366,19 @@ class BlockCalibration:
                 self.reduce(held)
         return fit, held
 
-    def _token_weights(self, acts: torch.Tensor, label: str) -> torch.Tensor | None:
-        """Per-token weights of [batch, tokens, units] activations, flattened; None without prefix weighting."""
+    def _token_weights(self, acts: torch.Tensor, label: str, batch_weight: float = 1.0) -> torch.Tensor | None:
+        """Per-token weights of [batch, tokens, units] activations, flattened (``batch_weight`` times the
+        prefix weighting); None when every token counts 1."""
         if not self.prefix_tokens:
-            return None
+            if batch_weight == 1:
+                return None
+            return torch.full((acts[..., 0].numel(),), float(batch_weight), dtype=torch.float64, device=acts.device)
         if acts.dim() != 3 or acts.shape[1] <= self.prefix_tokens:
             raise ValueError(f"{label}: prefix token weighting needs [batch, tokens, units] with more than "
                              f"{self.prefix_tokens} tokens, got {tuple(acts.shape)}")
         tokens = acts.shape[1]
-        weights = torch.ones(acts.shape[0], tokens, dtype=torch.float64, device=acts.device)
-        weights[:, :self.prefix_tokens] = (tokens - self.prefix_tokens) / self.prefix_tokens
+        weights = torch.full((acts.shape[0], tokens), float(batch_weight), dtype=torch.float64, device=acts.device)
+        weights[:, :self.prefix_tokens] *= (tokens - self.prefix_tokens) / self.prefix_tokens
         return weights.reshape(-1)
 
     def _joint_stats(self, block: nn.Module, site: MlpSite, keep: torch.Tensor

@@ -24,6 +24,7 @@ def test_draws_differ_by_seed_and_knn_sweep_variants_parse():
     used = torch.arange(0, 1000, 2)
     assert not torch.equal(unused_indices(1000, used, 50, seed=1), unused_indices(1000, used, 50, seed=7))
     assert Variant.parse("ridge=1e-2,clip=0,fm=512") == Variant(clip=0, fm=512, ridge=1e-2)
+    assert Variant.parse("w224=0.25,clip112=64") == Variant(w224=0.25, clip112=64)
     assert Variant.parse("flip,seed=7,clipsize=224+112") == Variant(flip=True, seed=7, clipsize=(224, 112))
     with pytest.raises(ValueError, match="unknown setting 'foo=1'"):
         Variant.parse("foo=1")

@@ -344,3 +344,22 @@ def test_stats_rebased_onto_one_shift_add_up_to_the_stats_of_all_tokens():
     torch.testing.assert_close(total.covariance(), whole.covariance())
     with pytest.raises(ValueError, match=r"shift: expected shape \(5,\)"):
         total.rebase(torch.zeros(4))
+
+
+def test_batch_weight_counts_like_repeating_the_batch_and_needs_output_mode():
+    from dataclasses import replace
+
+    model = tiny_dinov2(hidden=128)
+    first, second = images(8), images(8, seed=3)
+    weighted, repeated = copy.deepcopy(model), copy.deepcopy(model)
+    states = stem_states(weighted, "blocks.0", [first, second])
+    states[1] = replace(states[1], weight=2.0)
+    calibrate_blocks(weighted, states, num_keep=40, mode="output", holdout_fraction=0)
+    calibrate_blocks(repeated, stem_states(repeated, "blocks.0", [first, second, second]), num_keep=40,
+                     mode="output", holdout_fraction=0)
+    for key, value in repeated.state_dict().items():
+        torch.testing.assert_close(weighted.state_dict()[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    with pytest.raises(ValueError, match="batch weights need mode 'output'"):
+        calibrate_blocks(copy.deepcopy(model), states, num_keep=40, mode="sequential")
+    with pytest.raises(ValueError, match="batch weights must be > 0"):
+        calibrate_blocks(copy.deepcopy(model), [replace(states[0], weight=0.0)], num_keep=40, mode="output")
