@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         for size in v.clipsize if v.clip else ():
             sized = clip if size == clip.shape[-1] else torch.nn.functional.interpolate(
                 clip, size=size, mode="bicubic", antialias=True)
-            sized_states = stem_states(knn_eval_model(teacher, size), "blocks.0", sized.split(args.batch_size),
-                                       base.forward_features)
+            stem = {224: teacher, 112: small_teacher}.get(size) or knn_eval_model(teacher, size)
+            sized_states = stem_states(stem, "blocks.0", sized.split(args.batch_size), base.forward_features)
             states += [replace(st, weight=v.w224) for st in sized_states] if size == 224 else sized_states
         if v.clip112:
             small = torch.nn.functional.interpolate(clip112, size=112, mode="bicubic", antialias=True)

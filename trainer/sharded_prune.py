@@ -425,13 +425,17 @@ def calibration_stats(engine: PruningEngine, sites: list[MlpSite], batches: list
             forward(images)
     for pair in stats.values():
         for part in pair:
-            if part is None:
-                continue
-            count = torch.tensor([float(part.count)], dtype=torch.float64, device=device)
-            for tensor in (count, part.sum, part.outer):
-                _all_reduce(tensor)
-            part.count = int(count.item())
+            if part is not None:
+                _sum_over_ranks(part, device)
     return stats
+
+
+def _sum_over_ranks(stats: ActivationStats, device: torch.device) -> None:
+    """Add up count, sum and outer product of every rank's ``stats``, which must share one shift already."""
+    count = torch.tensor([float(stats.count)], dtype=torch.float64, device=device)
+    for tensor in (count, stats.sum, stats.outer):
+        _all_reduce(tensor)
+    stats.count = int(count.item()) if isinstance(stats.count, int) else float(count.item())
 
 
 def calibration_groups(sites: list[MlpSite], *, held_out: bool, budget_gib: float) -> list[list[MlpSite]]:
@@ -520,10 +524,7 @@ def all_reduce_stats(stats: ActivationStats) -> None:
     if float(packed[-1]) == 0:
         return
     stats.rebase(packed[:-1] / packed[-1])
-    count = torch.tensor([float(stats.count)], dtype=torch.float64, device=device)
-    for tensor in (count, stats.sum, stats.outer):
-        _all_reduce(tensor)
-    stats.count = float(count.item())
+    _sum_over_ranks(stats, device)
 
 
 def _stem_states(engine: PruningEngine, first_block: str, batches: list[torch.Tensor]) -> list[block_io.BlockState]:

@@ -127,16 +127,12 @@ class FsdpEngine:
         transient = sum(t.numel() for n, t in pruned.items() if n not in local)
         # fc_out's bias does not depend on the hidden width, so it is a site tensor only once compensated.
         names = [*site.parameter_names(), *sorted(local - set(site.parameter_names()))]
+        present = [n for n in names if n in student_params]
+        self.write_student_tensors(site, {n: pruned[n] for n in present if n not in local})
         with torch.no_grad():
-            for name in names:
-                if name not in student_params:
-                    continue
-                target = student_params[name]
+            for name in present:
                 if name in local:  # already this rank's rows
-                    target.to_local().copy_(pruned[name])
-                else:
-                    target.to_local().copy_(distribute_tensor(pruned[name], self.mesh, target.placements,
-                                                              src_data_rank=None).to_local())
+                    student_params[name].to_local().copy_(pruned[name])
         return transient
 
     @contextlib.contextmanager
