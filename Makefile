@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 DEB_PACKAGES := openclipart-png dataset-fashion-mnist
 DATA_STAMP := .cache/.debian-data
 
-.PHONY: demo test lint bench bench-scale clean-venv
+.PHONY: demo test lint bench bench-scale gpu-check clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,15 +29,15 @@ $(DATA_STAMP):
 	@touch $@
 
 test: $(STAMP) $(DATA_STAMP)
-	$(PY) -m ruff check trainer pruning tests bench
+	$(PY) -m ruff check trainer pruning tools tests bench
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 # Prune a real DINOv2 ViT-S/14 with DGMR, distill it on 2 CPU ranks, evaluate; prints the report path.
 demo: $(STAMP) $(DATA_STAMP)
-	$(PY) -m trainer.demo --out demo_out
+	$(PY) -m tools.demo --out demo_out
 
 lint: $(STAMP)
-	$(PY) -m ruff check trainer pruning tests bench
+	$(PY) -m ruff check trainer pruning tools tests bench
 
 # Each benchmark prints ratios against a baseline measured in the same run and writes bench/results/.
 bench: $(STAMP)
@@ -48,6 +48,10 @@ bench: $(STAMP)
 # Writes a full-size EVA02-E-14-plus checkpoint (~9 GB) to a temporary folder and prunes it.
 bench-scale: $(STAMP)
 	$(PY) -m bench.stream_prune
+
+# The gpu test tier (skips without CUDA): run it once on a lent GPU machine.
+gpu-check: $(STAMP)
+	$(PY) -m pytest -q tests/gpu
 
 clean-venv:
 	rm -rf $(VENV)

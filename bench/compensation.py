@@ -10,12 +10,12 @@ Calibration pictures: an evenly spread openclipart subset (Debian ``openclipart-
 from the held-out ones, shuffled with a fixed seed so that the first 64 / 256 are random subsets of
 the 512. Teacher-mode statistics do not depend on the kept units: they are collected once (with
 snapshots after 64, 128 and 256 images) and shared by every teacher-mode row; sequential and corrected
-rows run ``pruning.block_io.prune_and_compensate_blocks`` (the driver the streaming CLI uses) on
+rows run ``pruning.prune_blocks`` (the driver every path uses) on
 the first ``--blockwise-calib`` (128) pictures.
 
 ``--fmnist-calib N`` adds rows whose block-wise calibration mixes the first ``--mixed-clipart``
 pictures with N unlabeled Fashion-MNIST training images at the kNN input size (their own stem, the
-same blocks: ``pruning.block_io.calibrate_blocks``), drawn from the training images the kNN probe
+same blocks: recorded ``pruning.stem_states``), drawn from the training images the kNN probe
 does not use; labels are never read for calibration.
 
     .venv/bin/python -m bench.compensation   # -> bench/results/compensation.json + a markdown table
@@ -36,10 +36,7 @@ import torch
 from torch import nn
 
 import pruning
-from pruning.block_io import calibrate_blocks, prune_and_compensate_blocks, stem_states
 from pruning.calib_images import ImageSpec, preprocess
-from pruning.compensate import ActivationStats, holdout_mask, site_record
-from pruning.sites import out_inputs
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compensation.json"
 RATIO, SEED, HOLDOUT = 1.0, 0, 0.2
@@ -51,7 +48,7 @@ def log(message: str) -> None:
 
 
 def load_images(count_calib: int, count_heldout: int, max_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from trainer.demo import OPENCLIPART, select_images
+    from tools.demo import OPENCLIPART, select_images
     from trainer.models.dinov2_onnx import INPUT_SPEC
 
     spec = ImageSpec(INPUT_SPEC.image_size, tuple(INPUT_SPEC.mean), tuple(INPUT_SPEC.std))
@@ -70,63 +67,23 @@ def forward_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.forward_features(x)
 
 
-def teacher_stats(model: nn.Module, images: torch.Tensor, batch_size: int, snapshots: list[int]
-                  ) -> dict[int, dict[str, tuple[ActivationStats, ActivationStats]]]:
-    """Fit / held-out stats of every site on the unpruned model, as ``prune_and_compensate`` collects them,
-    copied after the first ``n`` images for each ``n`` in ``snapshots``."""
-    sites = pruning.find_mlp_sites(model)
-    # float32 products (fp64 sums): the only departure from prune_and_compensate, for CPU time.
-    stats = {s.path: (ActivationStats(s.hidden, torch.float32), ActivationStats(s.hidden, torch.float32))
-             for s in sites}
-    seen = dict.fromkeys(stats, 0)
-
-    def receive(path: str, x: torch.Tensor) -> None:
-        fit, held = stats[path]
-        acts = x.detach().reshape(-1, fit.size)
-        mask = holdout_mask(seen[path], acts.shape[0], HOLDOUT)
-        seen[path] += acts.shape[0]
-        fit.update(acts[~mask])
-        held.update(acts[mask])
-
-    out = {}
-    with out_inputs(model, sites, receive), torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            forward_features(model, images[start:start + batch_size])
-            done = min(start + batch_size, len(images))
-            if done in snapshots:
-                out[done] = copy.deepcopy(stats)
-                log(f"teacher stats after {done} images")
-    return out
-
-
-def compensate_from_stats(teacher: nn.Module, method: str, stats: dict, ridge: float,
-                          scores: dict | None) -> tuple[nn.Module, pruning.PruneReport]:
-    """Teacher-mode ``prune_and_compensate`` on precomputed stats (same selection, fit and report)."""
+def prune(teacher: nn.Module, method: str, scores: dict | None, *, mode: str | None = None,
+          inputs: list | None = None, ridge: float = 1e-3, balance: bool = False
+          ) -> tuple[nn.Module, pruning.PruneReport]:
+    """A pruned copy of ``teacher`` through ``pruning.prune_blocks``: plain (``mode`` None), or compensated in
+    ``mode`` on ``inputs`` (image batches or recorded stem states)."""
     model = copy.deepcopy(teacher)
-    generator = torch.Generator().manual_seed(SEED)
-    records = []
-    before = sum(p.numel() for p in model.parameters())
-    for site in pruning.find_mlp_sites(model):
-        keep = pruning.select_mlp_channels(site.selection_weight(model), int(RATIO * site.width), method,
-                                           generator=generator, scores=None if scores is None else scores[site.path])
-        out = getattr(site.module(model), site.out_name)
-        weight, bias = out.weight.detach().clone(), out.bias.detach().clone()
-        fit, held = stats[site.path]
-        new_site = pruning.compensate_site(model, site, keep, fit, ridge)
-        errors = site_record(model, new_site, weight, bias, keep, held)
-        records.append(pruning.SiteReport(site.path, site.hidden, new_site.hidden, 0, 0, keep.tolist(), *errors))
-    return model, pruning.PruneReport(method, records, before, sum(p.numel() for p in model.parameters()))
-
-
-def plain(teacher: nn.Module, method: str, scores: dict | None) -> nn.Module:
-    model = copy.deepcopy(teacher)
-    pruning.prune_model(model, ratio=RATIO, method=method, generator=torch.Generator().manual_seed(SEED),
-                        scores=scores)
-    return model
+    source = pruning.ModelSource(model, forward_features)
+    calibration = None if mode is None else pruning.Calibration(mode=mode, ridge=ridge, holdout_fraction=HOLDOUT,
+                                                                 balance_prefix=balance)
+    report = pruning.prune_blocks(source, pruning.keep_counts(source.sites, RATIO), method, calibration=calibration,
+                                  calib_inputs=inputs or [], generator=torch.Generator().manual_seed(SEED),
+                                  scores=scores if method == "taylor" else None)
+    return model, report
 
 
 def taylor_scores(teacher: nn.Module, images: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
-    """|a x dL/da| with L = mean squared pre-norm output token (as trainer.sharded_prune does)."""
+    """|a x dL/da| with L = mean squared pre-norm output token (as trainer.student.taylor_scores does)."""
     model = copy.deepcopy(teacher)
     model.norm = nn.Identity()
 
@@ -148,8 +105,8 @@ class Evaluator:
         self.teacher_feats, self.teacher_small_feats = self._feats, self._small_feats
 
     def __call__(self, model: nn.Module) -> dict:
+        from tools.demo import knn_eval_model
         from trainer.data.base import InputSpec
-        from trainer.demo import knn_eval_model
         from trainer.eval import extract_features, image_batches, knn_accuracy, token_fidelity
         from trainer.models.dinov2_onnx import INPUT_SPEC, forward_tokens
 
@@ -177,8 +134,8 @@ class Evaluator:
 def fmnist_calibration(fmnist: dict, count: int, size: int, seed: int = SEED + 1) -> torch.Tensor:
     """``count`` Fashion-MNIST training images (normalised, ``size`` px) outside the kNN probe's training sample,
     drawn with ``seed``."""
+    from tools.demo import FASHION_MNIST
     from trainer.data.base import InputSpec
-    from trainer.demo import FASHION_MNIST
     from trainer.eval import image_batches, load_fashion_mnist
     from trainer.models.dinov2_onnx import INPUT_SPEC
 
@@ -240,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    from trainer.demo import FASHION_MNIST, FULL, fashion_subset
+    from tools.demo import FASHION_MNIST, FULL, fashion_subset
     from trainer.models.dinov2_onnx import load_dinov2_vits14
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -272,9 +229,6 @@ def main(argv: list[str] | None = None) -> int:
         save()
 
     add(rows.pop())
-    start = time.perf_counter()
-    stats = teacher_stats(teacher, calib, args.batch_size, sorted(args.calib))
-    notes["teacher_stats_s"] = round(time.perf_counter() - start, 1)
     scores = None
     if "taylor" in args.methods:
         start = time.perf_counter()
@@ -284,30 +238,24 @@ def main(argv: list[str] | None = None) -> int:
     n_block = args.blockwise_calib
 
     def blockwise(method: str, mode: str) -> None:
-        model = copy.deepcopy(teacher)
         balance = args.balance_prefix and mode == "output"
         start = time.perf_counter()
-        report = prune_and_compensate_blocks(model, calib[:n_block].split(args.batch_size), forward=forward_features,
-                                             ratio=RATIO, method=method, mode=mode, ridge=ridge,
-                                             holdout_fraction=HOLDOUT, generator=torch.Generator().manual_seed(SEED),
-                                             scores=scores if method == "taylor" else None,
-                                             balance_prefix=balance)
+        model, report = prune(teacher, method, scores, mode=mode, inputs=list(calib[:n_block].split(args.batch_size)),
+                              ridge=ridge, balance=balance)
         add({"method": method, "mode": f"{mode}{', balanced' if balance else ''}", "calib_images": n_block, "ridge": ridge,
              "fit_s": round(time.perf_counter() - start, 1), **mean_errors(report), **evaluate(model)})
 
     def mixed(method: str, mode: str, fm_images: torch.Tensor) -> None:
-        from trainer.demo import knn_eval_model
+        from tools.demo import knn_eval_model
 
-        model = copy.deepcopy(teacher)
         start = time.perf_counter()
         first = "blocks.0"
-        states = stem_states(model, first, calib[:args.mixed_clipart].split(args.batch_size), forward_features)
-        states += stem_states(knn_eval_model(teacher, args.knn_size), first, fm_images.split(args.batch_size),
-                              forward_features)
+        states = pruning.stem_states(teacher, first, calib[:args.mixed_clipart].split(args.batch_size),
+                                     forward_features)
+        states += pruning.stem_states(knn_eval_model(teacher, args.knn_size), first, fm_images.split(args.batch_size),
+                                      forward_features)
         balance = args.balance_prefix and mode == "output"
-        report = calibrate_blocks(model, states, ratio=RATIO, method=method, mode=mode, ridge=ridge,
-                                  holdout_fraction=HOLDOUT, generator=torch.Generator().manual_seed(SEED),
-                                  scores=scores if method == "taylor" else None, balance_prefix=balance)
+        model, report = prune(teacher, method, scores, mode=mode, inputs=states, ridge=ridge, balance=balance)
         add({"method": method, "mode": f"{mode}{', balanced' if balance else ''}, mixed", "calib_images": f"{args.mixed_clipart} + {len(fm_images)}",
              "ridge": ridge, "fit_s": round(time.perf_counter() - start, 1), **mean_errors(report),
              **evaluate(model)})
@@ -326,18 +274,20 @@ def main(argv: list[str] | None = None) -> int:
     # Diversity first, block-wise modes included: the rows the issue's target is about.
     for method in args.methods:
         s = scores if method == "taylor" else None
-        add({"method": method, "mode": "none", **evaluate(plain(teacher, method, s))})
+        add({"method": method, "mode": "none", **evaluate(prune(teacher, method, s)[0])})
         counts = sorted(args.calib, reverse=True) if method == "diversity" else [n_max]
         for n in counts:
             start = time.perf_counter()
-            model, report = compensate_from_stats(teacher, method, stats[n], ridge, s)
+            batches = list(calib[:n].split(args.batch_size))
+            model, report = prune(teacher, method, s, mode="teacher", inputs=batches, ridge=ridge)
             fit_s = round(time.perf_counter() - start, 1)
             add({"method": method, "mode": "teacher", "calib_images": n, "ridge": ridge, "fit_s": fit_s,
                  **mean_errors(report), **evaluate(model)})
         if method == "diversity":
             for r in args.ridges:
                 start = time.perf_counter()
-                model, report = compensate_from_stats(teacher, method, stats[n_max], r, s)
+                batches = list(calib[:n_max].split(args.batch_size))
+                model, report = prune(teacher, method, s, mode="teacher", inputs=batches, ridge=r)
                 add({"method": method, "mode": "teacher", "calib_images": n_max, "ridge": r,
                      "fit_s": round(time.perf_counter() - start, 1), **mean_errors(report), **evaluate(model)})
             for mode in args.modes:

@@ -21,7 +21,6 @@ pictures in the fit, default 1: below 1 tilts the fit towards the probe's input 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 from bench import compensation as base
-from pruning.block_io import calibrate_blocks, stem_states
+from pruning import stem_states
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compensation_knn_sweep.json"
 
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     variants = [(text, Variant.parse(text)) for text in args.variants]
 
-    from trainer.demo import FASHION_MNIST, FULL, fashion_subset, knn_eval_model
+    from tools.demo import FASHION_MNIST, FULL, fashion_subset, knn_eval_model
     from trainer.models.dinov2_onnx import load_dinov2_vits14
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -103,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         fm = base.fmnist_calibration(fmnist, v.fm, 112, v.seed) if v.fm else clip.new_zeros(0, 3, 112, 112)
         if v.flip:
             clip, fm = torch.cat([clip, clip.flip(-1)]), torch.cat([fm, fm.flip(-1)])
-        model = copy.deepcopy(teacher)
         start = time.perf_counter()
         states = []
         for size in v.clipsize if v.clip else ():
@@ -117,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             states += stem_states(small_teacher, "blocks.0", small.split(args.batch_size), base.forward_features)
         if v.fm:
             states += stem_states(small_teacher, "blocks.0", fm.split(args.batch_size), base.forward_features)
-        calibrate_blocks(model, states, ratio=base.RATIO, method="diversity", mode="output", ridge=v.ridge,
-                         holdout_fraction=base.HOLDOUT, generator=torch.Generator().manual_seed(base.SEED))
+        model, _ = base.prune(teacher, "diversity", None, mode="output", inputs=states, ridge=v.ridge)
         sizes_px = " and ".join(str(size) for size in v.clipsize)
         more = f" + {v.clip112} clip art at 112 px" if v.clip112 else ""
         row = {"variant": text, "images": f"{v.clip} clip art at {sizes_px} px{more} + {v.fm} Fashion-MNIST"

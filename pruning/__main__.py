@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .compensate import MODES
+from .blockwise import MODES, Calibration
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,38 +41,34 @@ def _parser() -> argparse.ArgumentParser:
                        help="calibration images: a folder (searched recursively), webdataset tar shards "
                             "(a.tar, dir/{00000..00009}.tar, a.tar::b.tar) or a .pt/.safetensors tensor of "
                             "normalised images [N, 3, S, S]; turns compensation on")
-    calib.add_argument("--num-calib", type=int, default=256, help="calibration images to use (default 256)")
-    calib.add_argument("--calib-mode", default="sequential", choices=MODES,
-                       help="fit each block on the pruned model's hidden states (sequential, default), on the "
-                            "original model's (teacher), the pruned model's kept units onto the original "
-                            "model's units (corrected; carries both), or refit fc2 so each pruned block's "
-                            "output matches the original block's (output; carries both; best on DINOv2 in "
-                            "bench/compensation.py; post-norm blocks are fitted through their norm)")
+    calib.add_argument("--num-calib", type=int, default=Calibration.num_images,
+                       help=f"calibration images to use (default {Calibration.num_images})")
+    calib.add_argument("--calib-mode", default=Calibration.mode, choices=MODES,
+                       help="refit fc2 so each pruned block's output matches the original block's (output, "
+                            "default; best on DINOv2 in bench/compensation.py; post-norm blocks are fitted "
+                            "through their norm), fit each block on the pruned model's hidden states "
+                            "(sequential), on the original model's (teacher), or the pruned model's kept "
+                            "units onto the original model's units (corrected)")
     calib.add_argument("--balance-prefix", action="store_true",
                        help="with --calib-mode output: class/register tokens weigh as much as the patch tokens "
                             "of their image (CLS cosine 0.870 -> 0.900 on DINOv2, bench/compensation.py)")
-    calib.add_argument("--ridge", type=float, default=1e-3,
-                       help="ridge penalty relative to the mean kept-unit variance (default 1e-3)")
-    calib.add_argument("--calib-batch-size", type=int, default=16, help="images per calibration forward")
-    calib.add_argument("--calib-holdout", type=float, default=0.2,
-                       help="fraction of tokens held out of the fit for the report's errors (default 0.2)")
+    calib.add_argument("--ridge", type=float, default=Calibration.ridge,
+                       help=f"ridge penalty relative to the mean variance of the fit's inputs (default {Calibration.ridge})")
+    calib.add_argument("--calib-batch-size", type=int, default=Calibration.batch_size,
+                       help="images per calibration forward")
+    calib.add_argument("--calib-holdout", type=float, default=Calibration.holdout_fraction,
+                       help="fraction of tokens held out of the fit for the report's errors "
+                            f"(default {Calibration.holdout_fraction})")
     return parser
 
 
-def _num_keep_from_json(path: Path, model: str) -> dict[str, int]:
+def _num_keep_from_json(path: Path) -> dict[str, int] | list[int]:
     if not path.is_file():
         raise FileNotFoundError(f"--num-keep-json file not found: {path}")
     widths = json.loads(path.read_text(encoding="utf-8"))
-    if isinstance(widths, dict):
-        return widths
-    if not isinstance(widths, list):
+    if not isinstance(widths, (dict, list)):
         raise ValueError(f"{path}: expected a JSON object {{site path: kept}} or a list, got {type(widths).__name__}")
-    from .export import resolve_architecture
-
-    sites = resolve_architecture(model).sites()
-    if len(widths) != len(sites):
-        raise ValueError(f"{path}: {len(widths)} widths for {len(sites)} MLP blocks")
-    return {s.path: w for s, w in zip(sites, widths, strict=True)}
+    return widths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,15 +84,18 @@ def main(argv: list[str] | None = None) -> int:
                 if not path.is_file():
                     raise FileNotFoundError(f"--model-config file not found: {path}")
                 open_clip.add_model_config(path)
-        num_keep = _num_keep_from_json(args.num_keep_json, args.model) if args.num_keep_json else args.num_keep
+        num_keep = _num_keep_from_json(args.num_keep_json) if args.num_keep_json else args.num_keep
+        calibration = None
+        if args.calibration is not None:
+            calibration = Calibration(mode=args.calib_mode, ridge=args.ridge, holdout_fraction=args.calib_holdout,
+                                      balance_prefix=args.balance_prefix, num_images=args.num_calib,
+                                      batch_size=args.calib_batch_size)
         start = time.perf_counter()
         report = prune_checkpoint(
             args.model, args.out, checkpoint=args.checkpoint, ratio=args.ratio, num_keep=num_keep,
             method=args.method, overwrite=args.overwrite, seed=args.seed,
             progress=None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True),
-            calibration=args.calibration, num_calib=args.num_calib, calib_mode=args.calib_mode, ridge=args.ridge,
-            calib_batch_size=args.calib_batch_size, holdout_fraction=args.calib_holdout,
-            balance_prefix=args.balance_prefix,
+            calibration=calibration, images=args.calibration,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -105,12 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pruned {len(report.sites)} MLP blocks in {time.perf_counter() - start:.1f} s: tower parameters "
           f"{before:,} -> {after:,} ({100 * (1 - after / before):.1f}% fewer); wrote {args.out}")
     if args.calibration is not None:
-        calib = json.loads((args.out / "pruning_report.json").read_text(encoding="utf-8"))["calibration"]
+        calib = report.calibration
         errors = [(s.recon_error_before, s.recon_error_after) for s in report.sites]
         mean = [sum(e[i] for e in errors) / len(errors) for i in (0, 1)] if errors[0][0] is not None else None
         print(f"compensated ({calib['mode']}, ridge {calib['ridge']}) on {calib['num_images']} images; carried hidden "
               f"states {calib['hidden_state_bytes']:,} bytes"
-              + (f"; mean held-out fc2 error {mean[0]:.4f} plain -> {mean[1]:.4f} compensated" if mean else ""))
+              + (f"; mean held-out error {mean[0]:.4f} plain -> {mean[1]:.4f} compensated" if mean else ""))
     return 0
 
 

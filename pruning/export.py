@@ -22,7 +22,7 @@ from torch import nn
 
 from .sites import MlpSite, find_mlp_sites
 from .skeleton import parameters_on_meta
-from .surgery import prune_site
+from .surgery import resize_mlps
 
 OPEN_CLIP = "open_clip"
 TIMM = "timm"
@@ -212,12 +212,10 @@ def build_pruned(out_dir: str | os.PathLike, *, device: str | torch.device = "me
         else:
             model = timm.create_model(record["base_model"], pretrained=False, **config.get("model_args", {}))
     tower = model.get_submodule(record["tower"])
-    for site in find_mlp_sites(tower):
-        want = record["mlp_hidden"].get(site.path)
-        if want is None:
-            raise ValueError(f"{out_dir}: no stored width for MLP site {site.path}")
-        if want != site.hidden:
-            prune_site(tower, site, torch.arange(want))  # values are overwritten by the load
+    missing = [s.path for s in find_mlp_sites(tower) if s.path not in record["mlp_hidden"]]
+    if missing:
+        raise ValueError(f"{out_dir}: no stored width for MLP site {missing[0]}")
+    resize_mlps(tower, record["mlp_hidden"])  # values are overwritten by the load
     return model
 
 

@@ -68,6 +68,14 @@ class MlpSite:
         """Name (relative to ``path``) of the tensor that ``selection_rows`` takes."""
         return f"{self.in_names[0]}.weight"
 
+    def layer_names(self) -> list[str]:
+        """Attributes of every layer whose shape depends on the hidden width (inputs, output, norm)."""
+        return [*self.in_names, self.out_name] + ([self.norm_name] if self.norm_name else [])
+
+    def tensor_names(self) -> list[str]:
+        """Every weight and bias name of those layers (relative to ``path``), fc_out's bias included."""
+        return [f"{m}.{p}" for m in self.layer_names() for p in ("weight", "bias")]
+
     def parameter_names(self) -> list[str]:
         """Names of every tensor (relative to ``path``) whose shape depends on the hidden width."""
         names = [f"{n}.{p}" for n in self.in_names for p in ("weight", "bias")]

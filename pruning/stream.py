@@ -6,30 +6,26 @@ input is read tensor by tensor (safetensors with plain reads, ``.pt``/``.bin`` t
 written first and tensors are appended as each block is pruned. The export is assembled in a
 temporary directory beside ``out_dir`` and renamed into place only when complete.
 
-With ``calibration`` images the MLPs are also compensated in closed form (``pruning.compensate``)
-without ever holding the model: everything before block 0 is materialised from the checkpoint and
-run once (``pruning.block_io``), then block by block the block alone is materialised (fp32), its
-fc2-input statistics are collected on the carried hidden states, it is pruned, compensated and
-written (in the checkpoint's dtype), and the hidden states move on through the original block
-(``teacher``) or the compensated one (``sequential``; ``corrected`` carries both). Memory is one
-block plus the calibration hidden states, whose size the report gives.
+The checkpoint is a ``BlockSource`` of ``pruning.blockwise.prune_blocks``: with a ``Calibration`` the MLPs
+are also compensated without ever holding the model (everything before block 0 is materialised from
+the checkpoint and run once, then each block alone, in fp32). Memory is one block plus the
+calibration hidden states, whose size the report gives.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
-from . import block_io
+from .blockwise import BlockSource, BlockState, Calibration, materialize_outside, prune_blocks, stem_states
 from .calib_images import input_spec, load_calibration_images
-from .compensate import MODES
 from .export import (
     OPEN_CLIP,
     OPEN_CLIP_VISUAL_WEIGHTS,
@@ -43,9 +39,9 @@ from .export import (
     resolve_architecture,
 )
 from .safetensors_stream import SafetensorsReader, SafetensorsWriter
-from .select import METHODS, select_mlp_channels
-from .sites import MlpSite, prefix_token_count
-from .surgery import PruneReport, SiteReport, keep_counts, prune_site_tensors
+from .select import METHODS
+from .sites import MlpSite
+from .surgery import PruneReport, keep_counts, prune_site_tensors
 
 REPORT_JSON = "pruning_report.json"
 REPORT_MD = "pruning_report.md"
@@ -74,10 +70,10 @@ class StateDictSource:
         self._sd = {}
 
 
-Source = SafetensorsReader | StateDictSource
+Reader = SafetensorsReader | StateDictSource
 
 
-def open_checkpoint(path: str | os.PathLike) -> Source:
+def open_checkpoint(path: str | os.PathLike) -> Reader:
     """Open a ``.safetensors`` file, or a torch state dict (optionally under ``state_dict``, ``module.``)."""
     path = Path(path)
     if not path.is_file():
@@ -110,7 +106,7 @@ def _layout(arch: Architecture, keys: list[str]) -> tuple[str, bool, dict[str, t
     return "", True, {k[len(prefix):]: s for k, s in full.items() if k.startswith(prefix)}
 
 
-def _check_keys(source: Source, expected: dict[str, tuple[int, ...]], model: str) -> None:
+def _check_keys(source: Reader, expected: dict[str, tuple[int, ...]], model: str) -> None:
     keys = source.keys()
     have = set(keys)
     missing = [k for k in expected if k not in have]
@@ -128,229 +124,161 @@ def _check_keys(source: Source, expected: dict[str, tuple[int, ...]], model: str
                              f"{expected[key]}")
 
 
-def _site_tensor_names(site: MlpSite) -> list[str]:
-    # Every tensor of the site's layers (fc_out bias included) so counts match site_param_count.
-    modules = [*site.in_names, site.out_name] + ([site.norm_name] if site.norm_name else [])
-    return [f"{m}.{p}" for m in modules for p in ("weight", "bias")]
-
-
 def prune_checkpoint(
     model: str,
     out_dir: str | os.PathLike,
     *,
     checkpoint: str | os.PathLike | None = None,
     ratio: float | None = None,
-    num_keep: int | dict[str, int] | None = None,
+    num_keep: int | dict[str, int] | list[int] | None = None,
     method: str = "diversity",
     overwrite: bool = False,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
-    calibration: str | os.PathLike | torch.Tensor | None = None,
-    num_calib: int = 256,
-    calib_mode: str = "sequential",
-    ridge: float = 1e-3,
-    calib_batch_size: int = 16,
-    holdout_fraction: float = 0.2,
-    balance_prefix: bool = False,
+    calibration: Calibration | None = None,
+    images: str | os.PathLike | torch.Tensor | None = None,
 ) -> PruneReport:
     """Prune the MLPs of ``model``'s checkpoint (or seeded init weights) into export ``out_dir``.
 
     ``model`` is an open_clip or timm name (``open_clip:``/``timm:`` prefixes disambiguate);
-    ``num_keep`` is one count or a dict from tower-relative site path to count. ``seed`` seeds
-    the init weights when there is no checkpoint and the ``random`` method.
+    ``num_keep`` is one count, a dict from tower-relative site path to count, or one count per block.
+    ``seed`` seeds the init weights when there is no checkpoint and the ``random`` method.
 
-    ``calibration``: an image folder, tar shards or tensor file (``pruning.calib_images``), or
-    normalised images [N, 3, S, S], turns on closed-form compensation: ``num_calib`` images (a
-    tensor is used whole) in batches of ``calib_batch_size``, ``calib_mode`` in
-    ``pruning.compensate.MODES``, ``ridge`` and ``holdout_fraction`` as in
-    ``prune_and_compensate``; per-block reconstruction errors go into the report.
-    ``balance_prefix`` (``calib_mode='output'``): class / register tokens weigh as much as the patch
-    tokens of their image in the fit (``pruning.block_io.BlockCalibration``).
+    ``calibration`` turns on closed-form compensation on ``images``: an image folder, tar shards or tensor
+    file (``pruning.calib_images``, ``calibration.num_images`` of them), or normalised images [N, 3, S, S]
+    (used whole); per-block held-out errors go into the report.
     """
     if method not in METHODS or method == "taylor":
         raise ValueError(f"method must be one of {[m for m in METHODS if m != 'taylor']} for checkpoint "
                          f"pruning (taylor needs activations), got {method!r}")
-    if calibration is not None:
-        if calib_mode not in MODES:
-            raise ValueError(f"calib_mode must be one of {MODES}, got {calib_mode!r}")
-        if not ridge >= 0:
-            raise ValueError(f"ridge must be >= 0, got {ridge}")
-        if calib_batch_size < 1:
-            raise ValueError(f"calib_batch_size must be >= 1, got {calib_batch_size}")
-        if not 0 <= holdout_fraction < 1:
-            raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
-        if balance_prefix and calib_mode != "output":
-            raise ValueError(f"balance_prefix needs calib_mode 'output', got {calib_mode!r}")
+    if (calibration is None) != (images is None):
+        raise ValueError("compensation needs both a Calibration and calibration images")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"output directory exists: {out_dir} (pass overwrite=True / --overwrite)")
     arch = resolve_architecture(model)
-    sites = arch.sites()
-    counts = keep_counts(sites, ratio, num_keep)
-    calib = None
+    counts = keep_counts(arch.sites(), ratio, num_keep)
+    batches: list[torch.Tensor] = []
     if calibration is not None:
-        for site in sites:
-            if site.norm_name is not None:
-                raise ValueError(f"{site.path}: compensation is not defined with a LayerNorm over the hidden units "
-                                 f"({site.norm_name}); prune without --calibration")
-        layout = block_io.block_layout(arch.tower, sites)
         spec = input_spec(arch.model, arch.family)
-        if isinstance(calibration, torch.Tensor):
-            if calibration.dim() != 4 or tuple(calibration.shape[1:]) != (3, spec.size, spec.size):
+        if isinstance(images, torch.Tensor):
+            if images.dim() != 4 or tuple(images.shape[1:]) != (3, spec.size, spec.size):
                 raise ValueError(f"calibration: expected normalised images [N, 3, {spec.size}, {spec.size}] for "
-                                 f"{arch.name}, got shape {tuple(calibration.shape)}")
-            images, label = calibration.float(), f"<tensor {tuple(calibration.shape)}>"
+                                 f"{arch.name}, got shape {tuple(images.shape)}")
+            loaded, label = images.float(), f"<tensor {tuple(images.shape)}>"
         else:
-            images, label = load_calibration_images(calibration, num_calib, spec), str(calibration)
-        prefix_tokens = prefix_token_count(arch.tower) if balance_prefix else 0
-        calib = _Calibration(layout, images, label, calib_mode, ridge, calib_batch_size, holdout_fraction,
-                             prefix_tokens)
+            loaded, label = load_calibration_images(images, calibration.num_images, spec), str(images)
+        batches = list(loaded.split(calibration.batch_size))
     if checkpoint is not None:
-        source = open_checkpoint(checkpoint)
+        reader = open_checkpoint(checkpoint)
     else:
-        source = StateDictSource(build_initialized(arch, seed).state_dict(), f"<{arch.name} init, seed {seed}>")
+        reader = StateDictSource(build_initialized(arch, seed).state_dict(), f"<{arch.name} init, seed {seed}>")
     try:
-        prefix, visual_only, expected = _layout(arch, source.keys())
-        _check_keys(source, expected, f"{arch.family} model {arch.name!r}")
+        prefix, visual_only, expected = _layout(arch, reader.keys())
+        _check_keys(reader, expected, f"{arch.family} model {arch.name!r}")
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         try:
-            report = _write_export(arch, source, sites, counts, prefix, visual_only, method, seed, tmp,
-                                   progress, checkpoint, calib)
+            weights = (TIMM_WEIGHTS if arch.family != OPEN_CLIP
+                       else OPEN_CLIP_VISUAL_WEIGHTS if visual_only else OPEN_CLIP_WEIGHTS)
+            source = CheckpointSource(arch, reader, prefix, visual_only, counts)
+            with SafetensorsWriter(tmp / weights, source.specs, metadata={"format": "pt"}) as writer:
+                source.writer = writer
+                report = prune_blocks(source, counts, method, calibration=calibration, calib_inputs=batches,
+                                      generator=torch.Generator().manual_seed(seed), progress=progress)
+                source.finish()
+            if report.calibration is not None:
+                report.calibration.update(source=label, num_images=int(loaded.shape[0]),
+                                          image_shape=list(loaded.shape[1:]))
+            _write_metadata(arch, reader, source, report, visual_only, weights, checkpoint, tmp)
             _move_into_place(tmp, out_dir, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     finally:
-        source.close()
+        reader.close()
     return report
 
 
-class _Calibration:
-    """Settings of a calibrated run and, once started, the block-to-block state."""
+class CheckpointSource(BlockSource):
+    """A checkpoint read tensor by tensor, pruned into a ``SafetensorsWriter`` in checkpoint order.
 
-    def __init__(self, layout: block_io.BlockLayout, images: torch.Tensor, label: str, mode: str, ridge: float,
-                 batch_size: int, holdout_fraction: float, prefix_tokens: int = 0) -> None:
-        self.layout, self.images, self.label = layout, images, label
-        self.prefix_tokens = prefix_tokens
-        self.mode, self.ridge, self.batch_size, self.holdout_fraction = mode, ridge, batch_size, holdout_fraction
-        self.index = {s.path: i for i, s in enumerate(layout.tower_sites)}
-        self.state: block_io.BlockCalibration | None = None
-        self.peak_bytes = 0
-        self.seconds = 0.0
+    Output order: checkpoint order, each site's tensors together at the slot where the site first
+    appears; sites fill those slots in module order (file order may sort blocks.10 before blocks.2), so
+    ``write`` appends the tensors before a site's slot, then the site's own.
+    """
 
-    def start(self, arch: Architecture, source: Source, prefix: str) -> None:
-        start = time.perf_counter()
-        stem = block_io.materialize_outside(arch.tower, self.layout.container, lambda n: source.get(prefix + n))
-        states = block_io.stem_states(stem, self.layout.blocks[0], self.images.split(self.batch_size))
-        del stem
-        self.state = block_io.BlockCalibration(states, mode=self.mode, ridge=self.ridge,
-                                               holdout_fraction=self.holdout_fraction,
-                                               prefix_tokens=self.prefix_tokens)
-        self.peak_bytes = self.state.hidden_state_bytes()
-        self.seconds += time.perf_counter() - start
-
-    def step(self, arch: Architecture, source: Source, prefix: str, site: MlpSite, keep: torch.Tensor,
-             names: dict[str, str]) -> tuple[dict[str, torch.Tensor], SiteReport]:
-        """Pruned-and-compensated tensors of ``site`` (keyed like ``names``' values) and its record."""
-        if self.state is None:
-            self.start(arch, source, prefix)
-        assert self.state is not None
-        start = time.perf_counter()
-        i = self.index[site.path]
-        path, local = self.layout.blocks[i], self.layout.sites[i]
-        meta = arch.tower.get_submodule(path)
-        block = block_io.materialize(meta, {n: source.get(f"{prefix}{path}.{n}") for n in meta.state_dict()},
-                                     label=f"{path}.")
-        record = self.state.step(block, local, keep, site.path)
-        state = block.get_submodule(local.path).state_dict()
-        tensors = {n: state[n].to(source.meta(k)[1]) for k, n in names.items()}
-        self.peak_bytes = max(self.peak_bytes, self.state.hidden_state_bytes())
-        self.seconds += time.perf_counter() - start
-        return tensors, record
-
-    def summary(self) -> dict:
-        return {"source": self.label, "num_images": int(self.images.shape[0]),
-                "image_shape": list(self.images.shape[1:]), "mode": self.mode, "ridge": self.ridge,
-                "prefix_tokens_balanced": self.prefix_tokens,
-                "batch_size": self.batch_size, "holdout_fraction": self.holdout_fraction,
-                "hidden_state_bytes": self.peak_bytes, "seconds": round(self.seconds, 3)}
-
-
-def _write_export(arch: Architecture, source: Source, sites: list[MlpSite], counts: dict[str, int],
-                  prefix: str, visual_only: bool, method: str, seed: int, tmp: Path,
-                  progress: Callable[[str], None] | None, checkpoint: str | os.PathLike | None,
-                  calib: _Calibration | None = None) -> PruneReport:
-    # Output order: checkpoint order, each site's tensors together at a slot where a site first
-    # appears; sites fill those slots in module order (file order may sort blocks.10 before
-    # blocks.2), so the random method draws per site in the same order as prune_model.
-    groups: dict[str, tuple[MlpSite, dict[str, str]]] = {}
-    owner: dict[str, str] = {}
-    have = set(source.keys())
-    for site in sites:
-        names = {prefix + site.path + "." + n: n for n in _site_tensor_names(site) if prefix + site.path + "." + n in have}
-        groups[site.path] = (site, names)
-        owner.update(dict.fromkeys(names, site.path))
-    order: list[str | MlpSite] = []
-    seen: set[str] = set()
-    in_module_order = iter(sites)
-    for key in source.keys():
-        path = owner.get(key)
-        if path is None:
-            order.append(key)
-        elif path not in seen:
-            seen.add(path)
-            order.append(next(in_module_order))
-
-    strip = len(prefix) if visual_only else 0
-    specs = []
-    for item in order:
-        if isinstance(item, str):
-            shape, dtype = source.meta(item)
-            specs.append((item[strip:], shape, dtype))
-            continue
-        site, names = groups[item.path]
-        metas = {n: source.meta(k) for k, n in names.items()}
-        shapes = prune_site_tensors(site, {n: torch.empty(s, dtype=d, device="meta") for n, (s, d) in metas.items()},
-                                    torch.arange(counts[site.path]))
-        specs += [(k[strip:], tuple(shapes[n].shape), metas[n][1]) for k, n in names.items()]
-
-    weights = TIMM_WEIGHTS if arch.family != OPEN_CLIP else OPEN_CLIP_VISUAL_WEIGHTS if visual_only else OPEN_CLIP_WEIGHTS
-    generator = torch.Generator().manual_seed(seed)
-    records = []
-    with SafetensorsWriter(tmp / weights, specs, metadata={"format": "pt"}) as writer:
-        for item in order:
+    def __init__(self, arch: Architecture, reader: Reader, prefix: str, visual_only: bool,
+                 counts: dict[str, int]) -> None:
+        self.arch, self.reader, self.prefix = arch, reader, prefix
+        self.tower, self.sites = arch.tower, arch.sites()
+        self.params_before = sum(p.numel() for p in arch.tower.parameters())
+        self.strip = len(prefix) if visual_only else 0
+        self.writer: SafetensorsWriter | None = None
+        have = set(reader.keys())
+        self.names: dict[str, dict[str, str]] = {}  # site path -> {file key: name relative to the site}
+        owner: dict[str, str] = {}
+        for site in self.sites:
+            keys = {f"{prefix}{site.path}.{n}": n for n in site.tensor_names()}
+            self.names[site.path] = {k: n for k, n in keys.items() if k in have}
+            owner.update(dict.fromkeys(self.names[site.path], site.path))
+        self.order: list[str | MlpSite] = []
+        in_module_order = iter(self.sites)
+        seen: set[str] = set()
+        for key in reader.keys():
+            path = owner.get(key)
+            if path is None:
+                self.order.append(key)
+            elif path not in seen:
+                seen.add(path)
+                self.order.append(next(in_module_order))
+        self.specs = []
+        for item in self.order:
             if isinstance(item, str):
-                writer.write(item[strip:], source.get(item))
+                self.specs.append((item[self.strip:], *reader.meta(item)))
                 continue
-            start = time.perf_counter()
-            site, names = groups[item.path]
-            tensors = {n: source.get(k) for k, n in names.items()}
-            if site.selection_tensor_name not in tensors:
-                raise ValueError(f"{source.path}: tensor {prefix + site.path + '.' + site.selection_tensor_name!r} "
-                                 "is missing")
-            keep = select_mlp_channels(site.selection_rows(tensors[site.selection_tensor_name]),
-                                       counts[site.path], method, generator=generator)
-            if calib is None:
-                pruned = prune_site_tensors(site, tensors, keep)
-                record = SiteReport(site.path, site.hidden, counts[site.path], sum(t.numel() for t in tensors.values()),
-                                    sum(t.numel() for t in pruned.values()), keep.tolist())
-            else:
-                pruned, record = calib.step(arch, source, prefix, site, keep, names)
-            for key, name in names.items():
-                writer.write(key[strip:], pruned[name])
-            records.append(record)
-            del tensors, pruned
-            if progress is not None:
-                errors = ("" if record.recon_error_before is None else
-                          f", fc2 error {record.recon_error_before:.4f} -> {record.recon_error_after:.4f}")
-                progress(f"[{len(records)}/{len(sites)}] {site.path}: {site.hidden} -> {counts[site.path]}{errors} "
-                         f"({time.perf_counter() - start:.1f} s)")
+            metas = {n: reader.meta(k) for k, n in self.names[item.path].items()}
+            shapes = prune_site_tensors(item, {n: torch.empty(s, dtype=d, device="meta") for n, (s, d) in metas.items()},
+                                        torch.arange(counts[item.path]))
+            self.specs += [(k[self.strip:], tuple(shapes[n].shape), metas[n][1]) for k, n in self.names[item.path].items()]
+        self._cursor = 0
 
-    before = sum(p.numel() for p in arch.tower.parameters())
-    after = before - sum(r.params_before - r.params_after for r in records)
-    report = PruneReport(method, records, before, after)
-    config_name, config, claimed = export_configs(arch, counts, visual_only=visual_only)
+    @contextlib.contextmanager
+    def read(self, path: str) -> Iterator[dict[str, torch.Tensor]]:
+        yield {n: self.reader.get(f"{self.prefix}{path}.{n}") for n in self.tower.get_submodule(path).state_dict()}
+
+    def write(self, site: MlpSite, tensors: dict[str, torch.Tensor]) -> None:
+        assert self.writer is not None
+        self._flush(stop_at=site)
+        for key, name in self.names[site.path].items():
+            self.writer.write(key[self.strip:], tensors[name].to(self.reader.meta(key)[1]))
+        self._cursor += 1
+
+    def finish(self) -> None:
+        """Append the tensors after the last site's slot."""
+        self._flush(stop_at=None)
+
+    def _flush(self, stop_at: MlpSite | None) -> None:
+        assert self.writer is not None
+        while self._cursor < len(self.order):
+            item = self.order[self._cursor]
+            if not isinstance(item, str):
+                assert item.path == getattr(stop_at, "path", None), (item.path, stop_at)
+                return
+            self.writer.write(item[self.strip:], self.reader.get(item))
+            self._cursor += 1
+
+    def stem_states(self, first_block: str, images: list[torch.Tensor]) -> list[BlockState]:
+        container = first_block.rpartition(".")[0]
+        stem = materialize_outside(self.tower, container, lambda n: self.reader.get(self.prefix + n))
+        return stem_states(stem, first_block, images)
+
+
+def _write_metadata(arch: Architecture, reader: Reader, source: CheckpointSource, report: PruneReport,
+                    visual_only: bool, weights: str, checkpoint: str | os.PathLike | None, tmp: Path) -> None:
+    """The export's config (stock-loadable or not) and the pruning report beside the weights."""
+    widths = {s.path: s.hidden_after for s in report.sites}
+    config_name, config, claimed = export_configs(arch, widths, visual_only=visual_only)
     _write_json(tmp / config_name, config)
     stock = claimed and check_stock_build(tmp)
     config[PRUNING_KEY]["stock_loadable"] = stock
@@ -358,12 +286,10 @@ def _write_export(arch: Architecture, source: Source, sites: list[MlpSite], coun
     summary = {"model": arch.name, "family": arch.family, "checkpoint": None if checkpoint is None else str(checkpoint),
                "tower": arch.tower_path, "visual_only": visual_only, "weights_file": weights,
                "stock_loadable": stock, "how_to_load": _how_to_load(arch, config, visual_only, stock),
-               "checkpoint_elements_before": sum(_numel(source.meta(k)[0]) for k in source.keys()),
-               "checkpoint_elements_after": sum(_numel(s) for _, s, _ in specs),
-               "calibration": None if calib is None else calib.summary()}
+               "checkpoint_elements_before": sum(_numel(reader.meta(k)[0]) for k in reader.keys()),
+               "checkpoint_elements_after": sum(_numel(s) for _, s, _ in source.specs)}
     _write_json(tmp / REPORT_JSON, {**summary, **report.to_dict()})
     (tmp / REPORT_MD).write_text(_markdown(summary, report), encoding="utf-8")
-    return report
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -421,13 +347,13 @@ def _markdown(summary: dict, report: PruneReport) -> str:
         f"- stock-loadable: {'yes' if summary['stock_loadable'] else 'no (per-layer widths)'}; "
         f"load with: {summary['how_to_load']}",
     ]
-    calib = summary.get("calibration")
+    calib = report.calibration
     if calib:
         lines.append(f"- compensation: {calib['mode']} mode, ridge {calib['ridge']}, {calib['num_images']} "
                      f"calibration images from {calib['source']} (batches of {calib['batch_size']}; "
                      f"{calib['holdout_fraction']:.0%} of tokens held out for the errors); carried hidden states "
                      f"{calib['hidden_state_bytes'] / 2**20:.1f} MiB; {calib['seconds']:.1f} s")
-    errors = " fc2 error plain | fc2 error compensated |" if calib else ""
+    errors = " held-out error plain | held-out error compensated |" if calib else ""
     lines += [
         "",
         "| # | site | hidden before | hidden after | params before | params after |" + errors + " first kept indices |",
@@ -440,7 +366,9 @@ def _markdown(summary: dict, report: PruneReport) -> str:
         lines.append(f"| {i} | `{s.path}` | {s.hidden_before} | {s.hidden_after} | {s.params_before:,} | "
                      f"{s.params_after:,} |{cells} {head} |")
     if calib:
-        lines += ["", "fc2 error: ||y' - y|| / ||y|| of the MLP's output Linear on held-out calibration tokens, "
-                      "pruned without and with compensation."]
+        measured = ("fc2's output against the one that reproduces the original block's output (mode output)"
+                    if calib["mode"] == "output" else "fc2's output against the original fc2's")
+        lines += ["", f"held-out error: ||y' - y|| / ||y|| of {measured} on held-out calibration tokens, pruned "
+                      "without and with compensation."]
     lines += ["", f"Full kept index lists (selection order) are in `{REPORT_JSON}`.", ""]
     return "\n".join(lines)

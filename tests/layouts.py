@@ -8,7 +8,7 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import nn
 
-from pruning import GATED_FUSED, GATED_SPLIT, PLAIN
+from pruning.sites import GATED_FUSED, GATED_SPLIT, PLAIN
 
 KINDS = ["open_clip", "timm_vit", "eva_plain", "eva_swiglu", "eva_glu_fused", "dinov2_w12"]
 

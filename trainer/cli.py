@@ -12,12 +12,19 @@ Dotted keys reach nested sections (``optim.base_lr=1e-4``); values are parsed as
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from trainer.config import TrainConfig, from_dict
+from trainer.data.config import DataConfig
+from trainer.data.shards import check_rank_share, resolve_sources
 
 
 def load_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -81,7 +88,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse the command line into a TrainConfig."""
-    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.splitlines()[0],
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="experiment YAML, e.g. configs/experiments/tiny_timm.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.base_lr=1e-4")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
@@ -92,12 +100,14 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 def _export(argv: list[str]) -> int:
     from trainer.export import main
+    from trainer.models.open_clip_family import weights_loaded_elsewhere
 
-    return main(argv)
+    with weights_loaded_elsewhere():  # the export rebuilds towers and loads the trained weights itself
+        return main(argv)
 
 
 def _plan(argv: list[str]) -> int:
-    from trainer.plan import main
+    from tools.plan import main
 
     return main(argv)
 
@@ -106,11 +116,128 @@ SUBCOMMANDS = {"export": _export, "plan": _plan}
 """First-argument name -> entry taking the remaining arguments and returning the exit status."""
 
 
+EPILOG = """subcommands (a first argument naming one selects it):
+  python -m trainer export <checkpoint | run dir> --out <dir> [--which latest|best]
+  python -m trainer plan <experiment.yaml> [key=value ...]
+
+errors in the input print one line (error: ...) and exit with status 2; --debug (or TRAINER_DEBUG=1)
+shows the traceback instead. Ctrl-C / SIGTERM during training: the step in progress finishes, a
+checkpoint is saved, and the run exits with status 130; the same command resumes it."""
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+"""Errors in what the user gave (config, paths, files): one line, not a traceback."""
+DEBUG_FLAG, DEBUG_ENV = "--debug", "TRAINER_DEBUG"
+ERROR_CHARS = 2000
+"""A user error longer than this (a strict load listing every key) is cut; --debug shows all of it."""
+
+
+def one_line_errors(entry: Callable[[list[str]], int], argv: list[str]) -> int:
+    """Run a command-line ``entry``; a user error becomes ``error: ...`` on one line and status 2.
+
+    ``--debug`` anywhere in ``argv`` (removed before ``entry`` sees it) or ``TRAINER_DEBUG=1`` lets the
+    exception through with its traceback. A Ctrl-C before training has taken its signals over (imports,
+    config, model build) ends with one line and status 130 as well.
+    """
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != DEBUG_FLAG]
+    try:
+        return entry(argv)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        text = " ".join(str(err).split()) or type(err).__name__
+        if len(text) > ERROR_CHARS:
+            text = text[:ERROR_CHARS] + f" ... ({DEBUG_FLAG} shows all)"
+        print(f"error: {text}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
 def run_subcommand(argv: list[str]) -> int:
     """Dispatch ``python -m trainer``: a subcommand, or training (the default)."""
     if argv and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]](argv[1:])
     from trainer.loop import main
 
-    main(parse_args(argv))
-    return 0
+    return main(parse_args(argv))
+
+
+# Preflight: checks of a training config that need files but no model, run before anything is built.
+#
+# Building the teacher and student takes seconds to minutes on every rank; a data layout that leaves
+# a rank without shards, or a teacher file that cannot be read, used to surface only afterwards, as a
+# traceback per rank under gloo's "Connection closed by peer". Each check here reads only file names,
+# shard lists and file headers, gives the same verdict on every rank, and raises one error naming the
+# config key and the file.
+
+ZIP_MAGIC = b"PK\x03\x04"
+"""First bytes of ``torch.save``'s (zip) format."""
+
+
+def preflight(cfg: TrainConfig, world_size: int) -> None:
+    """Raise ValueError / FileNotFoundError for a problem ``cfg`` would hit only after the models are built."""
+    check_data_layout(cfg.data, world_size)
+    check_weights_file("model.pretrained", cfg.model.pretrained)
+
+
+def check_data_layout(data: DataConfig, world_size: int) -> None:
+    """Every shard exists and, without resampling, every rank and every DataLoader worker gets a shard.
+
+    Shards are dealt round robin, so the last rank gets the fewest: checking it checks them all, and
+    every rank reaches the same verdict.
+    """
+    if data.kind != "webdataset":
+        return
+    key = "data.shards" if data.shards else "data.sources"
+    spec = data.shards or " :: ".join(s.shards for s in data.sources)
+    sources = resolve_sources(data)  # FileNotFoundError naming a missing shard or list file
+    if data.resampled:
+        return
+    n_shards = sum(len(urls) for urls, _ in sources)
+    check_rank_share(n_shards, world_size - 1, world_size, data.num_workers, label=f"{key} {spec}")
+
+
+def check_weights_file(key: str, path: str | None) -> None:
+    """``path`` (config ``key``) is a readable, complete weights file; None passes (random init).
+
+    Complete means: a .safetensors file holds every byte its header points to; a ``torch.save`` zip
+    has its central directory (the end of the file). Older pickle files are checked for presence only.
+    """
+    if path is None:
+        return
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{key}: no such file {path}")
+    if not os.access(file, os.R_OK):
+        raise ValueError(f"{key}: {path} is not readable (permission denied)")
+    size = file.stat().st_size
+    if size == 0:
+        raise ValueError(f"{key}: {path} is empty")
+    if file.suffix == ".safetensors":
+        _check_safetensors(key, file, size)
+        return
+    with open(file, "rb") as f:
+        magic = f.read(len(ZIP_MAGIC))
+    if magic == ZIP_MAGIC and not zipfile.is_zipfile(file):
+        raise ValueError(f"{key}: {path} is truncated or damaged (a torch.save archive without its end, "
+                         f"{size} bytes)")
+
+
+def _check_safetensors(key: str, file: Path, size: int) -> None:
+    """The header parses and the last tensor ends inside the file."""
+    with open(file, "rb") as f:
+        head = f.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < header_len <= size - 8:
+            raise ValueError(f"{key}: {file} is not a safetensors file or is truncated ({size} bytes)")
+        try:
+            header = json.loads(f.read(header_len))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            raise ValueError(f"{key}: {file} has an unreadable safetensors header") from None
+    if 8 + header_len + end > size:
+        raise ValueError(f"{key}: {file} is truncated ({size} bytes, its header needs {8 + header_len + end})")

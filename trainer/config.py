@@ -12,13 +12,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from pruning import Calibration
 from trainer.data.config import DataConfig
 from trainer.engines.names import ENGINES
 from trainer.models.names import FAMILIES
 
 PRECISIONS = ("fp32", "bf16")
 PRUNE_METHODS = ("diversity", "l2", "random", "taylor")
-CALIB_MODES = ("teacher", "sequential", "corrected", "output")
 """pruning.compensate.MODES, named here so that reading a config does not import the pruning package."""
 LOSS_OBJECTIVES = ("mse", "mse_postnorm", "cosine", "mse_standardized")
 VALIDATION_METRICS = ("cos_cls", "cos_patch", "knn_top1")
@@ -87,28 +87,29 @@ class PruneConfig:
     """A .safetensors state dict loaded into the pruned student (strict), e.g. a compensated student
     made with the same ratio and method; empty: the student keeps the teacher's surviving weights."""
     compensate: bool = False
-    """in_engine only: fold a closed-form fit of the removed hidden units on the kept ones into each
-    pruned fc_out (pruning.compensate, teacher mode; docs/inengine_pruning.md). The host path takes a
-    compensated student through student_init instead."""
+    """in_engine only: compensate every pruned block in closed form (``pruning.Calibration``,
+    docs/compensation.md) on the first ``calib_batches`` batches of the training stream, block by block on
+    whole blocks gathered from the shards, each rank carrying its own batches, fit statistics all-reduced.
+    The host path takes a compensated student through student_init instead."""
     calib_batches: int = 8
-    """compensate: batches of the training stream whose fc_out inputs are the calibration activations
-    (the last one, when there are two or more, is held out for the reported reconstruction error)."""
-    ridge: float = 1e-3
-    """compensate: ridge lambda relative to the mean variance of the kept units (0: plain least squares)."""
-    calib_mode: str = "teacher"
-    """compensate: ``teacher`` fits every block on the unpruned teacher's activations (grouped passes, below);
-    ``sequential``, ``corrected`` or ``output`` (recommended, docs/compensation.md) run
-    pruning.block_io.BlockCalibration block after block on whole blocks gathered from the shards, carrying
-    each rank's calibration hidden states, with the fit statistics all-reduced."""
-    calib_holdout: float = 0.2
-    """compensate, block-wise modes: fraction of each rank's calibration tokens held out of the fit for the
-    reported errors (teacher mode holds out the last batch instead)."""
-    balance_prefix: bool = False
+    """compensate: batches of the training stream (per rank) used for calibration."""
+    ridge: float = Calibration.ridge
+    """compensate: ridge lambda relative to the mean variance of the fit's inputs (0: plain least squares)."""
+    calib_mode: str = Calibration.mode
+    """compensate: ``output`` (default, recommended), ``sequential``, ``corrected`` or ``teacher``
+    (``pruning.Calibration.mode``)."""
+    calib_holdout: float = Calibration.holdout_fraction
+    """compensate: fraction of each block's calibration tokens, spread evenly, held out of the fit for the
+    reported errors."""
+    balance_prefix: bool = Calibration.balance_prefix
     """compensate, calib_mode output: class / register tokens weigh as much as an image's patch tokens."""
-    calib_stats_gib: float = 4.0
-    """compensate: the float64 activation moments (hidden^2 x 8 bytes per block, twice with a held-out
-    batch) held at once per rank. Blocks are calibrated in consecutive groups that fit, each group with
-    its own pass over the calibration batches: EVA-CLIP-E needs 3.5 GiB per block, all 64 at once 225 GiB."""
+
+    def calibration(self) -> Calibration | None:
+        """The compensation settings, None without ``compensate``."""
+        if not self.compensate:
+            return None
+        return Calibration(mode=self.calib_mode, ridge=self.ridge, holdout_fraction=self.calib_holdout,
+                           balance_prefix=self.balance_prefix)
 
     def __post_init__(self) -> None:
         _check(self.ratio > 0, "prune.ratio", f"must be > 0, got {self.ratio}")
@@ -122,13 +123,11 @@ class PruneConfig:
         _check(self.method in PRUNE_METHODS, "prune.method",
                f"must be one of {PRUNE_METHODS}, got {self.method!r}")
         _check(self.calib_batches >= 1, "prune.calib_batches", f"must be >= 1, got {self.calib_batches}")
-        _check(self.ridge >= 0, "prune.ridge", f"must be >= 0, got {self.ridge}")
-        _check(self.calib_stats_gib > 0, "prune.calib_stats_gib", f"must be > 0, got {self.calib_stats_gib}")
-        _check(self.calib_mode in CALIB_MODES, "prune.calib_mode",
-               f"must be one of {CALIB_MODES}, got {self.calib_mode!r}")
-        _check(0 <= self.calib_holdout < 1, "prune.calib_holdout", f"must be in [0, 1), got {self.calib_holdout}")
-        _check(not self.balance_prefix or self.calib_mode == "output", "prune.balance_prefix",
-               f"needs prune.calib_mode=output, got {self.calib_mode!r}")
+        try:
+            Calibration(mode=self.calib_mode, ridge=self.ridge, holdout_fraction=self.calib_holdout,
+                        balance_prefix=self.balance_prefix)
+        except ValueError as err:
+            raise ValueError(f"prune.calib_mode / ridge / calib_holdout / balance_prefix: {err}") from None
         _check(not self.compensate or self.in_engine, "prune.compensate",
                "needs prune.in_engine=true (on the host path load a compensated student with prune.student_init)")
 
@@ -224,6 +223,9 @@ class CheckpointConfig:
 
     every_steps: int = 1000
     """Optimizer steps between checkpoints; one is always written after the last step."""
+    every_minutes: float = 30.0
+    """Also checkpoint when this much wall time has passed since the last checkpoint (rank 0's clock
+    decides for all ranks); 0 disables. A stop signal (SIGINT / SIGTERM) always checkpoints."""
     keep_last: int = 3
     """Complete checkpoints kept; older ones are deleted after each successful save."""
     resume: str = "auto"
@@ -233,6 +235,7 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 1, "checkpoint.every_steps", f"must be >= 1, got {self.every_steps}")
+        _check(self.every_minutes >= 0, "checkpoint.every_minutes", f"must be >= 0, got {self.every_minutes}")
         _check(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
         _check(bool(self.resume), "checkpoint.resume", "must be 'auto', 'none' or a checkpoint path")
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from types import FrameType, TracebackType
 
 import torch
 import torch.distributed as torch_dist
@@ -84,3 +88,84 @@ def destroy_process_group() -> None:
         # Every rank must be done with collectives before any rank tears gloo down (rank 0 finishes last).
         torch_dist.barrier()
         torch_dist.destroy_process_group()
+
+
+# Graceful stop and wall-time checkpoints.
+# Graceful stop and wall-time checkpoints: when a run ends early, it ends at a step boundary, saved.
+#
+# SIGINT (Ctrl-C) and SIGTERM (what launchers and schedulers send first) only set a flag here; the
+# training loop reads it after each optimizer step, finishes that step, saves a complete checkpoint
+# and exits with ``STOP_EXIT_CODE``. A signal may reach some ranks and not others (a ``kill`` of one
+# process, a scheduler signalling one node), so the loop never acts on its own flag: ``StepFlags``
+# reduces every rank's flag (and rank 0's wall-time verdict) once per step, and every rank acts on the
+# same result. Repeated signals are not escalated: a Ctrl-C in a terminal reaches the launcher and the
+# ranks together, and the launcher forwards it again. The hard stop is SIGKILL (launchers send it
+# after their grace period: torchrun ``--shutdown-timeout``, DeepSpeed's 30 s).
+
+STOP_EXIT_CODE = 130
+"""Exit status of a run stopped by a signal (the shell's 128 + SIGINT)."""
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopSignals:
+    """While entered (main thread only): SIGINT / SIGTERM set ``received`` instead of ending the process."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        """The last stop signal received, or None."""
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+            # Restart interrupted system calls: C++ collectives (gloo, TCPStore) below us need not see EINTR.
+            signal.siginterrupt(sig, False)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+
+class StepFlags:
+    """Once per step, on every rank: (stop, checkpoint now) agreed by all ranks in one small all-reduce.
+
+    ``stop``: some rank received a stop signal. ``checkpoint now``: rank 0's clock says
+    ``every_minutes`` have passed since the last checkpoint (only rank 0 decides, so that ranks whose
+    clocks or step times differ cannot disagree). ``reduce`` is the engine's mean over ranks: a flag
+    is set on some rank exactly when its mean is above zero.
+    """
+
+    def __init__(self, reduce: Callable[[torch.Tensor], torch.Tensor], *, is_main: bool,
+                 stop: StopSignals | None, every_minutes: float) -> None:
+        self.reduce, self.is_main, self.stop = reduce, is_main, stop
+        self.every_s = every_minutes * 60.0
+        self.last_save = time.monotonic()
+
+    def saved(self) -> None:
+        """A checkpoint was just written: the wall-time interval starts again."""
+        self.last_save = time.monotonic()
+
+    def agree(self) -> tuple[bool, bool]:
+        """(stop, checkpoint now), the same on every rank (a collective: every rank calls it every step)."""
+        stop = self.stop is not None and self.stop.requested
+        timed = self.is_main and self.every_s > 0 and time.monotonic() - self.last_save >= self.every_s
+        flags = self.reduce(torch.tensor([float(stop), float(timed)]))
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+
+def stopped_message(step: int, checkpoint: str, resume: str) -> str:
+    """The one line rank 0 prints after a stop: where the run stopped and how to go on."""
+    if resume == "auto":
+        return f"stopped at step {step}; resume with the same command (checkpoint {checkpoint})"
+    return (f"stopped at step {step}; checkpoint {checkpoint}; resume with the same command and "
+            f"checkpoint.resume=auto (or checkpoint.resume={checkpoint})")

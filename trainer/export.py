@@ -18,13 +18,15 @@ import json
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 from torch import nn
 
-import pruning
+from pruning import find_mlp_sites
 from pruning.export import (
     OPEN_CLIP,
     OPEN_CLIP_VISUAL_WEIGHTS,
@@ -37,23 +39,38 @@ from pruning.export import (
     resolve_architecture,
 )
 from pruning.safetensors_stream import SafetensorsWriter
-from pruning.sites import find_mlp_sites
+from pruning.stream import open_checkpoint
 from trainer.checkpoint import CONFIG, ENGINE_DIR, resolve_checkpoint, validate
 from trainer.config import TrainConfig, from_dict
 from trainer.engines.base import read_student_state
-from trainer.export_stream import iter_student_tensors, meta_student, student_layout
 from trainer.models.base import TokenLayout
 from trainer.models.registry import get_adapter
+from trainer.student import student_architecture
 
 
 def build_student(cfg: TrainConfig) -> tuple[nn.Module, TokenLayout]:
-    """The student's architecture with the teacher's weights, head stripped as in training (one model in memory)."""
+    """The student's architecture (values to be loaded), head stripped as in training; the stripped parts hold
+    the teacher's values (from ``model.pretrained``, or its seeded init)."""
     adapter = get_adapter(cfg.model.family)
-    torch.manual_seed(cfg.run.seed)  # as build_models: the same init weights when there is no pretrained file
-    model = adapter.build(cfg.model)
-    # Only the widths matter here (the trained values are loaded next): the cheap method gives the same ones.
-    pruning.prune_model(model, ratio=cfg.prune.ratio, method="random", generator=torch.Generator().manual_seed(0))
-    return model, adapter.strip_head(model)
+    torch.manual_seed(cfg.run.seed)  # the teacher's init when there is no pretrained file, as build_models
+    model = student_architecture(cfg.model, cfg.prune, adapter, on="real")
+    layout = adapter.strip_head(model)
+    head = _head_tensors(cfg, {k: (tuple(v.shape), v.dtype) for k, v in _removed_state(layout).items()})
+    with torch.no_grad():
+        for name, value in _removed_state(layout).items():
+            value.copy_(head[name])
+    return model, layout
+
+
+def _removed_state(layout: TokenLayout) -> dict[str, torch.Tensor]:
+    """The tensors ``strip_head`` took out, by their names in the full model."""
+    state = {}
+    for path, part in layout.removed.items():
+        if isinstance(part, nn.Module):
+            state.update({f"{path}.{k}": v for k, v in part.state_dict().items()})
+        elif isinstance(part, torch.Tensor):
+            state[path] = part.data
+    return state
 
 
 def restore_head(model: nn.Module, layout: TokenLayout) -> None:
@@ -88,7 +105,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, overwrite:
     checkpoint = resolve_checkpoint(checkpoint, which)
     manifest = validate(checkpoint)
     cfg = from_dict(yaml.safe_load((checkpoint / CONFIG).read_text()))
-    model = meta_student(cfg)  # shapes for the configs; the weights stream below, one block at a time
+    # Shapes for the configs; the weights stream below, one block at a time.
+    model = student_architecture(cfg.model, cfg.prune, get_adapter(cfg.model.family), on="meta")
     widths = {s.path: s.hidden for s in find_mlp_sites(model)}
     if cfg.model.family == TIMM:
         arch = Architecture(TIMM, cfg.model.name, model, "")
@@ -143,3 +161,107 @@ def main(argv: list[str]) -> int:
         return 2
     print(f"exported {args.checkpoint} -> {out}")
     return 0
+
+
+Spec = tuple[tuple[int, ...], torch.dtype]
+
+
+@dataclass
+class StudentLayout:
+    """Which tensors the export writes, in which groups, and where each group comes from."""
+
+    trained_groups: list[dict[str, Spec]]
+    """Trained tensors (the engine's keys), one dict per transformer block, then one for the rest."""
+    head: dict[str, Spec]
+    """Untrained tensors that ``strip_head`` removed, as keys of the full (exported) model."""
+
+    def specs(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """(name, shape, dtype) of every exported tensor, in the order ``iter_student_tensors`` yields them."""
+        groups = [*self.trained_groups, self.head]
+        return [(name, shape, dtype) for group in groups for name, (shape, dtype) in group.items()]
+
+
+def student_layout(cfg: TrainConfig) -> StudentLayout:
+    """The pruned student's tensors from shapes alone: meta build, pruned widths, head stripped."""
+    adapter = get_adapter(cfg.model.family)
+    model = student_architecture(cfg.model, cfg.prune, adapter, on="meta")
+    full = _specs(model)
+    adapter.strip_head(model)
+    trained = _specs(model)
+    block_names = {id(block) for block in adapter.blocks(model)}
+    prefixes = [name + "." for name, module in model.named_modules() if id(module) in block_names]
+    groups = [{k: v for k, v in trained.items() if k.startswith(prefix)} for prefix in prefixes]
+    in_blocks = {k for group in groups for k in group}
+    groups.append({k: v for k, v in trained.items() if k not in in_blocks})
+    head = {k: v for k, v in full.items() if k not in trained}
+    return StudentLayout([g for g in groups if g], head)
+
+
+def iter_student_tensors(cfg: TrainConfig, engine_format: str, engine_dir: Path,
+                         layout: StudentLayout) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the exported student in ``layout.specs()`` order, at most one group in memory."""
+    reader = _engine_reader(engine_format, engine_dir)
+    for group in layout.trained_groups:
+        tensors = reader(group)
+        for name, (shape, _) in group.items():
+            if tuple(tensors[name].shape) != shape:
+                raise ValueError(f"{engine_dir}: {name} has shape {tuple(tensors[name].shape)} in the checkpoint, "
+                                 f"the student of its config has {shape}")
+            yield name, tensors[name]
+        del tensors
+    yield from _head_tensors(cfg, layout.head).items()
+
+
+def _specs(model: nn.Module) -> dict[str, Spec]:
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+
+
+def _engine_reader(engine_format: str, path: Path):
+    if engine_format == "dcp":
+        return lambda group: _read_dcp(path, group)
+    if engine_format == "deepspeed":
+        from trainer.engines.deepspeed import read_fp32_student
+
+        lazy = read_fp32_student(path, lazy=True)
+        return lambda group: {name: _materialise(lazy, name, path) for name in group}
+    raise ValueError(f"{path}: unknown engine checkpoint format {engine_format!r}")
+
+
+def _read_dcp(path: Path, group: dict[str, Spec]) -> dict[str, torch.Tensor]:
+    import torch.distributed.checkpoint as dcp
+
+    from trainer.engines.base import _single_process_quiet
+
+    state = {"model": {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in group.items()}}
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=path, no_dist=True)  # only these keys are read
+    return state["model"]
+
+
+def _materialise(lazy: dict, name: str, path: Path) -> torch.Tensor:
+    if name not in lazy:
+        raise ValueError(f"{path}: the DeepSpeed checkpoint has no tensor {name}")
+    value = lazy[name]
+    return value.contiguous() if not isinstance(value, torch.Tensor) else value  # GatheredTensor -> tensor
+
+
+def _head_tensors(cfg: TrainConfig, head: dict[str, Spec]) -> dict[str, torch.Tensor]:
+    if not head:
+        return {}
+    if cfg.model.pretrained is None:
+        torch.manual_seed(cfg.run.seed)  # the teacher's init, as build_models makes it
+        state = get_adapter(cfg.model.family).build(cfg.model).state_dict()
+        return {name: state[name].detach().clone() for name in head}
+    source = open_checkpoint(cfg.model.pretrained)
+    try:
+        keys = set(source.keys())
+        out = {}
+        for name in head:
+            # A whole CLIP file keeps the image tower under "visual."; timm files may carry "module.".
+            found = next((k for k in (name, f"visual.{name}", f"module.{name}") if k in keys), None)
+            if found is None:
+                raise ValueError(f"model.pretrained: {cfg.model.pretrained} has no tensor {name} (needed for export)")
+            out[name] = source.get(found).to(head[name][1])  # the dtype the built teacher holds
+        return out
+    finally:
+        source.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,16 +11,23 @@ from pathlib import Path
 import torch
 import yaml
 
-from trainer.build import build_models
 from trainer.checkpoint import Checkpointer
+from trainer.cli import preflight
 from trainer.config import TrainConfig
 from trainer.data import BatchStream, build_stream
-from trainer.dist import destroy_process_group, read_env
+from trainer.dist import (
+    STOP_EXIT_CODE,
+    StepFlags,
+    StopSignals,
+    destroy_process_group,
+    read_env,
+    stopped_message,
+)
 from trainer.engines.base import Engine, Models, build_engine
-from trainer.metrics import Metrics, flat_hparams, memory_bytes
+from trainer.metrics import Metrics, flat_hparams, log_prune_report, memory_bytes
 from trainer.models.registry import get_adapter
 from trainer.schedule import lr_at, peak_lr, weight_decay_at
-from trainer.sharded_prune import InEngineBuild, log_prune_report, prune_and_build_optimizer, setup_sharded
+from trainer.student import InEngineBuild, build_models, prune_in_engine
 from trainer.task import DistillTask, freeze_teacher
 from trainer.validate import FidelityRecord, Validator
 
@@ -35,18 +43,27 @@ class TrainResult:
     """Rank-averaged total loss by step (0-based), for every logged step."""
     validation: dict[int, dict[str, float]] = field(default_factory=dict)
     """Held-out metrics by optimizer steps done (0 = before training), identical on every rank."""
+    stopped_at: Path | None = None
+    """The checkpoint written when a stop signal ended the run before ``run.steps``; None when it ran to the end."""
 
 
-def train(cfg: TrainConfig, *, stream: BatchStream | None = None) -> TrainResult:
-    """Build everything from ``cfg`` and run ``cfg.run.steps`` optimizer steps."""
+def train(cfg: TrainConfig, *, stream: BatchStream | None = None, stop: StopSignals | None = None) -> TrainResult:
+    """Build everything from ``cfg`` and run ``cfg.run.steps`` optimizer steps.
+
+    ``stop``: signals that end the run early, after the step in progress and its checkpoint
+    (``TrainResult.stopped_at``); None: only the step count ends it.
+    """
     env = read_env()
     engine = build_engine(cfg.engine, cfg.optim, env)  # starts the process group where needed
     adapter = get_adapter(cfg.model.family)
     if cfg.prune.in_engine:
         # Sharded before any weight exists: teacher loaded shard by shard, student MLPs at pruned widths,
         # filled by prune_in_engine below (it may read the stream), then the optimizer.
+        if not hasattr(engine, "setup_sharded"):
+            raise ValueError(f"prune.in_engine: engine {cfg.engine.name!r} has no sharded build; use engine.name "
+                             "fsdp or deepspeed, or prune.in_engine=false")
         build = InEngineBuild(cfg.model, cfg.prune, adapter, cfg.run.seed)
-        setup_sharded(engine, build)
+        engine.setup_sharded(build.skeletons())
         teacher, student = build.teacher, build.student
         student_layout, teacher_layout = build.student_layout, build.teacher_layout
     else:
@@ -68,7 +85,7 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None) -> TrainResult
     prune_extra: dict = {}
     if cfg.prune.in_engine:
         # Per block: gather its MLP -> owner rank selects -> every rank writes its student shard; then AdamW.
-        prune_report, prune_extra = prune_and_build_optimizer(engine, build, stream, env.device)
+        prune_report, prune_extra = prune_in_engine(engine, build, stream, env.device)
     run_dir = Path(cfg.run.dir)
     validator = Validator(cfg.validation, adapter.input_spec(teacher), env) if cfg.validation.enabled else None
     record = FidelityRecord(cfg.validation.best_metric)
@@ -101,6 +118,8 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None) -> TrainResult
 
     if validator is not None and state.step == 0 and validate():
         checkpointer.save_best(state, engine, stream, {"metric": record.metric, "value": record.best})
+    flags = StepFlags(engine.mean_over_ranks, is_main=env.is_main, stop=stop,
+                      every_minutes=cfg.checkpoint.every_minutes)
     batches = iter(stream)
     for step in range(state.step, steps):
         lr = lr_at(step, peak=peak, warmup_steps=optim.warmup_steps, total_steps=steps,
@@ -116,9 +135,15 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None) -> TrainResult
             terms = terms + torch.stack([out[k].detach().float() for k in LOSS_TERMS]) / accum
         grad_norm = engine.step()
         state.step, state.samples_seen = step + 1, state.samples_seen + global_batch
+        # Every rank, every step: a signal seen by any rank stops all of them after this same step.
+        stopping, timed = flags.agree()
+        stopping = stopping and state.step < steps  # a signal during the last step: the run is complete anyway
         # Validation first: the checkpoint of this step then holds the updated record, and best/ links it.
         is_best = validator is not None and validator.due(state.step, steps) and validate()
-        saved = checkpointer.save(state, engine, stream) if checkpointer.due(state.step, steps) else None
+        saved = None
+        if checkpointer.due(state.step, steps) or timed or stopping:
+            saved = checkpointer.save(state, engine, stream)
+            flags.saved()
         if is_best:
             checkpointer.save_best(state, engine, stream, {"metric": record.metric, "value": record.best}, saved)
 
@@ -136,6 +161,10 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None) -> TrainResult
                 "data/samples_skipped": float(reduced[3]) * env.world_size,
             })
             last_logged, last_log_time = step + 1, time.perf_counter()
+        if stopping:
+            result.stopped_at = saved
+            metrics.close(None)  # TensorBoard flushed; no summary line: the run is not finished
+            return result
     summary = {"steps": steps, "final_loss": result.losses.get(steps - 1),
                "student_params": prune_report.model_params_after,
                "teacher_params": prune_report.model_params_before}
@@ -145,8 +174,26 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None) -> TrainResult
     return result
 
 
-def main(cfg: TrainConfig) -> None:
-    """CLI entry: train, then release the engine and the process group."""
-    result = train(cfg)
-    result.engine.close()
-    destroy_process_group()
+def main(cfg: TrainConfig) -> int:
+    """CLI entry: check the files, train, then release the engine and the process group; the exit status.
+
+    SIGINT / SIGTERM stop the run after the step in progress, with a checkpoint (trainer/dist.py):
+    rank 0 prints one line saying where, and the status is ``STOP_EXIT_CODE``.
+    """
+    env = read_env()
+    try:
+        preflight(cfg, env.world_size)  # before any model is built; the same verdict on every rank
+    except (ValueError, FileNotFoundError):
+        if not env.is_main:
+            return 2  # rank 0 reports it: one line, not one per rank
+        raise
+    with StopSignals() as stop:
+        result = train(cfg, stop=stop)
+        result.engine.close()
+        destroy_process_group()
+    if result.stopped_at is None:
+        return 0
+    if env.is_main:
+        step = int(result.stopped_at.name.removeprefix("step-"))
+        print(stopped_message(step, str(result.stopped_at), cfg.checkpoint.resume), file=sys.stderr, flush=True)
+    return STOP_EXIT_CODE

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 import yaml
 
+from pruning import PruneReport
+
 
 def memory_bytes() -> int:
     """CUDA max allocated on GPU, else the process's resident set size."""
@@ -74,13 +76,14 @@ class Metrics:
               + f" | {record.metric} start {start} best {record.best:.5g} @ step {record.best_step}",
               file=sys.stderr, flush=True)
 
-    def close(self, summary: dict) -> None:
-        """Flush events; rank 0 also prints a one-line JSON summary."""
+    def close(self, summary: dict | None) -> None:
+        """Flush events; rank 0 also prints a one-line JSON summary (None: a stopped run, no summary)."""
         if self.writer is None:
             return
         self.writer.flush()
         self.writer.close()
-        print(json.dumps(summary), flush=True)
+        if summary is not None:
+            print(json.dumps(summary), flush=True)
 
 
 def flat_hparams(config: dict, prefix: str = "") -> dict[str, float | int | str | bool]:
@@ -97,3 +100,32 @@ def flat_hparams(config: dict, prefix: str = "") -> dict[str, float | int | str 
         else:
             out[name] = str(value)
     return out
+
+
+def width_chart(widths: list[int], before: list[int], *, height: int = 160) -> torch.Tensor:
+    """A [3, H, W] uint8 bar chart of kept width per block (grey: width before, blue: kept)."""
+    bar, gap = 12, 4
+    image = torch.full((3, height, max(1, len(widths)) * (bar + gap) + gap), 255, dtype=torch.uint8)
+    top = max(before + widths + [1])
+    for i, (w, b) in enumerate(zip(widths, before, strict=True)):
+        left = gap + i * (bar + gap)
+        for value, colour in ((b, (200, 200, 200)), (w, (31, 119, 180))):
+            rows = max(1, round(value / top * (height - 2)))
+            image[:, height - rows:, left:left + bar] = torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1)
+    return image
+
+
+def log_prune_report(metrics: object, report: PruneReport) -> None:
+    """TensorBoard (rank 0): the report as a markdown table and a bar chart of kept width per block."""
+    writer = getattr(metrics, "writer", None)
+    if writer is None:
+        return
+    lines = [f"method **{report.method}**, parameters {report.model_params_before:,} -> {report.model_params_after:,}",
+             "", "| # | site | hidden before | hidden after | first kept |", "|---|---|---|---|---|"]
+    for i, site in enumerate(report.sites):
+        head = ", ".join(map(str, site.kept[:8])) + (", ..." if len(site.kept) > 8 else "")
+        lines.append(f"| {i} | `{site.path}` | {site.hidden_before} | {site.hidden_after} | {head} |")
+    writer.add_text("prune/report", "\n".join(lines), 0)
+    if report.sites:
+        chart = width_chart(report.widths, [s.hidden_before for s in report.sites])
+        writer.add_image("prune/kept_width_per_block", chart, 0, dataformats="CHW")

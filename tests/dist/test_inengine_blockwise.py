@@ -1,9 +1,9 @@
-"""Block-wise calibration inside in-engine pruning (prune.calib_mode sequential / output) on 2 gloo ranks.
+"""Calibration inside in-engine pruning (prune.compensate, every prune.calib_mode) on 2 gloo ranks.
 
 Each rank carries the hidden states of its own calibration batches through whole teacher blocks gathered
 from the shards, and the fit statistics are all-reduced: the student must equal
-``pruning.block_io.calibrate_blocks`` on the full teacher in this process, fed every rank's batches (FSDP2
-and ZeRO-3; an open_clip ViT and an EVA-CLIP-E-style timm tower: post-norm blocks, rotary tables and a zero
+``pruning.prune_blocks`` on the full teacher in this process, fed every rank's batches, with the same
+held-out errors (FSDP2, ZeRO-3 and ZeRO-2; an open_clip ViT and an EVA-CLIP-E-style timm tower: post-norm blocks, rotary tables and a zero
 ``k_bias`` that are in no checkpoint). One torchrun launch of tests/dist/inengine_worker.py runs every job.
 """
 
@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import trainer.models.open_clip_family  # noqa: F401  registers ViT-Tiny-8 (configs/open_clip)
-from pruning.block_io import block_layout, calibrate_blocks, stem_states
+from pruning.blockwise import block_layout, stem_states
+from pruning_helpers import calibrate_blocks
 
 pytestmark = pytest.mark.dist
 
@@ -33,7 +34,10 @@ JOBS = {"fsdp_output": {**CLIP, "engine": "fsdp", "calib_mode": "output", "calib
         "zero3_output": {**CLIP, "engine": "deepspeed", "zero_stage": 3, "calib_mode": "output", "calib_holdout": 0.0},
         "fsdp_output_eva": {**EVA, "engine": "fsdp", "calib_mode": "output", "calib_holdout": 0.0},
         "zero2_sequential": {**CLIP, "engine": "deepspeed", "zero_stage": 2, "calib_mode": "sequential",
-                             "calib_holdout": 0.25}}
+                             "calib_holdout": 0.25},
+        "fsdp_teacher": {**CLIP, "engine": "fsdp", "calib_mode": "teacher", "calib_holdout": 0.25, "train": True},
+        "zero3_teacher": {**CLIP, "engine": "deepspeed", "zero_stage": 3, "calib_mode": "teacher",
+                          "calib_holdout": 0.25}}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     jobs = [{**spec, "name": name, "pretrained": str(out / ("eva" if spec is JOBS["fsdp_output_eva"] else "clip")
                                                        ) + ".safetensors",
              "ratio": RATIO, "method": "diversity", "in_engine": True, "compensate": True, "calib_batches": CALIB,
-             "ridge": RIDGE, "stream": "synthetic", "train": False} for name, spec in JOBS.items()]
+             "ridge": RIDGE, "stream": "synthetic", "train": spec.get("train", False)} for name, spec in JOBS.items()]
     inengine_worker.launch(out, jobs)
     return out
 
@@ -81,7 +85,7 @@ def ranks(out: Path, name: str) -> list[dict]:
     return found
 
 
-@pytest.mark.parametrize("name", ["fsdp_output", "zero3_output", "fsdp_output_eva"])
+@pytest.mark.parametrize("name", JOBS)
 def test_blockwise_student_equals_calibrate_blocks_on_the_full_teacher(out: Path, name: str) -> None:
     want, sites = host(out, name)
     student = load_file(out / f"{name}.pruned.safetensors")
@@ -93,6 +97,12 @@ def test_blockwise_student_equals_calibrate_blocks_on_the_full_teacher(out: Path
     print(f"{name}: max |in-engine - host| over the student = {worst:.3g}")
     for record in ranks(out, name):
         assert [s["kept"] for s in record["report"]["sites"]] == [s.kept for s in sites]
+        for got, want_site in zip(record["report"]["sites"], sites, strict=True):
+            for key in ("recon_error_before", "recon_error_after"):
+                want_error = getattr(want_site, key)
+                assert (got[key] is None) == (want_error is None)
+                if want_error is not None:
+                    assert got[key] == pytest.approx(want_error, rel=1e-5), (key, got["path"])
     # The refit did something: every fc2 differs from the teacher's kept columns (plain pruning).
     teacher = load_file(out / ("eva.safetensors" if "eva" in name else "clip.safetensors"))
     prefix = "visual." if "eva" not in name else ""
@@ -110,14 +120,31 @@ def test_blockwise_reports_held_out_errors_alike_on_every_rank(out: Path) -> Non
     assert all(before is not None and after is not None and after < before for before, after in errors[0])
 
 
-def test_blockwise_config_keys_are_validated() -> None:
-    from pruning.compensate import MODES
-    from trainer.config import CALIB_MODES, from_dict
+def test_training_run_writes_the_compensated_report(out: Path) -> None:
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("fsdp_teacher.rank*.json"))]
+    assert len(records) == 2
+    assert all(len(r["losses"]) == 3 and all(loss == loss for loss in r["losses"]) for r in records)
+    report = json.loads((Path(records[0]["run_dir"]) / "prune_report.json").read_text())
+    pruned = ranks(out, "fsdp_teacher")[0]["report"]
+    assert [s["recon_error_after"] for s in report["sites"]] == [s["recon_error_after"] for s in pruned["sites"]]
+    assert report["calibration"]["mode"] == "teacher"
 
-    assert CALIB_MODES == MODES
-    with pytest.raises(ValueError, match="prune.calib_mode: must be one of"):
-        from_dict({"prune": {"in_engine": True, "compensate": True, "calib_mode": "blockwise"}})
-    with pytest.raises(ValueError, match=r"prune.calib_holdout: must be in \[0, 1\)"):
-        from_dict({"prune": {"in_engine": True, "compensate": True, "calib_holdout": 1.0}})
-    with pytest.raises(ValueError, match="prune.balance_prefix: needs prune.calib_mode=output"):
-        from_dict({"prune": {"in_engine": True, "compensate": True, "balance_prefix": True}})
+
+def test_calibration_config_keys_are_validated() -> None:
+    from trainer.config import from_dict
+
+    cfg = from_dict({"prune": {"in_engine": True, "compensate": True}})
+    assert cfg.prune.calibration().mode == "output"  # one default, the CLI's and the demo's
+    assert (cfg.prune.calib_batches, cfg.prune.ridge) == (8, 1e-3)
+    assert from_dict({"prune": {"in_engine": True}}).prune.calibration() is None
+    with pytest.raises(ValueError, match="prune.compensate: needs prune.in_engine=true"):
+        from_dict({"prune": {"compensate": True}})
+    with pytest.raises(ValueError, match="prune.calib_batches: must be >= 1"):
+        from_dict({"prune": {"in_engine": True, "compensate": True, "calib_batches": 0}})
+    bad = [({"calib_mode": "blockwise"}, "calibration mode must be one of"),
+           ({"calib_holdout": 1.0}, r"holdout_fraction must be in \[0, 1\)"),
+           ({"ridge": -1.0}, "ridge must be >= 0"),
+           ({"calib_mode": "teacher", "balance_prefix": True}, "balance_prefix needs mode 'output'")]
+    for keys, message in bad:
+        with pytest.raises(ValueError, match=message):
+            from_dict({"prune": {"in_engine": True, "compensate": True, **keys}})

@@ -112,7 +112,7 @@ def test_torchrun_two_hosts_fsdp(hosts: tuple[netns.Host, netns.Host], tmp_path:
     procs = [torchrun(a, 0, a, logs[0], *args, slurm=True), torchrun(b, 1, a, logs[1], *args, slurm=True)]
     assert_trained(run_dir, logs, wait_all(procs, logs, RUN_LIMIT_S), steps=4)
     # The launcher printed what it ran; node 0 (SLURM_NODEID) hosts the store.
-    assert "--rdzv-id 4242 --max-restarts 0 --rdzv-conf is_host=1" in logs[0].read_text()
+    assert "--rdzv-id 4242 --max-restarts 0 --shutdown-timeout 300 --rdzv-conf is_host=1" in logs[0].read_text()
     assert "--rdzv-conf is_host=0" in logs[1].read_text()
 
 

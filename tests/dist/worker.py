@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.build import build_models
+from trainer.student import build_models
 from trainer.cli import load_config
 from trainer.config import TrainConfig
 from trainer.data import Batch, InputSpec, SyntheticStream

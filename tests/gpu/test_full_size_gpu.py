@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tools.plan import plan_row
 from trainer.cli import load_config
 from trainer.loop import train
 from trainer.models.meta import tower_shapes
-from trainer.plan import plan_row
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

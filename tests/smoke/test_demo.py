@@ -1,4 +1,4 @@
-"""``python -m trainer.demo --tiny`` end to end on the real DINOv2 ViT-S/14: shards, prune, train, eval, report."""
+"""``python -m tools.demo --tiny`` end to end on the real DINOv2 ViT-S/14: shards, prune, train, eval, report."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from trainer.demo import FASHION_MNIST, OPENCLIPART
+from tools.demo import FASHION_MNIST, OPENCLIPART
 
 pytestmark = pytest.mark.smoke
 
@@ -34,7 +34,7 @@ def _missing() -> str | None:
 @pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
 def test_tiny_demo_writes_the_report(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    done = subprocess.run([sys.executable, "-m", "trainer.demo", "--tiny", "--out", str(out)], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "tools.demo", "--tiny", "--out", str(out)], cwd=REPO,
                           env=dict(os.environ), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     report = out / "report.md"

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from trainer.build import build_models
 from trainer.cli import load_config
 from trainer.models.registry import get_adapter
+from trainer.student import build_models
 
 pytestmark = pytest.mark.unit
 

@@ -46,7 +46,10 @@ def test_cli_writes_readable_img2dataset_style_shards(tmp_path, capsys):
     shards = sorted(out.glob("*.tar"))
     assert [s.name for s in shards] == ["00000.tar", "00001.tar", "00002.tar"]
     assert not list(out.glob("*.tmp"))
-    assert capsys.readouterr().out.split() == [str(s) for s in shards]
+    printed = capsys.readouterr()
+    assert printed.out == f"5 images -> 3 shard(s) of up to 2 in {out} (list: {out / 'shards.txt'})\n"
+    # 3 shards cannot feed 2 ranks x 2 DataLoader workers: said on stderr, with a size that would
+    assert printed.err.startswith("warning: 3 shard(s) for 5 images") and "--shard-size 1 " in printed.err
     samples = {}
     for shard in shards:
         with tarfile.open(shard) as tar:
@@ -79,5 +82,35 @@ def test_module_runs_as_a_command_and_rejects_a_missing_folder(tmp_path):
     assert done.returncode == 0, done.stderr
     with tarfile.open(tmp_path / "o" / "00000.tar") as tar:
         assert len(tar.getnames()) == 9  # 3 samples x (image, txt, json)
-    with pytest.raises(FileNotFoundError, match="missing"):
-        main([str(tmp_path / "missing"), str(tmp_path / "o2")])
+    assert done.stdout.count("\n") == 1 and done.stdout.startswith("3 images -> 1 shard(s)")
+    done = subprocess.run([sys.executable, "-m", "trainer.data.make_shards", str(tmp_path / "missing"),
+                           str(tmp_path / "o2")], capture_output=True, text=True)
+    assert (done.returncode, done.stderr) == (2, f"error: image folder does not exist: {tmp_path / 'missing'}\n")
+    assert not (tmp_path / "o2").exists()
+
+
+def test_a_non_empty_output_folder_needs_overwrite(tmp_path, capsys):
+    make_folder(tmp_path / "images")
+    out = tmp_path / "shards"
+    assert main([str(tmp_path / "images"), str(out), "--shard-size", "1"]) == 0
+    assert len(list(out.glob("*.tar"))) == 5 and "warning" not in capsys.readouterr().err
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    assert main([str(tmp_path / "images"), str(out), "--shard-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: output folder {out} is not empty (6 entries); pass --overwrite to replace its shards, " \
+                  "or choose another folder\n"
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # untouched
+
+    (out / "notes.txt").write_text("mine")
+    assert main([str(tmp_path / "images"), str(out), "--shard-size", "2", "--overwrite"]) == 0
+    # the 5 one-image shards are gone, not left behind beside the 3 new ones; other files stay
+    assert sorted(p.name for p in out.iterdir()) == ["00000.tar", "00001.tar", "00002.tar", "notes.txt",
+                                                      "shards.txt"]
+    assert len((out / "shards.txt").read_text().splitlines()) == 3
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    cmd = [sys.executable, "-m", "trainer.data.make_shards", str(tmp_path / "missing"), str(tmp_path / "o")]
+    done = subprocess.run([*cmd, "--debug"], capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" in done.stderr and "FileNotFoundError" in done.stderr

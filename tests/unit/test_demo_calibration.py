@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+from tools.demo import calibration_images, pruned_copy, read_shard_images
 from trainer.data.make_shards import write_shards
-from trainer.demo import calibration_images, pruned_copy, read_shard_images
 
 pytestmark = pytest.mark.unit
 
@@ -31,9 +31,9 @@ def test_calibration_pictures_continue_into_the_next_shard(tmp_path):
 
 def test_compensated_copy_is_the_block_wise_output_fit():
     import timm
+    from pruning_helpers import prune_and_compensate_blocks
 
-    from pruning.block_io import prune_and_compensate_blocks
-    from trainer.demo import RIDGE, normalised_batches
+    from tools.demo import RIDGE, normalised_batches
 
     torch.manual_seed(0)
     teacher = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=224, embed_dim=32, depth=2,

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import save_file
 
 from pruning.export import load_pruned
 from trainer.checkpoint import CONFIG, checkpoint_name
@@ -134,3 +135,54 @@ def test_user_errors_print_one_line_and_return_2(tiny: dict, tmp_path: Path, cap
     assert "--fidelity needs --heldout" in capsys.readouterr().err
     assert main([str(tiny["export"]), "--knn", "--fashion-mnist", str(tmp_path)]) == 2
     assert "Fashion-MNIST" in capsys.readouterr().err
+
+
+def test_a_teacher_weights_file_adds_teacher_and_difference_columns(tiny: dict, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    cfg = from_dict(yaml.safe_load((tiny["checkpoint"] / CONFIG).read_text()))
+    torch.manual_seed(123)  # not the run's seed: a teacher the run never saw, so nothing matches by accident
+    teacher = get_adapter("timm").build(cfg.model).eval()
+    save_file(teacher.state_dict(), tmp_path / "teacher.safetensors")
+    out = tmp_path / "eval.json"
+    assert main([str(tiny["export"]), "--teacher", str(tmp_path / "teacher.safetensors"), "--fashion-mnist",
+                 str(tiny["fashion"]), "--train-images", "0", "--test-images", "0", "--k", "5", "--batch-size", "16",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    got = json.loads(out.read_text())
+    base = got["teacher_baseline"]
+
+    spec = TimmAdapter().input_spec(teacher)
+    from trainer.eval import load_fashion_mnist
+
+    (tx, ty), (vx, vy) = load_fashion_mnist("train", tiny["fashion"]), load_fashion_mnist("test", tiny["fashion"])
+    with torch.no_grad():
+        train_f = extract_features(teacher, image_batches(tx, spec, 16), _timm_cls, show_progress=False).cls
+        test_f = extract_features(teacher, image_batches(vx, spec, 16), _timm_cls, show_progress=False).cls
+    assert base["knn_top1"] == knn_accuracy(train_f, ty, test_f, vy, k=5)
+    assert base["linear_top1"] == linear_probe_accuracy(train_f, ty, test_f, vy)
+    assert base["params"] == sum(p.numel() for p in teacher.parameters()) and base["mlp_widths"] == [256, 256]
+    assert base["model"].endswith("(" + str(tmp_path / "teacher.safetensors") + ")")
+    assert "| metric | student | teacher | difference |" in printed
+    knn_row = (f"| kNN top-1 (%) | {100 * got['knn_top1']:.2f} | {100 * base['knn_top1']:.2f} | "
+               f"{100 * (got['knn_top1'] - base['knn_top1']):+.2f} |")
+    assert knn_row in printed
+    assert "| MLP hidden per block | 32 x 2 | 256 x 2 | |" in printed
+
+
+def test_a_run_directory_as_teacher_is_the_same_model_difference_zero(tiny: dict, tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    assert main([str(tiny["checkpoint"]), "--teacher", str(tiny["run"]), "--fashion-mnist", str(tiny["fashion"]),
+                 "--knn", "--k", "5", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["teacher_baseline"]["knn_top1"] == got["knn_top1"]
+    assert got["teacher_baseline"]["model"] == str(tiny["checkpoint"])  # the run's newest checkpoint
+
+
+def test_a_teacher_file_of_another_architecture_is_one_line(tiny: dict, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    save_file({"other.weight": torch.zeros(3, 3)}, tmp_path / "other.safetensors")
+    assert main([str(tiny["export"]), "--teacher", str(tmp_path / "other.safetensors"), "--knn",
+                 "--fashion-mnist", str(tiny["fashion"])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --teacher {tmp_path / 'other.safetensors'}: does not fit the run's teacher "
+                          "architecture") and err.count("\n") == 1

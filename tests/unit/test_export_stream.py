@@ -9,13 +9,12 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from trainer.build import build_models
 from trainer.checkpoint import checkpoint_name
 from trainer.cli import load_config
-from trainer.export import export_checkpoint, trained_student
-from trainer.export_stream import student_layout
+from trainer.export import export_checkpoint, student_layout, trained_student
 from trainer.loop import train
 from trainer.models.registry import get_adapter
+from trainer.student import build_models
 
 pytestmark = pytest.mark.unit
 

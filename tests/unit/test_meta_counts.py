@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
+from pruning_helpers import prune_model
 
-from pruning import prune_model
 from trainer.config import ModelConfig
 from trainer.models.meta import FULL_SIZE, build_on_meta, param_count, pruned_param_count, tower_shapes
 from trainer.models.registry import get_adapter

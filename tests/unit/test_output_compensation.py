@@ -1,5 +1,5 @@
 """Calibration mode ``output``: each pruned block's output Linear is refitted so that the block's output
-matches the original block's output (``pruning.block_io``); exact cases, the fit's algebra, refusals."""
+matches the original block's output (``pruning.blockwise``); exact cases, the fit's algebra, refusals."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import pytest
 import timm
 import torch
 from layouts import tiny_model
+from pruning_helpers import calibrate_blocks, prune_and_compensate_blocks
 from timm.models.eva import Eva
 
-from pruning import ActivationStats
-from pruning.block_io import calibrate_blocks, prune_and_compensate_blocks, stem_states
-from pruning.compensate import fit_output_from_stats, output_fit_error
+from pruning import ActivationStats, Calibration
+from pruning.blockwise import stem_states
+from pruning.fit import fit_output_from_stats, output_fit_error
 
 pytestmark = pytest.mark.unit
 
@@ -171,7 +172,7 @@ def test_post_norm_keep_all_is_identity_and_pruning_beats_sequential_mode():
 
 
 def test_norm_pullback_is_a_gauss_newton_step_through_the_norm():
-    from pruning.block_io import norm_pullback
+    from pruning.blockwise import norm_pullback
 
     torch.manual_seed(0)
     norm = torch.nn.LayerNorm(16, eps=1e-5).double().requires_grad_(False)
@@ -199,21 +200,18 @@ def test_post_norm_that_is_not_a_layernorm_is_refused_naming_the_block():
         prune_and_compensate_blocks(tower, images(8, size=32).split(4), num_keep=40, mode="output")
 
 
-def test_output_mode_is_block_wise_only_and_carries_both_streams():
-    from pruning import prune_and_compensate
-    from pruning.block_io import BlockCalibration
+def test_output_mode_carries_both_streams():
+    from pruning.blockwise import BlockCalibration
 
     model, shape, _ = tiny_model("timm_vit")
-    with pytest.raises(ValueError, match="prune_and_compensate_blocks"):
-        prune_and_compensate(model, [torch.randn(shape)], lambda m, x: m(x), num_keep=40, mode="output")
     states = stem_states(model, "blocks.0", [torch.randn(shape)])
-    assert (BlockCalibration(states, mode="output").hidden_state_bytes()
-            == 2 * BlockCalibration(states, mode="sequential").hidden_state_bytes())
+    assert (BlockCalibration(states, Calibration(mode="output")).hidden_state_bytes()
+            == 2 * BlockCalibration(states, Calibration(mode="sequential")).hidden_state_bytes())
 
 
 @pytest.mark.parametrize("kind", ["open_clip", "timm_vit", "eva_plain", "eva_swiglu", "eva_glu_fused"])
 def test_every_block_layout_keeps_all_as_identity_and_prunes_to_plain_shapes(kind):
-    from pruning import prune_model
+    from pruning_helpers import prune_model
 
     model, shape, _ = tiny_model(kind)
     model.eval()
@@ -293,7 +291,7 @@ def test_balanced_prefix_tokens_count_like_repeated_class_tokens():
 
 
 def test_prefix_counts_and_refusals():
-    from pruning.block_io import BlockCalibration
+    from pruning.blockwise import BlockCalibration
     from pruning.sites import prefix_token_count
 
     model, shape, _ = tiny_model("open_clip")
@@ -306,7 +304,7 @@ def test_prefix_counts_and_refusals():
         prefix_token_count(torch.nn.Sequential())
     states = stem_states(model, "transformer.resblocks.0", [torch.randn(shape)])
     with pytest.raises(ValueError, match="needs mode 'output'"):
-        BlockCalibration(states, mode="sequential", prefix_tokens=1)
+        BlockCalibration(states, Calibration(mode="sequential"), prefix_tokens=1)
 
 
 def test_empty_calibration_batches_add_nothing_and_none_at_all_is_refused():

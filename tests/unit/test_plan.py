@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.models.meta import TowerShape
-from trainer.plan import (
+from tools.plan import (
     GIB,
     activation_bytes,
     block_activation_bytes,
@@ -19,6 +18,7 @@ from trainer.plan import (
     student_states,
     teacher_states,
 )
+from trainer.models.meta import TowerShape
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,7 @@ import timm
 import torch
 
 from bench.recovery import RowSpec, parse_args, parse_row, restore_full_size
-from trainer.demo import knn_eval_model as resized
+from tools.demo import knn_eval_model as resized
 
 pytestmark = pytest.mark.unit
 

@@ -8,13 +8,13 @@ import open_clip
 import pytest
 import timm
 import torch
+from pruning_helpers import prune_checkpoint, prune_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from timm.models import register_model
 from timm.models.eva import Eva
 from torch import nn
 
-from pruning import prune_model
 from pruning.export import (
     OPEN_CLIP_CONFIG,
     OPEN_CLIP_VISUAL_WEIGHTS,
@@ -25,7 +25,7 @@ from pruning.export import (
     pruned_timm_name,
     register_pruned_timm_models,
 )
-from pruning.stream import REPORT_JSON, REPORT_MD, prune_checkpoint
+from pruning.stream import REPORT_JSON, REPORT_MD
 
 pytestmark = pytest.mark.unit
 

@@ -14,17 +14,17 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from pruning_helpers import prune_and_compensate, prune_and_compensate_blocks, prune_checkpoint, prune_model
 from safetensors.torch import load_file, save_file
 from timm.models import register_model
 from timm.models.eva import Eva
 from torch import nn
 
-from pruning import prune_and_compensate, prune_model
-from pruning.block_io import block_layout, materialize_outside, prune_and_compensate_blocks, stem_states
+from pruning.blockwise import block_layout, materialize_outside, stem_states
 from pruning.calib_images import ImageSpec, expand_braces, load_calibration_images
 from pruning.export import OPEN_CLIP_VISUAL_WEIGHTS, OPEN_CLIP_WEIGHTS, TIMM_WEIGHTS, load_pruned
 from pruning.skeleton import parameters_on_meta
-from pruning.stream import REPORT_JSON, REPORT_MD, prune_checkpoint
+from pruning.stream import REPORT_JSON, REPORT_MD
 
 pytestmark = pytest.mark.unit
 
@@ -211,7 +211,7 @@ def test_balanced_prefix_streams_like_in_memory(tmp_path):
     ckpt = tmp_path / "ckpt.safetensors"
     save_file(model.state_dict(), ckpt)
     images = torch.randn(6, 3, size, size, generator=torch.Generator().manual_seed(1))
-    with pytest.raises(ValueError, match="balance_prefix needs calib_mode 'output'"):
+    with pytest.raises(ValueError, match="balance_prefix needs mode 'output'"):
         prune_checkpoint(name, tmp_path / "bad", checkpoint=ckpt, num_keep=40, calibration=images,
                          calib_mode="sequential", balance_prefix=True)
     assert not (tmp_path / "bad").exists()
@@ -229,7 +229,7 @@ def test_balanced_prefix_streams_like_in_memory(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["teacher", "sequential"])
-def test_blockwise_in_memory_driver_equals_prune_and_compensate_with_rope_kwargs(mode):
+def test_images_and_recorded_stem_states_calibrate_alike_with_rope_kwargs(mode):
     # Eva passes its rotary embedding to every block as a keyword: the recorded block-0 arguments carry it.
     torch.manual_seed(0)
     model = _randomise_biases(Eva(img_size=28, patch_size=7, embed_dim=64, depth=2, num_heads=2, num_classes=0,
@@ -237,8 +237,8 @@ def test_blockwise_in_memory_driver_equals_prune_and_compensate_with_rope_kwargs
     images = list(torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(1)).split(2))
     a, b = copy.deepcopy(model), copy.deepcopy(model)
     want = prune_and_compensate(a, images, lambda m, x: m.forward_features(x), num_keep=70, mode=mode)
-    got = prune_and_compensate_blocks(b, images, num_keep=70, mode=mode)
-    assert got.to_dict() == want.to_dict()
+    got = prune_and_compensate_blocks(b, stem_states(b, "blocks.0", images), num_keep=70, mode=mode)
+    assert [vars(s) for s in got.sites] == [vars(s) for s in want.sites]
     for key, value in a.state_dict().items():
         assert torch.equal(b.state_dict()[key], value), key
     states = stem_states(model, "blocks.0", images[:1])
@@ -325,7 +325,7 @@ def test_calibrated_cli_errors_leave_nothing(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"expected normalised images \[N, 3, 32, 32\]"):
         prune_checkpoint(name, out, checkpoint=ckpt, ratio=0.5, calibration=torch.zeros(2, 3, 28, 28))
-    with pytest.raises(ValueError, match="calib_mode must be one of"):
+    with pytest.raises(ValueError, match="calibration mode must be one of"):
         prune_checkpoint(name, out, checkpoint=ckpt, ratio=0.5, calibration=torch.zeros(2, 3, 32, 32),
                          calib_mode="student")
     with pytest.raises(ValueError, match="not enough calibration tokens|no held-out token"):

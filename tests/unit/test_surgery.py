@@ -5,10 +5,11 @@ import copy
 import pytest
 import torch
 from layouts import KINDS, tiny_model
+from pruning_helpers import prune_model
 from timm.models.eva import Eva
 from torch import nn
 
-from pruning import find_mlp_sites, prune_model, select_mlp_channels
+from pruning import find_mlp_sites, select_mlp_channels
 from pruning.surgery import prune_site
 
 pytestmark = pytest.mark.unit

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.build import build_models
 from trainer.cli import load_config
 from trainer.config import EngineConfig, OptimConfig
 from trainer.dist import DistEnv, read_env
 from trainer.engines.base import Models, build_engine
 from trainer.models.registry import get_adapter
+from trainer.student import build_models
 from trainer.task import DistillTask, freeze_teacher
 
 pytestmark = pytest.mark.unit

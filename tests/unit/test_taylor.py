@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from pruning_helpers import prune_model
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-from pruning import collect_taylor_scores, find_mlp_sites, prune_model
+from pruning import collect_taylor_scores, find_mlp_sites
 
 pytestmark = pytest.mark.unit
 

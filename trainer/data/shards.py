@@ -65,17 +65,20 @@ def epoch_order(urls: Sequence[str], seed: int, epoch: int) -> list[str]:
     return order
 
 
-def check_rank_share(n_shards: int, rank: int, world_size: int, num_workers: int) -> int:
-    """Shards rank ``rank`` gets when ``n_shards`` are dealt round robin; ValueError if a rank or worker gets none."""
+def check_rank_share(n_shards: int, rank: int, world_size: int, num_workers: int, label: str = "data") -> int:
+    """Shards rank ``rank`` gets when ``n_shards`` are dealt round robin; ValueError if a rank or worker gets none.
+
+    ``label`` starts the message: the config key and shard spec when known (trainer/cli.py).
+    """
     share = len(range(rank, n_shards, world_size))
     if share == 0:
         raise ValueError(
-            f"data: {n_shards} shard(s) for world_size {world_size}: rank {rank} gets no shard; "
+            f"{label}: {n_shards} shard(s) for world_size {world_size}: rank {rank} gets no shard; "
             "use more shards, fewer ranks, or data.resampled: true"
         )
     if share < max(num_workers, 1):
         raise ValueError(
-            f"data: rank {rank} gets {share} shard(s) but data.num_workers is {num_workers}: "
+            f"{label}: rank {rank} gets {share} shard(s) but data.num_workers is {num_workers}: "
             "every worker needs a shard; use fewer workers, more shards, or data.resampled: true"
         )
     return share

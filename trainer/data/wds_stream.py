@@ -33,6 +33,7 @@ import itertools
 import logging
 import math
 import random
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -95,6 +96,16 @@ def number_samples(samples: Iterator[dict], start: int, counters: Counters) -> I
             continue
         yield pos, sample
     counters.muted = False
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker start: SIGINT / SIGTERM are the training process's to handle.
+
+    A Ctrl-C reaches the whole process group, workers included; the training process finishes its step
+    and saves (trainer/dist.py), which may need further batches, and shuts the workers down itself.
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class WorkerShare(IterableDataset):
@@ -259,6 +270,7 @@ class WebDatasetStream:
             batch_size=None,
             num_workers=n,
             prefetch_factor=self.cfg.prefetch_batches if n > 0 else None,
+            worker_init_fn=ignore_stop_signals if n > 0 else None,
         )
         for images, captions, keys, meta in loader:
             self._items += 1

@@ -34,6 +34,22 @@ class Models:
     enable_activation_checkpointing: Callable[[nn.Module], None]
 
 
+@dataclass
+class SkeletonModels:
+    """Models built with parameters on meta and real buffers, for an engine to shard first and fill after
+    (``setup_sharded``): no rank ever holds either model whole."""
+
+    teacher: nn.Module
+    student: nn.Module
+    blocks: Callable[[nn.Module], list[nn.Module]]
+    enable_activation_checkpointing: Callable[[nn.Module], None]
+    teacher_rows: Callable[[str, int, int], torch.Tensor]
+    """Rows ``[start, stop)`` (dim 0) of a teacher parameter by name: each rank reads only its own."""
+    shared: set[str]
+    """Student parameter names that start equal to the teacher's: copied shard to shard. The others are
+    written later through ``write_student_tensors``, before ``build_optimizer``."""
+
+
 class Engine(Protocol):
     """Wraps student (trainable, with optimizer) and teacher (frozen, no optimizer), runs the step."""
 
@@ -44,8 +60,9 @@ class Engine(Protocol):
     def setup(self, models: Models) -> None:
         """Shard / place both models and build the optimizer; call once, before the first step.
 
-        fsdp and deepspeed also offer the in-engine pruning path instead (prune.in_engine):
-        ``setup_sharded`` then ``build_optimizer``, see trainer.sharded_prune.PruningEngine.
+        fsdp and deepspeed also build sharded from skeletons instead (prune.in_engine): ``setup_sharded``,
+        then the student is written through ``write_student_tensors``, then ``build_optimizer``
+        (``ShardedEngine``).
         """
         ...
 
@@ -99,6 +116,36 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Release engine resources before the process group goes."""
+        ...
+
+
+class ShardedEngine(Engine, Protocol):
+    """What fsdp and deepspeed add for models that are sharded before they hold any value."""
+
+    def setup_sharded(self, models: SkeletonModels) -> None:
+        """Shard both skeletons, fill the teacher's shards and the student's ``shared`` tensors."""
+        ...
+
+    def gather_teacher_module(self, path: str) -> AbstractContextManager[dict[str, torch.Tensor]]:
+        """Full tensors (parameters and buffers, names relative to ``path``) of teacher submodule ``path`` on
+        every rank inside the context (a collective)."""
+        ...
+
+    def write_student_tensors(self, path: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Fill this rank's shards of the student submodule ``path``'s parameters from full tensors (names
+        relative to ``path``, identical on every rank), cast to the student's dtype."""
+        ...
+
+    def teacher_module(self) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+        """(the sharded teacher module, its forward on this rank's images); gradients may flow to the images."""
+        ...
+
+    def shard_numel(self) -> tuple[int, int]:
+        """(teacher, student) parameter elements stored on this rank."""
+        ...
+
+    def build_optimizer(self) -> None:
+        """The optimizer on the student, once every tensor of it is written."""
         ...
 
 

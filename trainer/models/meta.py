@@ -2,7 +2,7 @@
 
 Selection needs real weight values, so counts after pruning come from ``num_keep`` arithmetic: every
 tensor a site slices has a size proportional to the site's hidden width (``MlpSite.parameter_names``),
-which is exactly what ``pruning.prune_model`` leaves for a uniform ratio.
+which is exactly what ``pruning.prune_blocks`` leaves for a uniform ratio.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pruning import skeleton
-from pruning.sites import find_mlp_sites
-from pruning.surgery import num_keep_for_ratio
+import pruning
+from pruning import find_mlp_sites
 from trainer.config import ModelConfig
 from trainer.models.registry import get_adapter
 
@@ -63,7 +62,7 @@ def build_on_meta(cfg: ModelConfig) -> nn.Module:
 
 def parameters_on_meta() -> contextlib.AbstractContextManager[None]:
     """Build models inside this context to get parameters on meta and real buffers (sharded construction)."""
-    return skeleton.parameters_on_meta("model.kwargs: a dtype / precision cast is not supported with prune.in_engine")
+    return pruning.parameters_on_meta("model.kwargs: a dtype / precision cast is not supported with prune.in_engine")
 
 
 def build_skeleton(cfg: ModelConfig) -> nn.Module:
@@ -81,10 +80,11 @@ def param_count(model: nn.Module) -> int:
 
 
 def removed_by_site(model: nn.Module, ratio: float) -> dict[str, int]:
-    """Parameters ``prune_model(model, ratio=ratio)`` would remove, per MLP site path."""
+    """Parameters pruning at ``ratio`` would remove, per MLP site path."""
     removed = {}
+    widths = pruning.keep_counts(find_mlp_sites(model), ratio)
     for site in find_mlp_sites(model):
-        keep = num_keep_for_ratio(site.width, ratio, site.hidden)
+        keep = widths[site.path]
         tensors = dict(site.module(model).named_parameters())
         gone = 0
         for name in site.parameter_names():
@@ -97,7 +97,7 @@ def removed_by_site(model: nn.Module, ratio: float) -> dict[str, int]:
 
 
 def pruned_param_count(model: nn.Module, ratio: float) -> int:
-    """Parameters left after ``prune_model(model, ratio=ratio)``, without selecting anything."""
+    """Parameters left after pruning at ``ratio``, without selecting anything."""
     return param_count(model) - sum(removed_by_site(model, ratio).values())
 
 
@@ -131,5 +131,5 @@ def tower_shapes(cfg: ModelConfig, ratio: float) -> tuple[TowerShape, TowerShape
                           block_params=max(per_block), tokens=int(seen["tokens"]), width=sites[0].width,
                           mlp_hidden=hidden, image_size=size)
 
-    student_hidden = max(num_keep_for_ratio(s.width, ratio, s.hidden) for s in sites)
+    student_hidden = max(pruning.keep_counts(sites, ratio).values())
     return shape(teacher_removed, max(s.hidden for s in sites)), shape(student_removed, student_hidden)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import open_clip
@@ -21,13 +24,40 @@ if REPO_MODEL_CONFIGS.is_dir():
     open_clip.add_model_config(REPO_MODEL_CONFIGS)
 
 
+RANDOM_INIT_WARNING = "No pretrained weights loaded for model"
+"""Start of open_clip's warning when create_model loaded no weights (logged on the root logger)."""
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(RANDOM_INIT_WARNING)
+
+
+@contextlib.contextmanager
+def weights_loaded_elsewhere() -> Iterator[None]:
+    """Silence open_clip's "No pretrained weights loaded ... initialized randomly" inside this block.
+
+    create_model says so whenever it loads nothing itself, even where our code fills the weights
+    right after (sharded loading, the trainer's export and eval, a config that asks for random init):
+    users read it as "your checkpoint was ignored". Only that message, only in this block.
+    """
+    root, quiet = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 class OpenClipAdapter:
     """``create_model(name).visual``; the text tower is dropped after building."""
 
     def build(self, cfg: ModelConfig) -> nn.Module:
         if cfg.pretrained is not None and not Path(cfg.pretrained).is_file():
             raise FileNotFoundError(f"model.pretrained: no such file {cfg.pretrained}")
-        clip = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, **cfg.kwargs)
+        # pretrained=None: a random init the config asks for, or a skeleton whose weights the caller loads.
+        with weights_loaded_elsewhere():
+            clip = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, **cfg.kwargs)
         return clip.visual
 
     def input_spec(self, model: nn.Module) -> InputSpec:

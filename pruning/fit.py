@@ -1,4 +1,4 @@
-"""Closed-form compensation after pruning: predict the removed hidden units from the kept ones.
+"""Closed-form fits for compensation after pruning: the statistics, the solves and the folds.
 
 On calibration activations ``a`` at the input of a site's output Linear (hidden units after the
 activation; for gated MLPs the gate * value product), the removed units are modelled as an
@@ -22,18 +22,13 @@ Choices:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from .select import select_mlp_channels
-from .sites import MlpSite, find_mlp_sites, out_inputs
-from .surgery import PruneReport, SiteReport, keep_counts, prune_site, site_param_count
-
-MODES = ("teacher", "sequential", "corrected", "output")
-"""``corrected`` and ``output`` need the original and the pruned model side by side: ``pruning.block_io`` only."""
+from .sites import MlpSite, out_inputs
+from .surgery import prune_site
 
 
 class ActivationStats:
@@ -180,28 +175,15 @@ def reconstruction_error(stats: ActivationStats, weight: torch.Tensor, bias: tor
     if tuple(weight.shape[1:]) != (stats.size,) or tuple(new_weight.shape) != (weight.shape[0], kept.numel()):
         raise ValueError(f"weight {tuple(weight.shape)} and new_weight {tuple(new_weight.shape)} do not map "
                          f"{stats.size} units and {kept.numel()} kept units to the same outputs")
-    error, reference = reconstruction_energies(stats, weight, bias, kept, new_weight, new_bias)
-    if reference == 0:
-        raise ValueError("reconstruction_error: the reference output is zero on every token")
-    return (error / reference) ** 0.5
-
-
-def reconstruction_energies(stats: ActivationStats, weight: torch.Tensor, bias: torch.Tensor | None,
-                            kept: torch.Tensor, new_weight: torch.Tensor, new_bias: torch.Tensor | None
-                            ) -> tuple[float, float]:
-    """(mean ||y' - y||^2, mean ||y||^2) over the tokens of ``stats``, as ``reconstruction_error`` defines y, y'.
-
-    Both are sums over output rows, so a caller holding a share of the rows (a sharded fc2) adds the
-    shares' energies over ranks and takes the ratio once.
-    """
-    kept = _check_kept(kept, stats.size)
     device = stats.mean().device
     w = weight.detach().to(device=device, dtype=torch.float64)
     b = _bias64(bias, w)
     diff_w = -w
     diff_w[:, kept.to(device)] += new_weight.detach().to(device=device, dtype=torch.float64)
-    diff_b = _bias64(new_bias, w) - b
-    return _energy(stats, diff_w, diff_b), _energy(stats, w, b)
+    error, reference = _energy(stats, diff_w, _bias64(new_bias, w) - b), _energy(stats, w, b)
+    if reference == 0:
+        raise ValueError("reconstruction_error: the reference output is zero on every token")
+    return (error / reference) ** 0.5
 
 
 def compensate_site(model: nn.Module, site: MlpSite, kept: torch.Tensor, stats: ActivationStats,
@@ -232,7 +214,7 @@ def fold_compensation(weight: torch.Tensor, bias: torch.Tensor | None, kept: tor
 
     ``weight`` [rows, M] and ``bias`` [rows] may be any subset of the output rows (a rank's shard):
     each row folds on its own. ``kept`` ascending, ``b``/``c`` from ``fit_compensation_from_stats``
-    with the same ``kept``. Host (``compensate_site``) and in-engine pruning both fold with this.
+    with the same ``kept``.
     """
     w = weight.detach().to(torch.float64)
     removed = removed_units(kept, w.shape[1]).to(w.device)
@@ -240,66 +222,6 @@ def fold_compensation(weight: torch.Tensor, bias: torch.Tensor | None, kept: tor
     folded = w[:, kept.to(w.device)] + w_removed @ b.to(w.device)
     shifted = None if bias is None else bias.detach().to(torch.float64) + w_removed @ c.to(w.device)
     return folded, shifted
-
-
-def prune_and_compensate(
-    model: nn.Module,
-    batches: Iterable,
-    forward: Callable[[nn.Module, Any], Any],
-    *,
-    ratio: float | None = None,
-    num_keep: int | dict[str, int] | None = None,
-    method: str = "diversity",
-    mode: str = "teacher",
-    ridge: float = 1e-3,
-    holdout_fraction: float = 0.2,
-    generator: torch.Generator | None = None,
-    scores: dict[str, torch.Tensor] | None = None,
-) -> PruneReport:
-    """Prune every MLP of ``model`` in place like ``prune_model``, compensating each block in closed form.
-
-    ``forward(model, batch)`` runs the model on one calibration batch (put the model in eval mode
-    first). ``mode='teacher'`` fits every block on the original model's activations in one pass;
-    ``'sequential'`` fits block i on the model whose blocks before i are already pruned and
-    compensated (one pass over ``batches`` per block). An evenly spread ``holdout_fraction`` of
-    each site's tokens is kept out of the fit and gives its ``recon_error_before/after``.
-    """
-    if mode not in MODES[:2]:
-        raise ValueError(f"mode must be one of {MODES[:2]} (modes {MODES[2:]}: "
-                         f"pruning.block_io.prune_and_compensate_blocks), got {mode!r}")
-    if not 0 <= holdout_fraction < 1:
-        raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
-    if not ridge >= 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge}")
-    if not isinstance(batches, Sequence):
-        batches = list(batches)
-    sites = find_mlp_sites(model)
-    for site in sites:
-        _refuse_hidden_norm(site)
-        if method == "taylor" and (scores is None or site.path not in scores):
-            raise ValueError(f"method='taylor' needs scores for site {site.path}")
-    counts = keep_counts(sites, ratio, num_keep)
-    total_before = sum(p.numel() for p in model.parameters())
-    collected = _collect(model, sites, batches, forward, holdout_fraction) if mode == "teacher" else {}
-    records = []
-    for site in sites:
-        if mode == "sequential":
-            collected = _collect(model, [site], batches, forward, holdout_fraction)
-        fit_stats, held_stats = collected[site.path]
-        if fit_stats.count == 0:
-            raise ValueError(f"{site.path}: no calibration token reached this MLP")
-        site_scores = scores[site.path] if method == "taylor" else None
-        keep = select_mlp_channels(site.selection_weight(model), counts[site.path], method,
-                                   generator=generator, scores=site_scores)
-        out = getattr(site.module(model), site.out_name)
-        weight = out.weight.detach().clone()
-        bias = None if out.bias is None else out.bias.detach().clone()
-        params_before = site_param_count(model, site)
-        new_site = compensate_site(model, site, keep, fit_stats, ridge)
-        errors = site_record(model, new_site, weight, bias, keep, held_stats)
-        records.append(SiteReport(site.path, site.hidden, new_site.hidden, params_before,
-                                  site_param_count(model, new_site), keep.tolist(), *errors))
-    return PruneReport(method, records, total_before, sum(p.numel() for p in model.parameters()))
 
 
 def site_record(model: nn.Module, new_site: MlpSite, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -407,8 +329,8 @@ def _output_shape(stats: ActivationStats, weight: torch.Tensor) -> tuple[int, in
     return rows, k
 
 
-def _collect(model: nn.Module, sites: list[MlpSite], batches: Sequence, forward: Callable,
-             holdout_fraction: float) -> dict[str, tuple[ActivationStats, ActivationStats | None]]:
+def collect_out_inputs(model: nn.Module, sites: list[MlpSite], batches: Sequence, forward: Callable,
+                       holdout_fraction: float) -> dict[str, tuple[ActivationStats, ActivationStats | None]]:
     """One pass over ``batches``: fit and held-out stats of every site's output-Linear input."""
     stats = {s.path: (ActivationStats(s.hidden), ActivationStats(s.hidden) if holdout_fraction > 0 else None)
              for s in sites}

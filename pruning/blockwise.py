@@ -1,37 +1,38 @@
-"""Run a vision tower one transformer block at a time, for calibration that streams block by block.
+"""THE one loop over blocks: ``prune_blocks`` prunes (and optionally compensates) every MLP of a tower.
 
-No family names: the blocks are found from the MLP sites (``find_mlp_sites``), and what comes
-before block 0 (patch embedding, class token, positional embedding, ``norm_pre``/``ln_pre``, the
-rotary embedding or attention mask a family passes to its blocks) is whatever the tower's own
-``forward`` computes before it calls block 0: a forward-pre-hook on block 0 records the block's
-arguments and stops the forward. So every layout the sites know (timm ViT / Eva / DINOv2, open_clip
-``resblocks``, timm towers inside open_clip) works, as long as the tower
+A *source* hands the driver one block at a time and takes the pruned tensors back, so one loop serves
+the tower in memory (``ModelSource``), a checkpoint streamed from disk (``pruning.stream``) and a
+teacher sharded by an engine (the trainer's). What differs across processes is two hooks the source
+supplies: ``select`` (e.g. one rank selects, then broadcasts) and ``reduce`` (e.g. an all-reduce of the
+fit statistics). Per block::
 
-- calls its blocks one after the other, block i+1 on block i's output, every block with the same
-  extra arguments as block 0 (true for timm ``blocks`` and open_clip ``transformer.resblocks``);
-- was built with real buffers (``pruning.skeleton.parameters_on_meta``) when it streams: non-persistent
-  buffers (rotary tables, EVA's zero ``k_bias``) are in no checkpoint, so they come from the build.
+    read the block's tensors -> select the kept units -> [calibrate: prune + refit on hidden states]
+    -> write the pruned site's tensors
 
-``BlockCalibration`` then prunes and compensates block after block on the carried hidden states
-(``pruning.compensate`` holds the fits); ``prune_and_compensate_blocks`` is the in-memory driver,
-``pruning.stream.prune_checkpoint(calibration=...)`` the streaming one (each block materialised
-from the checkpoint, pruned, written, dropped).
+Calibration (``Calibration``) runs the tower one block at a time on carried hidden states. What
+comes before block 0 (patch embedding, class token, positional embedding, the rotary embedding or
+mask a family passes to its blocks) is whatever the tower's own ``forward`` computes before it calls
+block 0: a forward-pre-hook records the block's arguments. The tower must call its blocks one after
+the other, every block with block 0's extra arguments (timm ``blocks``, open_clip ``resblocks``),
+and have real buffers (``pruning.skeleton.parameters_on_meta``): non-persistent ones (rotary
+tables, EVA's ``k_bias``) are in no checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .compensate import (
-    MODES,
+from .fit import (
     ActivationStats,
-    _collect,
+    collect_out_inputs,
     compensate_site,
     corrected_compensation,
     fit_output_from_stats,
@@ -39,11 +40,178 @@ from .compensate import (
     output_fit_error,
     site_record,
 )
-from .select import select_mlp_channels
+from .select import METHODS, select_mlp_channels
 from .sites import MlpSite, find_mlp_sites, prefix_token_count
-from .surgery import PruneReport, SiteReport, keep_counts, prune_site, site_param_count
+from .surgery import PruneReport, SiteReport, install_site, keep_counts, prune_site, prune_site_tensors
 
 Forward = Callable[[nn.Module, torch.Tensor], Any]
+MODES = ("teacher", "sequential", "corrected", "output")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Closed-form compensation settings: one value for the prune CLI, the trainer and the demo."""
+
+    mode: str = "output"
+    """``output`` (refit fc2 so each pruned block reproduces the original block's output; best in
+    docs/compensation.md), ``sequential`` (fit on the pruned model's hidden states), ``corrected`` (the pruned
+    model's kept units onto the original's units) or ``teacher`` (fit on the original model's states)."""
+    ridge: float = 1e-3
+    """Ridge penalty relative to the mean variance of the fit's inputs (0: plain least squares)."""
+    holdout_fraction: float = 0.2
+    """Fraction of every block's calibration tokens, spread evenly, kept out of the fit for the errors."""
+    balance_prefix: bool = False
+    """Mode ``output``: class / register tokens weigh as much as the patch tokens of their image."""
+    num_images: int = 256
+    """Calibration images (the CLI and the demo read this many; the trainer takes batches of its stream)."""
+    batch_size: int = 16
+    """Images per calibration forward."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"calibration mode must be one of {MODES}, got {self.mode!r}")
+        if not self.ridge >= 0:
+            raise ValueError(f"ridge must be >= 0, got {self.ridge}")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+        if self.balance_prefix and self.mode != "output":
+            raise ValueError(f"balance_prefix needs mode 'output', got {self.mode!r}")
+        if self.num_images < 1 or self.batch_size < 1:
+            raise ValueError(f"num_images and batch_size must be >= 1, got {self.num_images}, {self.batch_size}")
+
+
+class BlockSource:
+    """Where ``prune_blocks`` reads blocks from and writes pruned sites to; the defaults serve one process.
+
+    Subclasses set ``tower`` (the architecture: real modules, or parameters on meta with real buffers),
+    ``sites`` (``find_mlp_sites(tower)``), ``params_before`` and ``device``, and implement ``read``,
+    ``write`` and ``stem_states``.
+    """
+
+    tower: nn.Module
+    sites: list[MlpSite]
+    params_before: int
+    device: torch.device = torch.device("cpu")
+
+    def read(self, path: str) -> contextlib.AbstractContextManager[dict[str, torch.Tensor]]:
+        """Full tensors (parameters and persistent buffers, names relative to ``path``) of submodule ``path``."""
+        raise NotImplementedError
+
+    def write(self, site: MlpSite, tensors: dict[str, torch.Tensor]) -> None:
+        """Take the pruned site's tensors (``site.tensor_names()`` that exist, relative to ``site.path``)."""
+        raise NotImplementedError
+
+    def stem_states(self, first_block: str, images: list[torch.Tensor]) -> list[BlockState]:
+        """The inputs of ``first_block`` for each batch of calibration images."""
+        raise NotImplementedError
+
+    def select(self, index: int, choose: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Kept units of site ``index``: ``choose()`` here; a sharded source runs it on one rank and broadcasts."""
+        return choose()
+
+    def reduce(self, stats: ActivationStats) -> None:
+        """Make fit statistics cover every process's calibration tokens (a sharded source all-reduces)."""
+
+
+class ModelSource(BlockSource):
+    """The tower in memory: read its modules, write by replacing the site's layers (``install_site``)."""
+
+    def __init__(self, tower: nn.Module, forward: Forward | None = None) -> None:
+        """``forward(tower, images)`` runs calibration batches (default ``tower(images)``)."""
+        self.tower, self.forward = tower, forward
+        self.sites = find_mlp_sites(tower)
+        self.params_before = sum(p.numel() for p in tower.parameters())
+        self.device = next(tower.parameters()).device
+
+    @contextlib.contextmanager
+    def read(self, path: str) -> Iterator[dict[str, torch.Tensor]]:
+        yield {k: v.detach() for k, v in self.tower.get_submodule(path).state_dict().items()}
+
+    def write(self, site: MlpSite, tensors: dict[str, torch.Tensor]) -> None:
+        install_site(self.tower, site, tensors)
+
+    def stem_states(self, first_block: str, images: list[torch.Tensor]) -> list[BlockState]:
+        return stem_states(self.tower, first_block, images, self.forward)
+
+
+def prune_blocks(source: BlockSource, widths: Mapping[str, int] | Sequence[int], method: str = "diversity", *,
+                 calibration: Calibration | None = None, calib_inputs: Sequence[torch.Tensor | BlockState] = (),
+                 generator: torch.Generator | None = None, scores: Mapping[str, torch.Tensor] | None = None,
+                 progress: Callable[[str], None] | None = None) -> PruneReport:
+    """Prune every MLP of ``source`` to ``widths`` (per site path, or one per site in module order).
+
+    ``method``: ``pruning.METHODS``; ``random`` draws from ``generator`` site after site (default seed 0),
+    ``taylor`` ranks by ``scores`` (``collect_taylor_scores``). With ``calibration``, each block is also
+    compensated on ``calib_inputs``: batches of images (run by ``source.stem_states``) or recorded
+    ``BlockState``s (several stems, e.g. two input sizes, may share the tower's blocks).
+    """
+    sites = source.sites
+    counts = keep_counts(sites, num_keep=widths)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    missing = [s.path for s in sites if method == "taylor" and (scores is None or s.path not in scores)]
+    if missing:
+        raise ValueError(f"method='taylor' needs scores for site {missing[0]}")
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    blocks: list[str] = [s.path for s in sites]
+    local = sites
+    calib = None
+    if calibration is not None:
+        hidden_norm = [s for s in sites if s.norm_name is not None]
+        if hidden_norm:
+            raise ValueError(f"{hidden_norm[0].path}: compensation is not defined with a LayerNorm over the hidden "
+                             f"units ({hidden_norm[0].norm_name}): removing units changes how the kept ones are "
+                             "normalised; prune without calibration")
+        layout = block_layout(source.tower, sites)
+        blocks, local = layout.blocks, layout.sites
+        images = [x for x in calib_inputs if isinstance(x, torch.Tensor)]
+        states = source.stem_states(blocks[0], images) if images else []
+        states += [x for x in calib_inputs if isinstance(x, BlockState)]
+        prefix = prefix_token_count(source.tower) if calibration.balance_prefix else 0
+        calib = BlockCalibration(states, calibration, prefix_tokens=prefix, reduce=source.reduce)
+    records = []
+    for i, (site, block_path, inner) in enumerate(zip(sites, blocks, local, strict=True)):
+        tick = time.perf_counter()
+        with source.read(block_path) as tensors:
+            prefix = inner.path + "." if calib is not None and inner.path else ""
+            names = set(site.tensor_names())
+            own = {n[len(prefix):]: t for n, t in tensors.items() if n[len(prefix):] in names and n.startswith(prefix)}
+            rows = site.selection_rows(own[site.selection_tensor_name])
+
+            def choose(rows: torch.Tensor = rows, site: MlpSite = site) -> torch.Tensor:
+                return select_mlp_channels(rows, counts[site.path], method, generator=generator,
+                                           scores=None if scores is None else scores.get(site.path))
+
+            # Random draws from one generator site after site: every process draws every site itself.
+            keep = choose() if method == "random" else source.select(i, choose)
+            if calib is None:
+                pruned = prune_site_tensors(site, own, keep)
+                before = sum(t.numel() for t in own.values())
+                record = SiteReport(site.path, site.hidden, keep.numel(), before,
+                                    sum(t.numel() for t in pruned.values()), keep.tolist())
+            else:
+                block = materialize(source.tower.get_submodule(block_path), tensors, label=f"{block_path}.",
+                                    device=source.device)
+        if calib is not None:
+            record = calib.step(block, inner, keep, site.path)
+            pruned = {n: t.detach() for n, t in inner.module(block).state_dict().items() if n in names}
+            del block
+        source.write(site, pruned)
+        del pruned
+        records.append(record)
+        if progress is not None:
+            errors = ("" if record.recon_error_before is None else
+                      f", held-out error {record.recon_error_before:.4f} -> {record.recon_error_after:.4f}")
+            progress(f"[{i + 1}/{len(sites)}] {site.path}: {site.hidden} -> {record.hidden_after}{errors} "
+                     f"({time.perf_counter() - tick:.1f} s)")
+    removed = sum(r.params_before - r.params_after for r in records)
+    summary = None
+    if calib is not None:
+        summary = {**asdict(calibration), "num_batches": len(calib.states),
+                   "prefix_tokens_balanced": calib.prefix_tokens, "hidden_state_bytes": calib.peak_bytes,
+                   "seconds": round(time.perf_counter() - start, 3)}
+    return PruneReport(method, records, source.params_before, source.params_before - removed, summary)
 
 
 @dataclass
@@ -63,6 +231,14 @@ class BlockState:
             raise ValueError(f"{type(block).__name__} returned {type(out).__name__}, not the next hidden states: "
                              "streaming calibration needs blocks that map a tensor to a tensor")
         return BlockState(out, self.args, self.kwargs, self.weight)
+
+    def float(self) -> BlockState:
+        """The same state with every floating tensor in fp32 (calibration fits run in fp32 and fp64)."""
+        def cast(value: Any) -> Any:
+            return value.detach().float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+        return BlockState(cast(self.hidden), tuple(cast(a) for a in self.args),
+                          {k: cast(v) for k, v in self.kwargs.items()}, self.weight)
 
     def nbytes(self) -> int:
         tensors = [self.hidden, *self.args, *self.kwargs.values()]
@@ -90,7 +266,8 @@ def block_layout(tower: nn.Module, sites: list[MlpSite] | None = None) -> BlockL
     blocks, local = [], []
     for site in sites:
         parts = site.path.split(".")
-        cut = max((i for i, p in enumerate(parts[:-1]) if p.isdigit()), default=None)
+        # The block is the innermost numbered module holding the MLP (the MLP itself in a plain stack).
+        cut = max((i for i, p in enumerate(parts) if p.isdigit()), default=None)
         if cut is None:
             raise ValueError(f"{site.path}: the MLP is not inside a numbered block; streaming calibration needs "
                              "a tower made of a sequence of blocks")
@@ -109,18 +286,20 @@ class _ReachedBlock(Exception):  # noqa: N818 - control flow, not an error
 
 
 def stem_states(tower: nn.Module, first_block: str, batches: Iterable[torch.Tensor],
-                forward: Forward | None = None) -> list[BlockState]:
-    """The inputs of block ``first_block`` for every batch, recorded by a pre-hook that stops the forward there.
+                forward: Forward | None = None, *, stop: bool = True) -> list[BlockState]:
+    """The inputs of block ``first_block`` for every batch, recorded by a pre-hook.
 
-    ``forward(tower, images)`` defaults to ``tower(images)``; the blocks themselves are never run,
-    so they may stay on the meta device.
+    ``forward(tower, images)`` defaults to ``tower(images)``. ``stop``: the hook ends the forward there, so
+    the blocks never run and may stay on the meta device; a sharded tower runs whole instead (``stop=False``:
+    every rank must take part in every gather).
     """
     forward = forward or (lambda m, x: m(x))
     seen: list[BlockState] = []
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         seen.append(BlockState(args[0].detach(), tuple(args[1:]), dict(kwargs)))
-        raise _ReachedBlock
+        if stop:
+            raise _ReachedBlock
 
     handle = tower.get_submodule(first_block).register_forward_pre_hook(hook, with_kwargs=True)
     states = []
@@ -132,7 +311,9 @@ def stem_states(tower: nn.Module, first_block: str, batches: Iterable[torch.Tens
                 except _ReachedBlock:
                     pass
                 if len(seen) != len(states) + 1:
-                    raise ValueError(f"the forward never reached {first_block}: cannot record its inputs")
+                    raise ValueError(f"the forward never reached {first_block}: cannot record its inputs"
+                                     if len(seen) == len(states) else f"the forward ran {first_block} more than "
+                                     "once per batch: block-wise calibration needs one run per block")
                 states.append(seen[-1])
     finally:
         handle.remove()
@@ -150,7 +331,8 @@ def materialize(meta_module: nn.Module, tensors: dict[str, torch.Tensor], dtype:
     transient = {n: b for n, b in meta_module.named_buffers() if n not in persistent}
     _refuse_meta_buffers(transient, label)
     module = copy.deepcopy(meta_module).to_empty(device=device)
-    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    # A sharded source hands non-persistent buffers too: those come from ``meta_module``, as below.
+    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items() if k not in transient}
     module.load_state_dict(cast, strict=True)
     for name, value in transient.items():
         owner_path, _, attr = name.rpartition(".")
@@ -198,7 +380,7 @@ def materialize_outside(meta_tower: nn.Module, container: str, get: Callable[[st
 class BlockCalibration:
     """Calibration hidden states carried block to block; ``step`` prunes and compensates one block in place.
 
-    Modes (``pruning.compensate.MODES``): ``teacher`` carries the original blocks' outputs and fits
+    Modes (``Calibration.mode``): ``teacher`` carries the original blocks' outputs and fits
     each block on them; ``sequential`` carries the pruned-and-compensated blocks' outputs and fits
     block i on them, targeting the block's own unpruned units; ``corrected`` carries both and fits
     the pruned model's kept units onto the original model's units (see ``corrected_compensation``);
@@ -206,22 +388,16 @@ class BlockCalibration:
     the original block's output (see ``_output_refit``).
     """
 
-    def __init__(self, states: list[BlockState], *, mode: str = "teacher", ridge: float = 1e-3,
-                 holdout_fraction: float = 0.2, prefix_tokens: int = 0,
+    def __init__(self, states: list[BlockState], calibration: Calibration, *, prefix_tokens: int = 0,
                  reduce: Callable[[ActivationStats], None] | None = None) -> None:
         """``prefix_tokens`` > 0 (mode ``output`` only): the first that many tokens of every sequence
         (class / register tokens) weigh together as much as its patch tokens in the fit, instead of 1 of T.
         ``reduce``: applied to every fit and held-out statistics before they are used, e.g. an all-reduce
         when each process holds its own share of the calibration images (in-engine pruning)."""
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        mode = calibration.mode
         if prefix_tokens < 0 or (prefix_tokens and mode != "output"):
             raise ValueError(f"prefix token weighting needs mode 'output' and a count >= 0, got mode {mode!r} "
                              f"and {prefix_tokens}")
-        if not 0 <= holdout_fraction < 1:
-            raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
-        if not ridge >= 0:
-            raise ValueError(f"ridge must be >= 0, got {ridge}")
         states = [s for s in states if s.hidden.shape[0] > 0]  # an empty batch adds nothing to any fit
         if not states:
             raise ValueError("calibration: no batch with any image")
@@ -229,11 +405,12 @@ class BlockCalibration:
             raise ValueError(f"calibration: batch weights need mode 'output', got mode {mode!r}")
         if any(not s.weight > 0 for s in states):
             raise ValueError("calibration: batch weights must be > 0")
-        self.mode, self.ridge, self.holdout_fraction = mode, ridge, holdout_fraction
+        self.mode, self.ridge, self.holdout_fraction = mode, calibration.ridge, calibration.holdout_fraction
         self.prefix_tokens = prefix_tokens
         self.reduce = reduce
         self.states = states
         self.teacher_states = list(states) if mode in ("corrected", "output") else None
+        self.peak_bytes = self.hidden_state_bytes()
 
     def hidden_state_bytes(self) -> int:
         """Bytes of carried calibration states (both streams in ``corrected`` and ``output`` modes)."""
@@ -244,7 +421,7 @@ class BlockCalibration:
 
     def step(self, block: nn.Module, site: MlpSite, keep: torch.Tensor, report_path: str) -> SiteReport:
         """Prune ``site`` (relative to ``block``) to ``keep`` with compensation and advance the states."""
-        params_before = site_param_count(block, site)
+        params_before = _site_numel(block, site)
         out = getattr(site.module(block), site.out_name)
         weight = out.weight.detach().clone()
         bias = None if out.bias is None else out.bias.detach().clone()
@@ -260,7 +437,7 @@ class BlockCalibration:
             def run(module: nn.Module, state: BlockState) -> None:
                 outputs.append(state.run(module))
 
-            collected = _collect(block, [site], self.states, run, self.holdout_fraction)
+            collected = collect_out_inputs(block, [site], self.states, run, self.holdout_fraction)
             fit, held = self._reduced(*collected[site.path])
             if fit.count == 0:
                 raise ValueError(f"{report_path}: no calibration token reached this MLP")
@@ -271,8 +448,9 @@ class BlockCalibration:
         with torch.no_grad():
             if self.mode != "teacher":
                 self.states = [s.run(block) for s in self.states]
+        self.peak_bytes = max(self.peak_bytes, self.hidden_state_bytes())
         return SiteReport(report_path, site.hidden, new_site.hidden, params_before,
-                          site_param_count(block, new_site), keep.tolist(), *errors)
+                          _site_numel(block, new_site), keep.tolist(), *errors)
 
     def _output_refit(self, block: nn.Module, site: MlpSite, keep: torch.Tensor, report_path: str
                       ) -> tuple[MlpSite, tuple[float | None, float | None]]:
@@ -493,62 +671,5 @@ def _branch_scale(scale: torch.Tensor, output: torch.Tensor, label: str) -> torc
     return torch.where(factor.abs() > tiny, factor, torch.full_like(factor, torch.inf))
 
 
-def calibrate_blocks(tower: nn.Module, states: list[BlockState], *, ratio: float | None = None,
-                     num_keep: int | dict[str, int] | None = None, method: str = "diversity",
-                     mode: str = "teacher", ridge: float = 1e-3, holdout_fraction: float = 0.2,
-                     generator: torch.Generator | None = None,
-                     scores: dict[str, torch.Tensor] | None = None, balance_prefix: bool = False) -> PruneReport:
-    """``prune_and_compensate_blocks`` from recorded inputs of block 0 (``stem_states``).
-
-    States may come from several stems that share the tower's blocks: e.g. calibration images at two
-    input sizes, each run through a copy of the tower built for its size.
-    """
-    prefix = prefix_token_count(tower) if balance_prefix else 0
-    sites = find_mlp_sites(tower)
-    layout = block_layout(tower, sites)
-    counts = keep_counts(sites, ratio, num_keep)
-    for site in sites:
-        if method == "taylor" and (scores is None or site.path not in scores):
-            raise ValueError(f"method='taylor' needs scores for site {site.path}")
-    total_before = sum(p.numel() for p in tower.parameters())
-    calibration = BlockCalibration(states, mode=mode, ridge=ridge, holdout_fraction=holdout_fraction,
-                                   prefix_tokens=prefix)
-    records = []
-    for path, site, tower_site in zip(layout.blocks, layout.sites, layout.tower_sites, strict=True):
-        block = tower.get_submodule(path)
-        keep = select_mlp_channels(site.selection_weight(block), counts[tower_site.path], method,
-                                   generator=generator,
-                                   scores=scores[tower_site.path] if method == "taylor" else None)
-        records.append(calibration.step(block, site, keep, tower_site.path))
-    return PruneReport(method, records, total_before, sum(p.numel() for p in tower.parameters()))
-
-
-def prune_and_compensate_blocks(
-    tower: nn.Module,
-    batches: Iterable[torch.Tensor],
-    *,
-    forward: Forward | None = None,
-    ratio: float | None = None,
-    num_keep: int | dict[str, int] | None = None,
-    method: str = "diversity",
-    mode: str = "teacher",
-    ridge: float = 1e-3,
-    holdout_fraction: float = 0.2,
-    generator: torch.Generator | None = None,
-    scores: dict[str, torch.Tensor] | None = None,
-    balance_prefix: bool = False,
-) -> PruneReport:
-    """``prune_and_compensate`` on a tower of blocks, carrying the hidden states instead of re-running the model.
-
-    Same result as ``prune_and_compensate`` in ``teacher``/``sequential`` mode (``forward`` =
-    the calibration forward, default ``tower(images)``), one block forward per block and mode pass
-    instead of a full forward per block in sequential mode; also offers modes ``corrected`` and ``output``.
-    ``balance_prefix`` (mode ``output``): class / register tokens weigh as much as the patch tokens in
-    each sequence (``pruning.sites.prefix_token_count``; ``BlockCalibration(prefix_tokens=...)``).
-    """
-    layout = block_layout(tower)
-    batches = list(batches) if not isinstance(batches, Sequence) else batches
-    return calibrate_blocks(tower, stem_states(tower, layout.blocks[0], batches, forward), ratio=ratio,
-                            num_keep=num_keep, method=method, mode=mode, ridge=ridge,
-                            holdout_fraction=holdout_fraction, generator=generator, scores=scores,
-                            balance_prefix=balance_prefix)
+def _site_numel(block: nn.Module, site: MlpSite) -> int:
+    return sum(p.numel() for name in site.layer_names() for p in getattr(site.module(block), name).parameters())

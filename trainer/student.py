@@ -1,0 +1,362 @@
+"""The student: one architecture builder for every path, and the in-engine source of the one prune pipeline.
+
+- ``student_architecture``: the teacher's architecture with every MLP at its pruned width, built real,
+  on meta (export, planning) or as a skeleton (parameters on meta, real buffers: sharded builds).
+- Host path (``prune.in_engine=false``, ``build_models``): every rank builds the teacher and prunes a copy
+  with ``pruning.prune_blocks(ModelSource(...))``.
+- In-engine path (``InEngineBuild`` + ``prune_in_engine``): the engine shards both skeletons, the teacher
+  is filled shard by shard from ``model.pretrained`` (``TeacherWeights``), and ``pruning.prune_blocks``
+  runs on ``EngineSource``: a block is gathered from the teacher's shards, block ``i`` is selected on rank
+  ``i % world`` and broadcast, calibration statistics are all-reduced, and every rank writes its shards
+  of the pruned student site. The engines only gather and write named tensors; they know nothing of pruning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import resource
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+import pruning
+from trainer.config import ModelConfig, PruneConfig, TrainConfig
+from trainer.engines.base import SkeletonModels
+from trainer.models.base import ModelAdapter, TokenLayout
+from trainer.models.meta import build_on_meta, parameters_on_meta
+from trainer.task import freeze_teacher
+
+
+def student_widths(prune: PruneConfig, sites: list[pruning.MlpSite]) -> dict[str, int]:
+    """Kept hidden units per MLP site: ``prune.ratio`` of each block's width, or every unit when pruning is off."""
+    if not prune.enabled:
+        return {s.path: s.hidden for s in sites}
+    try:
+        return pruning.keep_counts(sites, prune.ratio)
+    except ValueError as err:
+        raise ValueError(f"prune.ratio: {err}") from None
+
+
+def student_architecture(model: ModelConfig, prune: PruneConfig, adapter: ModelAdapter, *, on: str) -> nn.Module:
+    """The student's architecture, values unset (load them next): ``on`` = ``meta`` (shapes only), ``skeleton``
+    (parameters on meta, real buffers) or ``real`` (CPU memory, the family's init values)."""
+    arch = ModelConfig(family=model.family, name=model.name, kwargs=dict(model.kwargs), pretrained=None)
+    if on == "meta":
+        student = build_on_meta(arch)
+    elif on == "skeleton":
+        with parameters_on_meta():
+            student = adapter.build(arch)
+    else:
+        student = adapter.build(arch)
+    pruning.resize_mlps(student, student_widths(prune, pruning.find_mlp_sites(student)))
+    return student
+
+
+def build_models(cfg: TrainConfig, adapter: ModelAdapter) -> tuple[nn.Module, nn.Module, pruning.PruneReport]:
+    """Host path: (teacher, student, prune report), identical on every rank for a given run.seed."""
+    torch.manual_seed(cfg.run.seed)
+    teacher = adapter.build(cfg.model)
+    student = copy.deepcopy(teacher)
+    source = pruning.ModelSource(student)
+    method = cfg.prune.method if cfg.prune.enabled else "none"
+    if cfg.prune.enabled:
+        report = pruning.prune_blocks(source, student_widths(cfg.prune, source.sites), method,
+                                      generator=torch.Generator().manual_seed(cfg.run.seed))
+    else:
+        report = pruning.PruneReport(method, [], source.params_before, source.params_before)
+    if cfg.prune.student_init:
+        load_student_init(student, Path(cfg.prune.student_init))
+    return teacher, student, report
+
+
+def load_student_init(student: nn.Module, path: Path) -> None:
+    """Load the student's starting weights (strict): the file must match the pruned architecture."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"prune.student_init: no such file {path}")
+    try:
+        student.load_state_dict(load_file(path), strict=True)
+    except (RuntimeError, OSError) as err:
+        raise ValueError(f"prune.student_init: {path} does not fit the pruned student: {err}") from None
+
+
+class TeacherWeights:
+    """The teacher's weights by parameter name, read as row ranges: each rank reads only its own shard.
+
+    ``.safetensors`` is read through ``safe_open(...).get_slice`` (only the rows asked for are touched);
+    ``.pt``/``.bin`` through an mmap ``torch.load``. A whole CLIP checkpoint keeps the tower under ``visual.``.
+    Without a file, every rank builds the seeded init model once (as the host path does): tests only.
+    """
+
+    def __init__(self, cfg: ModelConfig, adapter: ModelAdapter, seed: int) -> None:
+        self.cfg, self.adapter, self.seed = cfg, adapter, seed
+        self._tensors: dict[str, torch.Tensor] | None = None
+        self._safe = None
+        self._prefix: str | None = None
+        if cfg.pretrained is None:
+            return
+        path = Path(cfg.pretrained)
+        if not path.is_file():
+            raise FileNotFoundError(f"model.pretrained: no such file {path}")
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            self._safe = safe_open(str(path), framework="pt")
+            self._keys = set(self._safe.keys())
+        else:
+            from pruning.stream import open_checkpoint
+
+            source = open_checkpoint(path)
+            self._tensors = {k: source.get(k) for k in source.keys()}
+            self._keys = set(self._tensors)
+
+    def _key(self, name: str) -> str:
+        # The prefix is decided per file, not per tensor: a CLIP's text tower has some of the same bare names.
+        if self._prefix is None:
+            clip = self.cfg.family == "open_clip" and any(k.startswith("visual.") for k in self._keys)
+            self._prefix = "visual." if clip else ""
+        if self._prefix + name not in self._keys:
+            raise ValueError(f"model.pretrained: {self.cfg.pretrained} has no tensor {self._prefix + name!r}: "
+                             "in-engine loading needs a checkpoint of exactly this architecture")
+        return self._prefix + name
+
+    def _init_state(self) -> dict[str, torch.Tensor]:
+        if self._tensors is None:
+            torch.manual_seed(self.seed)  # as build_models: the same init weights as the host path
+            self._tensors = {k: v.detach() for k, v in self.adapter.build(self.cfg).state_dict().items()}
+            self._keys = set(self._tensors)
+        return self._tensors
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` along dim 0 of parameter ``name`` (the whole tensor for 0-dim ones)."""
+        if self._safe is None:
+            tensor = self._init_state()[self._key(name)]
+            return tensor if tensor.dim() == 0 else tensor[start:stop]
+        key = self._key(name)
+        part = self._safe.get_slice(key)
+        return self._safe.get_tensor(key) if len(part.get_shape()) == 0 else part[start:stop]
+
+    def full(self, name: str) -> torch.Tensor:
+        """The whole tensor."""
+        return self.rows(name, 0, 2**62)
+
+
+class InEngineBuild:
+    """Teacher and pruned-width student skeletons for an engine to shard and fill (``skeletons``)."""
+
+    def __init__(self, model: ModelConfig, prune: PruneConfig, adapter: ModelAdapter, seed: int) -> None:
+        self.model_cfg, self.prune, self.adapter, self.seed = model, prune, adapter, seed
+        self.weights = TeacherWeights(model, adapter, seed)
+        arch = ModelConfig(family=model.family, name=model.name, kwargs=dict(model.kwargs), pretrained=None)
+        with parameters_on_meta():
+            self.teacher = adapter.build(arch)
+        self.student = student_architecture(model, prune, adapter, on="skeleton")
+        self.sites = pruning.find_mlp_sites(self.teacher)
+        self.widths = student_widths(prune, self.sites)
+        # Counted with the heads, as the host path and the streaming prune report them.
+        self.params_before, self.params_after = count_params(self.teacher), count_params(self.student)
+        freeze_teacher(self.teacher)
+        self.teacher_layout: TokenLayout = adapter.strip_head(self.teacher)
+        self.student_layout: TokenLayout = adapter.strip_head(self.student)
+        for layout in (self.teacher_layout, self.student_layout):
+            self._load_removed(layout)
+        self.sharded_numel = count_params(self.teacher) + count_params(self.student)
+
+    def skeletons(self) -> SkeletonModels:
+        """What the engine shards: both models, the teacher's rows, and the student tensors equal to the teacher's."""
+        pruned = {f"{s.path}.{n}" for s in self.sites for n in s.parameter_names()} if self.prune.enabled else set()
+        shared = {n for n, _ in self.student.named_parameters() if n not in pruned}
+        return SkeletonModels(self.teacher, self.student, self.adapter.blocks,
+                              self.adapter.enable_activation_checkpointing, self.weights.rows, shared)
+
+    def teacher_skeleton(self) -> nn.Module:
+        """A fresh teacher, head stripped, parameters on meta and buffers real: each calibrated block is
+        materialised from it and the values gathered from the shards."""
+        with parameters_on_meta():
+            teacher = self.adapter.build(ModelConfig(family=self.model_cfg.family, name=self.model_cfg.name,
+                                                     kwargs=dict(self.model_cfg.kwargs), pretrained=None))
+        self.adapter.strip_head(teacher)
+        return teacher.eval()
+
+    def _load_removed(self, layout: TokenLayout) -> None:
+        """Give the parts strip_head took out (final norm, head) the teacher's real weights, on the host: they
+        leave the sharded models, and the task, validation and export use them (pruning never changes them)."""
+        for path, part in list(layout.removed.items()):
+            if isinstance(part, nn.Parameter) and part.is_meta:
+                layout.removed[path] = nn.Parameter(self.weights.full(path).float().clone(),
+                                                    requires_grad=part.requires_grad)
+            elif isinstance(part, nn.Module) and any(p.is_meta for p in part.parameters()):
+                buffers = dict(part.named_buffers())
+                part.to_empty(device="cpu")
+                with torch.no_grad():
+                    for name, b in part.named_buffers():
+                        b.copy_(buffers[name])
+                    for name, param in part.named_parameters():
+                        param.copy_(self.weights.full(f"{path}.{name}"))
+
+
+def count_params(model: nn.Module) -> int:
+    """Global parameter count of a model on meta, sharded by FSDP2 or partitioned by ZeRO-3 (``ds_numel``)."""
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+
+
+@dataclass
+class MemoryRecord:
+    """One rank's memory during the pruning pass: elements held, and the process's RSS."""
+
+    rank: int
+    teacher_shard_numel: int
+    student_shard_numel: int
+    rss_start_bytes: int
+    """VmRSS when the pruning pass starts (after the sharded build and the teacher load)."""
+    peak_extra_numel: int = 0
+    """Largest number of elements held beyond the shards at once: a gathered block plus the pruned site."""
+    rss_peak_bytes: int = 0
+    """VmHWM at the end of the pruning pass: the process's peak resident set so far."""
+    sites_selected: list[str] = field(default_factory=list)
+    """Site paths whose selection ran on this rank (round robin)."""
+
+    @property
+    def peak_local_numel(self) -> int:
+        return self.teacher_shard_numel + self.student_shard_numel + self.peak_extra_numel
+
+
+class EngineSource(pruning.BlockSource):
+    """The sharded teacher as a source of ``pruning.prune_blocks``; pruned sites go to the student's shards."""
+
+    def __init__(self, engine: object, build: InEngineBuild, device: torch.device, memory: MemoryRecord) -> None:
+        self.engine, self.memory, self.device = engine, memory, device
+        self.tower, self.sites, self.params_before = build.teacher_skeleton(), build.sites, build.params_before
+        self.rank, self.world = _world()
+        self._held = 0
+
+    @contextlib.contextmanager
+    def read(self, path: str) -> Iterator[dict[str, torch.Tensor]]:
+        with self.engine.gather_teacher_module(path) as tensors:
+            self._held = sum(t.numel() for t in tensors.values())
+            yield tensors
+
+    def write(self, site: pruning.MlpSite, tensors: dict[str, torch.Tensor]) -> None:
+        self.memory.peak_extra_numel = max(self.memory.peak_extra_numel,
+                                           self._held + sum(t.numel() for t in tensors.values()))
+        self.engine.write_student_tensors(site.path, tensors)
+
+    def stem_states(self, first_block: str, images: list[torch.Tensor]) -> list[pruning.BlockState]:
+        # The sharded forward runs whole (stopping it would leave collectives unmatched across ranks).
+        module, forward = self.engine.teacher_module()
+        states = pruning.stem_states(module, first_block, images, lambda _m, x: forward(x), stop=False)
+        return [s.float() for s in states]
+
+    def select(self, index: int, choose: Callable[[], torch.Tensor]) -> torch.Tensor:
+        owner = index % self.world
+        keep = choose().cpu() if self.rank == owner else None
+        if self.rank == owner:
+            self.memory.sites_selected.append(self.sites[index].path)
+        if self.world == 1:
+            return keep
+        count = torch.tensor([0 if keep is None else keep.numel()], device=self.device)
+        torch_dist.broadcast(count, src=owner)
+        buffer = keep.to(self.device) if keep is not None else torch.empty(int(count), dtype=torch.long,
+                                                                             device=self.device)
+        torch_dist.broadcast(buffer, src=owner)
+        return buffer.cpu()
+
+    def reduce(self, stats: pruning.ActivationStats) -> None:
+        all_reduce_stats(stats, self.device)
+
+
+def all_reduce_stats(stats: pruning.ActivationStats, device: torch.device) -> None:
+    """Make ``stats`` the statistics of every rank's tokens (a collective): one common shift (the
+    token-weighted mean of the ranks' shifts), then count, sum and outer product summed."""
+    if _world()[1] == 1:
+        return
+    shift = stats.shift if stats.shift is not None else torch.zeros(stats.size, dtype=torch.float64)
+    packed = torch.cat([shift.to(device) * float(stats.count), torch.tensor([float(stats.count)], dtype=torch.float64,
+                                                                             device=device)])
+    torch_dist.all_reduce(packed)
+    if float(packed[-1]) == 0:
+        return
+    stats.rebase(packed[:-1] / packed[-1])
+    count = torch.tensor([float(stats.count)], dtype=torch.float64, device=device)
+    for tensor in (count, stats.sum, stats.outer):
+        torch_dist.all_reduce(tensor)
+    stats.count = int(count.item()) if isinstance(stats.count, int) else float(count.item())
+
+
+def taylor_scores(engine: object, sites: list[pruning.MlpSite], batches: Iterable[torch.Tensor],
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """Taylor importance on the sharded teacher, summed over ranks: the loss is the mean squared pre-norm
+    output token (the teacher alone has no task loss); the images require grad so that activations do."""
+    module, forward = engine.teacher_module()
+
+    def loss_fn(_model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return forward(images.detach().requires_grad_(True)).float().square().mean()
+
+    scores = pruning.collect_taylor_scores(module, batches, loss_fn, sites)
+    for path, total in scores.items():
+        total = total.to(device)
+        if _world()[1] > 1:
+            torch_dist.all_reduce(total)
+        scores[path] = total.cpu()
+    return scores
+
+
+def prune_in_engine(engine: object, build: InEngineBuild, stream: Iterable, device: torch.device
+                    ) -> tuple[pruning.PruneReport, dict]:
+    """Prune every student block from the sharded teacher, then build the optimizer: (report, memory summary).
+
+    A collective. method=taylor reads the first ``prune.taylor_batches`` batches of ``stream`` and compensation
+    the first ``prune.calib_batches`` (each rank its own; a separate iterator, closed afterwards).
+    """
+    prune = build.prune
+    calibration = prune.calibration() if prune.enabled else None
+    taylor = prune.taylor_batches if prune.enabled and prune.method == "taylor" else 0
+    count = max(taylor, prune.calib_batches if calibration is not None else 0)
+    batches: list[torch.Tensor] = []
+    if count:
+        iterator = iter(stream)
+        batches = [next(iterator).model_input(device) for _ in range(count)]
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+    teacher_numel, student_numel = engine.shard_numel()
+    rank, world = _world()
+    memory = MemoryRecord(rank, teacher_numel, student_numel, _proc_status_bytes("VmRSS"))
+    if prune.enabled:
+        scores = taylor_scores(engine, build.sites, batches[:taylor], device) if taylor else None
+        source = EngineSource(engine, build, device, memory)
+        report = pruning.prune_blocks(source, build.widths, prune.method, calibration=calibration,
+                                      calib_inputs=batches[:prune.calib_batches] if calibration else (),
+                                      generator=torch.Generator().manual_seed(build.seed), scores=scores)
+    else:
+        report = pruning.PruneReport("none", [], build.params_before, build.params_after)
+    memory.rss_peak_bytes = _proc_status_bytes("VmHWM")
+    engine.build_optimizer()
+    records: list[object] = [memory]
+    if world > 1:
+        records = [None] * world
+        torch_dist.all_gather_object(records, memory)
+    summary = {"full_teacher_numel": build.params_before, "full_student_numel": build.params_after,
+               "sharded_numel": build.sharded_numel,
+               "ranks": [{**vars(r), "peak_local_numel": r.peak_local_numel} for r in records]}
+    return report, {"in_engine_memory": summary}
+
+
+def _proc_status_bytes(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _world() -> tuple[int, int]:
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return torch_dist.get_rank(), torch_dist.get_world_size()
+    return 0, 1
