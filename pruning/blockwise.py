@@ -168,8 +168,8 @@ def prune_blocks(source: BlockSource, widths: Mapping[str, int] | Sequence[int],
         images = [x for x in calib_inputs if isinstance(x, torch.Tensor)]
         states = source.stem_states(blocks[0], images) if images else []
         states += [x for x in calib_inputs if isinstance(x, BlockState)]
-        prefix = prefix_token_count(source.tower) if calibration.balance_prefix else 0
-        calib = BlockCalibration(states, calibration, prefix_tokens=prefix, reduce=source.reduce)
+        prefix_tokens = prefix_token_count(source.tower) if calibration.balance_prefix else 0
+        calib = BlockCalibration(states, calibration, prefix_tokens=prefix_tokens, reduce=source.reduce)
     records = []
     for i, (site, block_path, inner) in enumerate(zip(sites, blocks, local, strict=True)):
         tick = time.perf_counter()

@@ -28,7 +28,7 @@ import pruning
 from trainer.config import ModelConfig, PruneConfig, TrainConfig
 from trainer.engines.base import SkeletonModels
 from trainer.models.base import ModelAdapter, TokenLayout
-from trainer.models.meta import build_on_meta, parameters_on_meta
+from trainer.models.meta import build_on_meta, build_skeleton
 from trainer.task import freeze_teacher
 
 
@@ -45,14 +45,12 @@ def student_widths(prune: PruneConfig, sites: list[pruning.MlpSite]) -> dict[str
 def student_architecture(model: ModelConfig, prune: PruneConfig, adapter: ModelAdapter, *, on: str) -> nn.Module:
     """The student's architecture, values unset (load them next): ``on`` = ``meta`` (shapes only), ``skeleton``
     (parameters on meta, real buffers) or ``real`` (CPU memory, the family's init values)."""
-    arch = ModelConfig(family=model.family, name=model.name, kwargs=dict(model.kwargs), pretrained=None)
     if on == "meta":
-        student = build_on_meta(arch)
+        student = build_on_meta(model)
     elif on == "skeleton":
-        with parameters_on_meta():
-            student = adapter.build(arch)
+        student = build_skeleton(model)
     else:
-        student = adapter.build(arch)
+        student = adapter.build(ModelConfig(family=model.family, name=model.name, kwargs=dict(model.kwargs)))
     pruning.resize_mlps(student, student_widths(prune, pruning.find_mlp_sites(student)))
     return student
 
@@ -153,9 +151,7 @@ class InEngineBuild:
     def __init__(self, model: ModelConfig, prune: PruneConfig, adapter: ModelAdapter, seed: int) -> None:
         self.model_cfg, self.prune, self.adapter, self.seed = model, prune, adapter, seed
         self.weights = TeacherWeights(model, adapter, seed)
-        arch = ModelConfig(family=model.family, name=model.name, kwargs=dict(model.kwargs), pretrained=None)
-        with parameters_on_meta():
-            self.teacher = adapter.build(arch)
+        self.teacher = build_skeleton(model)
         self.student = student_architecture(model, prune, adapter, on="skeleton")
         self.sites = pruning.find_mlp_sites(self.teacher)
         self.widths = student_widths(prune, self.sites)
@@ -178,9 +174,7 @@ class InEngineBuild:
     def teacher_skeleton(self) -> nn.Module:
         """A fresh teacher, head stripped, parameters on meta and buffers real: each calibrated block is
         materialised from it and the values gathered from the shards."""
-        with parameters_on_meta():
-            teacher = self.adapter.build(ModelConfig(family=self.model_cfg.family, name=self.model_cfg.name,
-                                                     kwargs=dict(self.model_cfg.kwargs), pretrained=None))
+        teacher = build_skeleton(self.model_cfg)
         self.adapter.strip_head(teacher)
         return teacher.eval()
 
@@ -233,6 +227,7 @@ class EngineSource(pruning.BlockSource):
     def __init__(self, engine: object, build: InEngineBuild, device: torch.device, memory: MemoryRecord) -> None:
         self.engine, self.memory, self.device = engine, memory, device
         self.tower, self.sites, self.params_before = build.teacher_skeleton(), build.sites, build.params_before
+        self.widths = build.widths
         self.rank, self.world = _world()
         self._held = 0
 
@@ -260,10 +255,8 @@ class EngineSource(pruning.BlockSource):
             self.memory.sites_selected.append(self.sites[index].path)
         if self.world == 1:
             return keep
-        count = torch.tensor([0 if keep is None else keep.numel()], device=self.device)
-        torch_dist.broadcast(count, src=owner)
-        buffer = keep.to(self.device) if keep is not None else torch.empty(int(count), dtype=torch.long,
-                                                                             device=self.device)
+        count = self.widths[self.sites[index].path]  # known on every rank: no size to send first
+        buffer = keep.to(self.device) if keep is not None else torch.empty(count, dtype=torch.long, device=self.device)
         torch_dist.broadcast(buffer, src=owner)
         return buffer.cpu()
 
