@@ -182,6 +182,10 @@ def preflight(cfg: TrainConfig, world_size: int) -> None:
     """Raise ValueError / FileNotFoundError for a problem ``cfg`` would hit only after the models are built."""
     check_data_layout(cfg.data, world_size)
     check_weights_file("model.pretrained", cfg.model.pretrained)
+    if cfg.prune.student_init:
+        from trainer.student import student_init_file
+
+        check_weights_file("prune.student_init", str(student_init_file(cfg)))
 
 
 def check_data_layout(data: DataConfig, world_size: int) -> None:

@@ -84,8 +84,10 @@ class PruneConfig:
     taylor_batches: int = 4
     """method=taylor: batches of the training stream whose |activation x gradient| rank the hidden units."""
     student_init: str = ""
-    """A .safetensors state dict loaded into the pruned student (strict), e.g. a compensated student
-    made with the same ratio and method; empty: the student keeps the teacher's surviving weights."""
+    """The student's starting weights (strict), e.g. a compensated student made with the same ratio: the
+    output directory of ``python -m pruning prune`` (or any of its .safetensors, whole CLIP or tower), or a
+    .safetensors state dict of the student tower; empty: the student keeps the teacher's surviving weights.
+    Checked against the teacher and ``prune.ratio`` before any model is built."""
     compensate: bool = False
     """in_engine only: compensate every pruned block in closed form (``pruning.Calibration``,
     docs/compensation.md) on the first ``calib_batches`` batches of the training stream, block by block on
@@ -116,10 +118,10 @@ class PruneConfig:
         _check(self.taylor_batches >= 1, "prune.taylor_batches", f"must be >= 1, got {self.taylor_batches}")
         _check(self.method != "taylor" or self.in_engine, "prune.method",
                "taylor needs training batches: set prune.in_engine=true (engine fsdp or deepspeed)")
+        _check(not self.student_init.endswith((".pt", ".pth", ".bin")), "prune.student_init",
+               f"must be a .safetensors file or a prune output directory, got {self.student_init!r}")
         _check(not (self.in_engine and self.student_init), "prune.student_init",
                "cannot be combined with prune.in_engine=true")
-        _check(not self.student_init or self.student_init.endswith(".safetensors"), "prune.student_init",
-               f"must be a .safetensors file, got {self.student_init!r}")
         _check(self.method in PRUNE_METHODS, "prune.method",
                f"must be one of {PRUNE_METHODS}, got {self.method!r}")
         _check(self.calib_batches >= 1, "prune.calib_batches", f"must be >= 1, got {self.calib_batches}")

@@ -36,6 +36,7 @@ from pruning.export import (
     Architecture,
     check_stock_build,
     export_configs,
+    read_pruning_record,
     resolve_architecture,
 )
 from pruning.safetensors_stream import SafetensorsWriter
@@ -134,6 +135,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, overwrite:
         (tmp / config_name).write_text(json.dumps(config, indent=2))
         config[PRUNING_KEY]["stock_loadable"] = claimed and check_stock_build(tmp)
         config[PRUNING_KEY]["trainer_checkpoint"] = str(Path(checkpoint).resolve())
+        config[PRUNING_KEY]["trainer_step"] = manifest.step
         (tmp / config_name).write_text(json.dumps(config, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -159,7 +161,12 @@ def main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
-    print(f"exported {args.checkpoint} -> {out}")
+    record = read_pruning_record(out)[1][PRUNING_KEY]
+    step = record["trainer_step"]
+    print(f"exported step {step} ({record['trainer_checkpoint']}) -> {out}")
+    if step == 0:
+        print("warning: step 0 is the student before any training (the best validation so far was the start)",
+              file=sys.stderr)
     return 0
 
 

@@ -68,20 +68,60 @@ def build_models(cfg: TrainConfig, adapter: ModelAdapter) -> tuple[nn.Module, nn
     else:
         report = pruning.PruneReport(method, [], source.params_before, source.params_before)
     if cfg.prune.student_init:
-        load_student_init(student, Path(cfg.prune.student_init))
+        load_student_init(student, student_init_file(cfg))
     return teacher, student, report
 
 
+def student_init_file(cfg: TrainConfig) -> Path:
+    """The weights file of ``prune.student_init``, checked against the run before any model is built.
+
+    A prune output directory (``python -m pruning prune``) must record the teacher's family and name, and the
+    widths ``prune.ratio`` gives; a file is checked by ``load_student_init`` when it is loaded.
+    """
+    path = Path(cfg.prune.student_init)
+    if not path.exists():
+        raise FileNotFoundError(f"prune.student_init: no such file or directory {path}")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"prune.student_init: {path} is not a .safetensors file or a prune output directory")
+        return path
+    from pruning.export import read_pruning_record
+
+    try:
+        _, config = read_pruning_record(path)
+    except FileNotFoundError as err:
+        raise ValueError(f"prune.student_init: {path} is not a prune output directory ({err})") from None
+    record = config["dgmr_pruning"]
+    if (record["family"], record["base_model"]) != (cfg.model.family, cfg.model.name):
+        raise ValueError(f"prune.student_init: {path} was pruned from {record['family']} {record['base_model']!r}, "
+                         f"the teacher (model.name) is {cfg.model.family} {cfg.model.name!r}")
+    meta = build_on_meta(cfg.model)
+    want = student_widths(cfg.prune, pruning.find_mlp_sites(meta))
+    if record["mlp_hidden"] != want:
+        raise ValueError(f"prune.student_init: {path} has MLP widths {sorted(set(record['mlp_hidden'].values()))}, "
+                         f"prune.ratio={cfg.prune.ratio} gives {sorted(set(want.values()))}")
+    files = [path / f for f in ("open_clip_visual.safetensors", "open_clip_model.safetensors", "model.safetensors")]
+    found = next((f for f in files if f.is_file()), None)
+    if found is None:
+        raise FileNotFoundError(f"prune.student_init: {path} holds no weights file ({', '.join(f.name for f in files)})")
+    return found
+
+
 def load_student_init(student: nn.Module, path: Path) -> None:
-    """Load the student's starting weights (strict): the file must match the pruned architecture."""
+    """Load the student's starting weights (strict): a state dict of the pruned tower, or of a whole CLIP (the
+    prune tool's ``open_clip_model.safetensors``), whose image tower is taken from its ``visual.`` keys."""
     from safetensors.torch import load_file
 
     if not path.is_file():
         raise FileNotFoundError(f"prune.student_init: no such file {path}")
+    state = load_file(path)
+    if any(k.startswith("visual.") for k in state) and not any(k.startswith("visual.") for k in student.state_dict()):
+        state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
     try:
-        student.load_state_dict(load_file(path), strict=True)
+        student.load_state_dict(state, strict=True)
     except (RuntimeError, OSError) as err:
-        raise ValueError(f"prune.student_init: {path} does not fit the pruned student: {err}") from None
+        first = str(err).strip().splitlines()[:3]
+        raise ValueError(f"prune.student_init: {path} does not fit the pruned student: {' '.join(first)}") from None
 
 
 class TeacherWeights:

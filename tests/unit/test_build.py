@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from trainer.cli import load_config
 from trainer.models.registry import get_adapter
@@ -37,3 +37,33 @@ def test_student_init_errors_name_the_key(tiny_timm_yaml, tmp_path) -> None:
         build(tiny_timm_yaml, f"prune.student_init={path}")
     with pytest.raises(ValueError, match="prune.student_init"):
         load_config(tiny_timm_yaml, ["prune.student_init=weights.pt"])
+
+
+def test_student_init_takes_the_prune_tools_output_directory(tiny_open_clip_yaml, tmp_path) -> None:
+    """A whole-CLIP export of ``python -m pruning prune`` (its directory or its file) starts the student; a
+    directory pruned from another model or at another ratio is refused before any model is built."""
+    import open_clip
+
+    import pruning
+    from trainer.cli import preflight
+
+    cfg = load_config(tiny_open_clip_yaml, [])
+    torch.manual_seed(3)
+    clip = open_clip.create_model(cfg.model.name, pretrained=None)
+    ckpt = tmp_path / "clip.safetensors"
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, ckpt)
+    out = tmp_path / "pruned"
+    pruning.prune_checkpoint(cfg.model.name, out, checkpoint=ckpt, ratio=cfg.prune.ratio)
+    exported = {k[len("visual."):]: v for k, v in load_file(out / "open_clip_model.safetensors").items()
+                if k.startswith("visual.")}
+    for init in (out, out / "open_clip_model.safetensors"):
+        _, student, _ = build(tiny_open_clip_yaml, f"prune.student_init={init}")
+        assert student.state_dict().keys() == exported.keys()
+        assert all(torch.equal(student.state_dict()[k], v) for k, v in exported.items())
+    other = load_config(tiny_open_clip_yaml, [f"prune.student_init={out}", "prune.ratio=0.5"])
+    with pytest.raises(ValueError, match=r"prune.student_init: .* has MLP widths \[\d+\], prune.ratio=0.5 gives"):
+        preflight(other, 1)
+    (out / "open_clip_config.json").write_text(
+        (out / "open_clip_config.json").read_text().replace(f'"base_model": "{cfg.model.name}"', '"base_model": "x"'))
+    with pytest.raises(ValueError, match=f"was pruned from open_clip 'x', the teacher .* is open_clip '{cfg.model.name}'"):
+        preflight(load_config(tiny_open_clip_yaml, [f"prune.student_init={out}"]), 1)

@@ -33,7 +33,9 @@ def test_open_clip_export_is_stock_loadable_and_matches_the_student(tmp_path: Pa
     done = subprocess.run([sys.executable, "-m", "trainer", "export", str(checkpoint), "--out", str(out)], cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert read_pruning_record(out)[1][PRUNING_KEY]["stock_loadable"]
+    record = read_pruning_record(out)[1][PRUNING_KEY]
+    assert record["stock_loadable"] and record["trainer_step"] == 2
+    assert f"exported step 2 ({checkpoint.resolve()}) -> {out}" in done.stdout and "warning" not in done.stderr
 
     clip = open_clip.create_model(f"local-dir:{out}", load_weights=False)
     clip.visual.load_state_dict(load_file(out / OPEN_CLIP_VISUAL_WEIGHTS), strict=True)
