@@ -7,7 +7,7 @@ same first ``--eva-slice`` picks (a measured ratio, not an extrapolation), and o
 timed on the full layer.
 
     python -m bench.select                   # writes bench/results/select.json
-    DGMR_NATIVE=0 python -m bench.select     # the same with the NumPy pick loop
+    DGMR_NATIVE=0 python -m bench.select     # the same without the compiled pick loop (dense fallback)
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def main() -> None:
     print(f"EVA-CLIP-E full layer ({hidden}x{width}, keep {width}): ours {full:.2f} s (best of {args.repeats})")
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "pick_loop": "compiled" if _native() is not None else "numpy (DGMR_NATIVE=0 or no compiler)",
+        "pick_loop": "compiled" if _native() is not None else "dense fallback (DGMR_NATIVE=0 or no compiler)",
         "torch": torch.__version__,
         "rows": rows,
         "eva_full_layer_s": full,

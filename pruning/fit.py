@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .sites import MlpSite, out_inputs
-from .surgery import prune_site
+from .surgery import checked_units, prune_site
 
 
 class ActivationStats:
@@ -126,7 +126,7 @@ def fit_compensation_from_stats(stats: ActivationStats, kept: torch.Tensor, ridg
     """
     if not ridge >= 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
-    kept = _check_kept(kept, stats.size)
+    kept = checked_units(kept, stats.size)
     mean = stats.mean()
     moment = stats.covariance()
     if not intercept:
@@ -157,21 +157,13 @@ def _ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float,
     return torch.linalg.pinv(gram, hermitian=True) @ cross
 
 
-def fit_compensation(acts: torch.Tensor, kept: torch.Tensor, ridge: float = 1e-3,
-                     intercept: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """``fit_compensation_from_stats`` on one in-memory [tokens, units] activation tensor."""
-    stats = ActivationStats(acts.shape[-1])
-    stats.update(acts)
-    return fit_compensation_from_stats(stats, kept, ridge, intercept)
-
-
 def reconstruction_error(stats: ActivationStats, weight: torch.Tensor, bias: torch.Tensor | None,
                          kept: torch.Tensor, new_weight: torch.Tensor, new_bias: torch.Tensor | None) -> float:
     """||y' - y|| / ||y|| over the tokens of ``stats``, y = weight a + bias, y' = new_weight a[kept] + new_bias.
 
     Exact from the moments: sum_t ||P a_t + q||^2 = T (tr(P Cov P^T) + ||P mean + q||^2).
     """
-    kept = _check_kept(kept, stats.size)
+    kept = checked_units(kept, stats.size)
     if tuple(weight.shape[1:]) != (stats.size,) or tuple(new_weight.shape) != (weight.shape[0], kept.numel()):
         raise ValueError(f"weight {tuple(weight.shape)} and new_weight {tuple(new_weight.shape)} do not map "
                          f"{stats.size} units and {kept.numel()} kept units to the same outputs")
@@ -193,7 +185,7 @@ def compensate_site(model: nn.Module, site: MlpSite, kept: torch.Tensor, stats: 
     if stats.size != site.hidden:
         raise ValueError(f"{site.path}: activation stats have {stats.size} units, the site has {site.hidden}")
     # prune_site orders the kept units ascending; fit in that order so B's columns match W_out'.
-    kept = _check_kept(kept, site.hidden).sort().values
+    kept = checked_units(kept, site.hidden).sort().values
     out = getattr(site.module(model), site.out_name)
     b, c = fit_compensation_from_stats(stats, kept, ridge, intercept=out.bias is not None)
     folded, shifted = fold_compensation(out.weight, out.bias, kept, b, c)
@@ -254,7 +246,7 @@ def corrected_compensation(model: nn.Module, site: MlpSite, keep: torch.Tensor, 
     block on original inputs, over ``held`` (Nones without it).
     """
     _refuse_hidden_norm(site)
-    order = _check_kept(keep, site.hidden).sort().values
+    order = checked_units(keep, site.hidden).sort().values
     m, k = site.hidden, order.numel()
     if fit.size != m + k:
         raise ValueError(f"{site.path}: joint stats have {fit.size} columns, expected {m} + {k}")
@@ -367,15 +359,6 @@ def _refuse_hidden_norm(site: MlpSite) -> None:
     if site.norm_name is not None:
         raise ValueError(f"{site.path}: compensation is not defined with a LayerNorm over the hidden "
                          f"units ({site.norm_name}): removing units changes how the kept ones are normalised")
-
-
-def _check_kept(kept: torch.Tensor, size: int) -> torch.Tensor:
-    kept = torch.as_tensor(kept, dtype=torch.long).flatten()
-    if kept.numel() == 0 or kept.unique().numel() != kept.numel():
-        raise ValueError("kept indices must be non-empty and distinct")
-    if int(kept.min()) < 0 or int(kept.max()) >= size:
-        raise ValueError(f"kept indices must be in [0, {size})")
-    return kept
 
 
 def _bias64(bias: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:

@@ -94,12 +94,27 @@ class SafetensorsReader:
     def get(self, name: str) -> torch.Tensor:
         """A fresh CPU tensor holding ``name`` (the caller owns the memory)."""
         dtype_name, shape, begin, end = self._entries[name]
+        return self._read(name, begin, end).view(DTYPES[dtype_name]).reshape(shape)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of ``name`` along dim 0 (the whole tensor if 0-dim), reading only their bytes:
+        each rank of a sharded build reads its own shard."""
+        dtype_name, shape, begin, end = self._entries[name]
+        if not shape:
+            return self.get(name)
+        stop = min(stop, shape[0])
+        start = min(start, stop)
+        row = (end - begin) // shape[0] if shape[0] else 0
+        data = self._read(name, begin + start * row, begin + stop * row)
+        return data.view(DTYPES[dtype_name]).reshape(stop - start, *shape[1:])
+
+    def _read(self, name: str, begin: int, end: int) -> torch.Tensor:
         buf = torch.empty(end - begin, dtype=torch.uint8)
         self._file.seek(self._data_start + begin)
         got = self._file.readinto(buf.numpy()) if end > begin else 0
         if got != end - begin:
             raise ValueError(f"{self.path}: truncated while reading tensor {name!r}")
-        return buf.view(DTYPES[dtype_name]).reshape(shape)
+        return buf
 
     def close(self) -> None:
         self._file.close()

@@ -92,7 +92,8 @@ def diversity_order(weight: torch.Tensor, num_keep: int, *, algorithm: str = "au
                     dtype: torch.dtype = torch.float32) -> torch.LongTensor:
     """DGMR order: greedy Gram-Schmidt on fc1 rows by largest residual norm, in rounds of N.
 
-    ``algorithm``: ``blocked`` (the blocked method, default on CPU) or ``dense`` (one rank-1
+    ``algorithm``: ``blocked`` (the blocked method with its compiled pick loop, default on CPU; the dense
+    loop where the loop cannot be built) or ``dense`` (one rank-1
     update per pick, no host sync inside a round, default on CUDA). Both make the same picks
     as the plain loop. ``dtype`` is the working precision (float32 or float64; squared norms are
     kept in float64, each block's removed part summed over at most 64 terms in the working
@@ -107,9 +108,10 @@ def diversity_order(weight: torch.Tensor, num_keep: int, *, algorithm: str = "au
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     w = weight.detach().to(dtype)
-    if algorithm == "dense":
+    # The blocked method's pick loop is compiled; where it cannot be built the dense loop makes the same picks.
+    if algorithm == "dense" or _native() is None:
         return _rounds(w, num_keep, _round_dense)
-    # The per-pick vector work runs in NumPy; its BLAS threads would spin against torch's for
+    # Row norms and bases are NumPy work; its BLAS threads would spin against torch's for
     # the two cores' worth of matrix products, so they are held to one thread.
     with threadpool_limits(limits=1, user_api="blas"):
         return _rounds(w, num_keep, _round_blocked)
@@ -174,7 +176,7 @@ def _round_blocked(rows: torch.Tensor, max_picks: int, block: int | None = None)
     order: list[int] = []
     while len(order) < max_picks:
         b = min(block, max_picks - len(order), residual.shape[1])
-        picks, basis, exhausted = _pick_block_any(residual, sq_norm, available, b, tol2)
+        picks, basis, exhausted = _pick_block(residual, sq_norm, available, b, tol2)
         order += picks
         if exhausted or len(order) == max_picks:
             break
@@ -182,18 +184,19 @@ def _round_blocked(rows: torch.Tensor, max_picks: int, block: int | None = None)
     return torch.tensor(order, dtype=torch.long)
 
 
-def _pick_block_any(residual: torch.Tensor, sq_norm: torch.Tensor, available: torch.Tensor, block: int,
-                    tol2: float) -> tuple[list[int], np.ndarray, bool]:
-    """``_pick_block`` in compiled code where the library builds (the same algorithm), else in NumPy."""
-    lib = _native()
-    if lib is None or residual.stride(1) != 1:
-        return _pick_block(residual, sq_norm, available, block, tol2)
+def _pick_block(residual: torch.Tensor, sq_norm: torch.Tensor, available: torch.Tensor, block: int,
+                tol2: float) -> tuple[list[int], np.ndarray, bool]:
+    """Up to ``block`` greedy picks on residuals fixed at the block start, in the compiled loop
+    (pruning/native/pick_block.cpp): the picked rows, the orthonormal directions they add ([n, picks])
+    and whether the round is exhausted (every remaining residual below the rank tolerance)."""
     m, n = residual.shape
+    assert residual.stride(1) == 1, residual.stride()
     np_type = _np_dtype(residual)
     basis = np.empty((block, n), dtype=np_type)
     picks = np.empty(block, dtype=np.int64)
     exhausted = ctypes.c_int64(0)
     flags = available.numpy().view(np.uint8)  # the same memory: picked rows are cleared in place
+    lib = _native()
     run = lib.dgmr_pick_block_f32 if np_type == np.float32 else lib.dgmr_pick_block_f64
     count = run(residual.data_ptr(), residual.stride(0), m, n, sq_norm.contiguous().data_ptr(),
                 flags.ctypes.data, block, tol2, _POOL_LIMIT, picks.ctypes.data, basis.ctypes.data,
@@ -212,90 +215,6 @@ def _native() -> ctypes.CDLL | None:
         for fn in (lib.dgmr_pick_block_f32, lib.dgmr_pick_block_f64):
             fn.argtypes, fn.restype = args, ctypes.c_int64
     return lib
-
-
-class _CandidatePool:
-    """Rows followed exactly during one block: their residuals, coefficients and current norms².
-
-    Small per-pick vector work runs in NumPy on views of the same memory: at these sizes the
-    per-call overhead, not arithmetic, is what costs.
-    """
-
-    def __init__(self, residual: torch.Tensor, sq_norm: torch.Tensor, available: torch.Tensor, block: int):
-        self.residual = residual.numpy()
-        self.sq_norm = sq_norm.numpy()
-        self.bound = np.where(available.numpy(), self.sq_norm, -math.inf)
-        self.left = int(available.sum())
-        self.block = block
-        self.index = np.empty(0, dtype=np.int64)
-        self.rows = np.empty((0, residual.shape[1]), dtype=_np_dtype(residual))
-        self.coef = np.empty((0, block), dtype=_np_dtype(residual))
-        self.current = np.empty(0)
-        self.outside = math.inf  # every row outside the pool has a current norm² <= this
-
-    def grow(self, basis: np.ndarray, count: int) -> None:
-        """Add the ``count`` rows with the largest bounds, with exact current norms²."""
-        count = min(count, self.left)
-        new = np.argpartition(self.bound, -count)[-count:]
-        self.bound[new] = -math.inf
-        self.left -= count
-        self.outside = float(self.bound.max()) if self.left else -math.inf
-        rows = self.residual[new]
-        coef = np.zeros((count, self.block), dtype=self.rows.dtype)
-        coef[:, : basis.shape[1]] = rows @ basis
-        current = self.sq_norm[new] - (coef * coef).sum(1)
-        self.index = np.concatenate([self.index, new])
-        self.rows = np.concatenate([self.rows, rows])
-        self.coef = np.concatenate([self.coef, coef])
-        self.current = np.concatenate([self.current, current])
-
-    def best(self) -> int:
-        """Position in the pool of the largest current norm²; ties go to the lowest row index."""
-        k = int(np.argmax(self.current))
-        is_max = self.current == self.current[k]
-        if np.count_nonzero(is_max) == 1:
-            return k
-        ties = np.flatnonzero(is_max)
-        return int(ties[np.argmin(self.index[ties])])
-
-
-def _pick_block(residual: torch.Tensor, sq_norm: torch.Tensor, available: torch.Tensor, block: int,
-                tol2: float) -> tuple[list[int], np.ndarray, bool]:
-    """Up to ``block`` greedy picks on residuals fixed at the block start.
-
-    Returns the picked rows, the orthonormal directions they add ([n, picks], NumPy) and
-    whether the round is exhausted (every remaining residual is below the rank tolerance).
-    """
-    basis = np.zeros((residual.shape[1], block), dtype=_np_dtype(residual))
-    pool = _CandidatePool(residual, sq_norm, available, block)
-    pool.grow(basis[:, :0], 2 * block)
-    picks: list[int] = []
-    for j in range(block):
-        k = pool.best()
-        # Strictly beating every outside bound proves no outside row can win or tie.
-        while pool.current[k] <= pool.outside and pool.left:
-            if j and len(pool.index) >= _POOL_LIMIT * block:
-                # The block-start bounds have gone stale: bringing every residual up to date
-                # now costs less than following ever more rows pick by pick.
-                available[picks] = False
-                return picks, basis[:, :j], False
-            pool.grow(basis[:, :j], 2 * len(pool.index))
-            k = pool.best()
-        if pool.current[k] <= tol2:
-            available[picks] = False
-            return picks, basis[:, :j], True
-        q_basis = basis[:, :j]
-        r = pool.rows[k] - q_basis @ pool.coef[k, :j]
-        r -= q_basis @ (q_basis.T @ r)  # a second pass keeps the directions orthonormal
-        q = r / np.linalg.norm(r)
-        basis[:, j] = q
-        column = pool.rows @ q
-        pool.coef[:, j] = column
-        pool.current -= column * column
-        pool.current[k] = -math.inf
-        picks.append(int(pool.index[k]))
-    available[picks] = False
-    return picks, basis, False
 
 
 def _row_sq_norms(x: torch.Tensor) -> torch.Tensor:

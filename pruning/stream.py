@@ -66,6 +66,10 @@ class StateDictSource:
     def get(self, name: str) -> torch.Tensor:
         return self._sd[name]
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        tensor = self._sd[name]
+        return tensor if tensor.dim() == 0 else tensor[start:stop]
+
     def close(self) -> None:
         self._sd = {}
 

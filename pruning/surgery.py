@@ -100,18 +100,23 @@ def keep_counts(sites: list[MlpSite], ratio: float | None = None,
     return counts
 
 
+def checked_units(keep: torch.Tensor, size: int, label: str = "") -> torch.Tensor:
+    """``keep`` as a flat long tensor, checked: non-empty, distinct, every index in ``[0, size)``."""
+    keep = torch.as_tensor(keep, dtype=torch.long).flatten()
+    if keep.numel() == 0 or keep.unique().numel() != keep.numel():
+        raise ValueError(f"{label}kept indices must be non-empty and distinct")
+    if int(keep.min()) < 0 or int(keep.max()) >= size:
+        raise ValueError(f"{label}kept indices must be in [0, {size})")
+    return keep
+
+
 def sorted_keep(site: MlpSite, keep: torch.Tensor) -> torch.Tensor:
     """Validated kept indices in ascending order, the unit order every pruned layer uses.
 
     The function does not depend on the order of hidden units, and ascending order makes
     keeping all units reproduce the original bit for bit.
     """
-    keep = torch.as_tensor(keep, dtype=torch.long).flatten()
-    if keep.numel() == 0 or keep.unique().numel() != keep.numel():
-        raise ValueError(f"{site.path}: kept indices must be non-empty and distinct")
-    if int(keep.min()) < 0 or int(keep.max()) >= site.hidden:
-        raise ValueError(f"{site.path}: kept indices must be in [0, {site.hidden})")
-    return keep.sort().values
+    return checked_units(keep, site.hidden, f"{site.path}: ").sort().values
 
 
 def prune_site_tensors(site: MlpSite, tensors: dict[str, torch.Tensor], keep: torch.Tensor

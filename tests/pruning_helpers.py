@@ -11,7 +11,16 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from pruning import BlockState, Calibration, ModelSource, PruneReport, keep_counts, prune_blocks
+from pruning import (
+    ActivationStats,
+    BlockState,
+    Calibration,
+    ModelSource,
+    PruneReport,
+    keep_counts,
+    prune_blocks,
+)
+from pruning.fit import fit_compensation_from_stats
 
 
 def prune_model(model: nn.Module, *, ratio: float | None = None, num_keep: int | Mapping[str, int] | None = None,
@@ -53,3 +62,11 @@ def prune_checkpoint(model: str, out_dir, *, calibration=None, num_calib: int = 
         settings = Calibration(mode=calib_mode, ridge=ridge, holdout_fraction=holdout_fraction,
                                balance_prefix=balance_prefix, num_images=num_calib, batch_size=calib_batch_size)
     return pruning.prune_checkpoint(model, out_dir, calibration=settings, images=calibration, **kwargs)
+
+
+def fit_compensation(acts: torch.Tensor, kept: torch.Tensor, ridge: float = 1e-3,
+                     intercept: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fit_compensation_from_stats`` on one in-memory [tokens, units] activation tensor."""
+    stats = ActivationStats(acts.shape[-1])
+    stats.update(acts)
+    return fit_compensation_from_stats(stats, kept, ridge, intercept)

@@ -30,6 +30,7 @@ from pruning import find_mlp_sites
 from pruning.export import (
     OPEN_CLIP,
     OPEN_CLIP_VISUAL_WEIGHTS,
+    OPEN_CLIP_WEIGHTS,
     PRUNING_KEY,
     TIMM,
     TIMM_WEIGHTS,
@@ -56,7 +57,11 @@ def build_student(cfg: TrainConfig) -> tuple[nn.Module, TokenLayout]:
     torch.manual_seed(cfg.run.seed)  # the teacher's init when there is no pretrained file, as build_models
     model = student_architecture(cfg.model, cfg.prune, adapter, on="real")
     layout = adapter.strip_head(model)
-    head = _head_tensors(cfg, {k: (tuple(v.shape), v.dtype) for k, v in _removed_state(layout).items()})
+    teacher = _teacher_reader(cfg)
+    try:
+        head = _head_tensors(cfg, {k: (tuple(v.shape), v.dtype) for k, v in _removed_state(layout).items()}, teacher)
+    finally:
+        teacher.close()
     with torch.no_grad():
         for name, value in _removed_state(layout).items():
             value.copy_(head[name])
@@ -97,9 +102,15 @@ def trained_student(checkpoint: str | Path) -> tuple[nn.Module, TrainConfig]:
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False,
-                      which: str = "latest") -> Path:
+                      which: str = "latest", visual_only: bool = False) -> Path:
     """Write the student of ``checkpoint`` (see ``resolve_checkpoint`` for ``which``) to ``out_dir``
-    (assembled beside it, renamed when complete)."""
+    (assembled beside it, renamed when complete).
+
+    An open_clip teacher whose weights hold a whole CLIP gives a whole CLIP: the trained image tower plus the
+    teacher's text tower, logit scale and projections, unchanged, which stock open_clip loads for zero-shot
+    use (``create_model_and_transforms("local-dir:<out>")``); ``visual_only`` (or a tower-only teacher file)
+    writes the image tower alone.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"output directory exists: {out_dir} (pass --overwrite)")
@@ -121,19 +132,29 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, overwrite:
             raise ValueError(f"{checkpoint}: model.kwargs {cfg.model.kwargs} cannot be expressed in an open_clip "
                              "export config")
         arch = resolve_architecture(f"{OPEN_CLIP}:{cfg.model.name}")
-        config_name, config, claimed = export_configs(arch, widths, visual_only=True)
-        weights = OPEN_CLIP_VISUAL_WEIGHTS
     layout = student_layout(cfg)
     if {name for name, _, _ in layout.specs()} != set(model.state_dict()):
         raise ValueError(f"{checkpoint}: cannot split the student of family {cfg.model.family} into blocks")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    teacher = _teacher_reader(cfg)
     try:
-        with SafetensorsWriter(tmp / weights, layout.specs(), metadata={"format": "pt"}) as writer:
-            for key, tensor in iter_student_tensors(cfg, manifest.engine_format, checkpoint / ENGINE_DIR, layout):
-                writer.write(key, tensor)
+        # The rest of a whole CLIP (text tower, logit scale, projections) comes from the teacher unchanged.
+        rest = [] if cfg.model.family == TIMM or visual_only else [
+            k for k in teacher.keys() if not k.startswith("visual.")]
+        if cfg.model.family != TIMM:
+            config_name, config, claimed = export_configs(arch, widths, visual_only=not rest)
+            weights = OPEN_CLIP_WEIGHTS if rest else OPEN_CLIP_VISUAL_WEIGHTS
+        prefix = "visual." if rest else ""
+        specs = [(prefix + n, shape, dtype) for n, shape, dtype in layout.specs()]
+        specs += [(k, *teacher.meta(k)) for k in rest]
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        _write_export(cfg, manifest, checkpoint, layout, teacher, specs, prefix, rest, tmp, weights)
+    finally:
+        teacher.close()
+    try:
         (tmp / config_name).write_text(json.dumps(config, indent=2))
         config[PRUNING_KEY]["stock_loadable"] = claimed and check_stock_build(tmp)
+        config[PRUNING_KEY]["text_tower"] = "the teacher's, unchanged" if rest else None
         config[PRUNING_KEY]["trainer_checkpoint"] = str(Path(checkpoint).resolve())
         config[PRUNING_KEY]["trainer_step"] = manifest.step
         (tmp / config_name).write_text(json.dumps(config, indent=2))
@@ -146,6 +167,21 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, overwrite:
     return out_dir
 
 
+def _write_export(cfg: TrainConfig, manifest: object, checkpoint: Path, layout: StudentLayout, teacher: object,
+                  specs: list, prefix: str, rest: list[str], tmp: Path, weights: str) -> None:
+    """The export's weights file: the student one block at a time, then the teacher's other CLIP tensors."""
+    try:
+        with SafetensorsWriter(tmp / weights, specs, metadata={"format": "pt"}) as writer:
+            tensors = iter_student_tensors(cfg, manifest.engine_format, checkpoint / ENGINE_DIR, layout, teacher)
+            for key, tensor in tensors:
+                writer.write(prefix + key, tensor)
+            for key in rest:
+                writer.write(key, teacher.get(key))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def main(argv: list[str]) -> int:
     """``export`` subcommand; user errors print one line and return 2."""
     parser = argparse.ArgumentParser(prog="python -m trainer export", description=__doc__.splitlines()[0])
@@ -155,9 +191,13 @@ def main(argv: list[str]) -> int:
                         help="for a run directory: the newest complete checkpoint or the best-validated one")
     parser.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--visual-only", action="store_true",
+                        help="open_clip: write the image tower alone (default: a whole CLIP when the teacher's "
+                             "weights hold one, for zero-shot use)")
     args = parser.parse_args(argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite, which=args.which)
+        out = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite, which=args.which,
+                                visual_only=args.visual_only)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
@@ -204,8 +244,8 @@ def student_layout(cfg: TrainConfig) -> StudentLayout:
     return StudentLayout([g for g in groups if g], head)
 
 
-def iter_student_tensors(cfg: TrainConfig, engine_format: str, engine_dir: Path,
-                         layout: StudentLayout) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_student_tensors(cfg: TrainConfig, engine_format: str, engine_dir: Path, layout: StudentLayout,
+                         teacher: object) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of the exported student in ``layout.specs()`` order, at most one group in memory."""
     reader = _engine_reader(engine_format, engine_dir)
     for group in layout.trained_groups:
@@ -216,7 +256,7 @@ def iter_student_tensors(cfg: TrainConfig, engine_format: str, engine_dir: Path,
                                  f"the student of its config has {shape}")
             yield name, tensors[name]
         del tensors
-    yield from _head_tensors(cfg, layout.head).items()
+    yield from _head_tensors(cfg, layout.head, teacher).items()
 
 
 def _specs(model: nn.Module) -> dict[str, Spec]:
@@ -252,23 +292,34 @@ def _materialise(lazy: dict, name: str, path: Path) -> torch.Tensor:
     return value.contiguous() if not isinstance(value, torch.Tensor) else value  # GatheredTensor -> tensor
 
 
-def _head_tensors(cfg: TrainConfig, head: dict[str, Spec]) -> dict[str, torch.Tensor]:
-    if not head:
-        return {}
-    if cfg.model.pretrained is None:
-        torch.manual_seed(cfg.run.seed)  # the teacher's init, as build_models makes it
-        state = get_adapter(cfg.model.family).build(cfg.model).state_dict()
-        return {name: state[name].detach().clone() for name in head}
-    source = open_checkpoint(cfg.model.pretrained)
-    try:
-        keys = set(source.keys())
-        out = {}
-        for name in head:
-            # A whole CLIP file keeps the image tower under "visual."; timm files may carry "module.".
-            found = next((k for k in (name, f"visual.{name}", f"module.{name}") if k in keys), None)
-            if found is None:
-                raise ValueError(f"model.pretrained: {cfg.model.pretrained} has no tensor {name} (needed for export)")
-            out[name] = source.get(found).to(head[name][1])  # the dtype the built teacher holds
-        return out
-    finally:
-        source.close()
+def _teacher_reader(cfg: TrainConfig) -> object:
+    """The teacher's weights by name (a ``pruning.stream`` reader): ``model.pretrained``, or, without a file,
+    the seeded init the run built (a whole CLIP for open_clip; test-size models only)."""
+    if cfg.model.pretrained is not None:
+        return open_checkpoint(cfg.model.pretrained)
+    from pruning.stream import StateDictSource
+
+    torch.manual_seed(cfg.run.seed)  # the teacher's init, as build_models makes it
+    if cfg.model.family == OPEN_CLIP:
+        import open_clip
+
+        from trainer.models.open_clip_family import weights_loaded_elsewhere
+
+        with weights_loaded_elsewhere():
+            model = open_clip.create_model(cfg.model.name, pretrained=None, **cfg.model.kwargs)
+    else:
+        model = get_adapter(cfg.model.family).build(cfg.model)
+    return StateDictSource({k: v.detach() for k, v in model.state_dict().items()}, f"<{cfg.model.name} init>")
+
+
+def _head_tensors(cfg: TrainConfig, head: dict[str, Spec], teacher: object) -> dict[str, torch.Tensor]:
+    """The tensors ``strip_head`` removed (never trained), from the teacher's weights."""
+    keys = set(teacher.keys())
+    out = {}
+    for name in head:
+        # A whole CLIP file keeps the image tower under "visual."; timm files may carry "module.".
+        found = next((k for k in (name, f"visual.{name}", f"module.{name}") if k in keys), None)
+        if found is None:
+            raise ValueError(f"model.pretrained: {cfg.model.pretrained} has no tensor {name} (needed for export)")
+        out[name] = teacher.get(found).to(head[name][1])  # the dtype the built teacher holds
+    return out

@@ -127,36 +127,35 @@ def load_student_init(student: nn.Module, path: Path) -> None:
 class TeacherWeights:
     """The teacher's weights by parameter name, read as row ranges: each rank reads only its own shard.
 
-    ``.safetensors`` is read through ``safe_open(...).get_slice`` (only the rows asked for are touched);
-    ``.pt``/``.bin`` through an mmap ``torch.load``. A whole CLIP checkpoint keeps the tower under ``visual.``.
-    Without a file, every rank builds the seeded init model once (as the host path does): tests only.
+    ``model.pretrained`` is read through the streaming prune's reader (``pruning.stream.open_checkpoint``:
+    ``.safetensors`` with plain reads of just the rows asked for, ``.pt``/``.bin`` through an mmap
+    ``torch.load``). A whole CLIP checkpoint keeps the tower under ``visual.``. Without a file, every rank
+    builds the seeded init model once (as the host path does): tests only.
     """
 
     def __init__(self, cfg: ModelConfig, adapter: ModelAdapter, seed: int) -> None:
+        from pruning.stream import open_checkpoint
+
         self.cfg, self.adapter, self.seed = cfg, adapter, seed
-        self._tensors: dict[str, torch.Tensor] | None = None
-        self._safe = None
-        self._prefix: str | None = None
-        if cfg.pretrained is None:
-            return
-        path = Path(cfg.pretrained)
-        if not path.is_file():
-            raise FileNotFoundError(f"model.pretrained: no such file {path}")
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
+        if cfg.pretrained is not None and not Path(cfg.pretrained).is_file():
+            raise FileNotFoundError(f"model.pretrained: no such file {cfg.pretrained}")
+        self._reader = None if cfg.pretrained is None else open_checkpoint(cfg.pretrained)
+        self._keys: set[str] | None = None
+        self._prefix = ""
 
-            self._safe = safe_open(str(path), framework="pt")
-            self._keys = set(self._safe.keys())
-        else:
-            from pruning.stream import open_checkpoint
+    def _source(self) -> object:
+        if self._reader is None:
+            from pruning.stream import StateDictSource
 
-            source = open_checkpoint(path)
-            self._tensors = {k: source.get(k) for k in source.keys()}
-            self._keys = set(self._tensors)
+            torch.manual_seed(self.seed)  # as build_models: the same init weights as the host path
+            state = {k: v.detach() for k, v in self.adapter.build(self.cfg).state_dict().items()}
+            self._reader = StateDictSource(state, f"<{self.cfg.name} init, seed {self.seed}>")
+        return self._reader
 
     def _key(self, name: str) -> str:
         # The prefix is decided per file, not per tensor: a CLIP's text tower has some of the same bare names.
-        if self._prefix is None:
+        if self._keys is None:
+            self._keys = set(self._source().keys())
             clip = self.cfg.family == "open_clip" and any(k.startswith("visual.") for k in self._keys)
             self._prefix = "visual." if clip else ""
         if self._prefix + name not in self._keys:
@@ -164,25 +163,13 @@ class TeacherWeights:
                              "in-engine loading needs a checkpoint of exactly this architecture")
         return self._prefix + name
 
-    def _init_state(self) -> dict[str, torch.Tensor]:
-        if self._tensors is None:
-            torch.manual_seed(self.seed)  # as build_models: the same init weights as the host path
-            self._tensors = {k: v.detach() for k, v in self.adapter.build(self.cfg).state_dict().items()}
-            self._keys = set(self._tensors)
-        return self._tensors
-
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` along dim 0 of parameter ``name`` (the whole tensor for 0-dim ones)."""
-        if self._safe is None:
-            tensor = self._init_state()[self._key(name)]
-            return tensor if tensor.dim() == 0 else tensor[start:stop]
-        key = self._key(name)
-        part = self._safe.get_slice(key)
-        return self._safe.get_tensor(key) if len(part.get_shape()) == 0 else part[start:stop]
+        return self._source().rows(self._key(name), start, stop)
 
     def full(self, name: str) -> torch.Tensor:
         """The whole tensor."""
-        return self.rows(name, 0, 2**62)
+        return self._source().get(self._key(name))
 
 
 class InEngineBuild:

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 from layouts import KINDS, TinyDinov2Blocks, tiny_model
-from pruning_helpers import prune_and_compensate, prune_model
+from pruning_helpers import fit_compensation, prune_and_compensate, prune_model
 from timm.layers import Mlp
 from timm.models.eva import Eva
 from torch import nn
@@ -14,7 +14,6 @@ from torch import nn
 from pruning import ActivationStats, collect_taylor_scores, find_mlp_sites
 from pruning.fit import (
     compensate_site,
-    fit_compensation,
     fit_compensation_from_stats,
     reconstruction_error,
     removed_units,

@@ -186,3 +186,38 @@ def test_a_teacher_file_of_another_architecture_is_one_line(tiny: dict, tmp_path
     err = capsys.readouterr().err
     assert err.startswith(f"error: --teacher {tmp_path / 'other.safetensors'}: does not fit the run's teacher "
                           "architecture") and err.count("\n") == 1
+
+
+def test_zero_shot_of_a_whole_clip_export_with_the_teacher_column(tiny: dict, tmp_path: Path, request) -> None:
+    """An open_clip run exported as a whole CLIP: zero-shot top-1 of student and teacher, each equal to stock
+    open_clip classifying the same images with the same prompts; a tower-only export is refused in one line."""
+    import open_clip
+    import torch.nn.functional as F
+
+    from trainer.eval.fashion_mnist import CLASSES, load_fashion_mnist
+
+    yaml_path = Path(request.config.rootpath) / "configs" / "experiments" / "tiny_open_clip_fsdp.yaml"
+    cfg = load_config(yaml_path, ["engine.name=single", f"run.dir={tmp_path / 'run'}", "run.steps=1"])
+    train(cfg)
+    export = export_checkpoint(tmp_path / "run", tmp_path / "export")
+    out = tmp_path / "eval.json"
+    assert main([str(export), "--zero-shot", "--teacher", "pretrained", "--fashion-mnist", str(tiny["fashion"]),
+                 "--test-images", "0", "--device", "cpu", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+
+    images, labels = load_fashion_mnist("test", tiny["fashion"])
+    tokenizer = open_clip.get_tokenizer(cfg.model.name)
+    torch.manual_seed(cfg.run.seed)
+    teacher = open_clip.create_model(cfg.model.name, pretrained=None).eval()
+    student = load_pruned(export).eval()
+    for model, top1 in ((student, got["zero_shot_top1"]), (teacher, got["teacher_baseline"]["zero_shot_top1"])):
+        spec = get_adapter("open_clip").input_spec(model.visual)
+        with torch.no_grad():
+            text = torch.stack([F.normalize(F.normalize(model.encode_text(tokenizer([t.format(c) for t in (
+                "a photo of a {}.", "a picture of a {}.", "an image of a {}.")])), dim=-1).mean(0), dim=0)
+                for c in CLASSES])
+            feats = torch.cat([model.encode_image(b) for b in image_batches(images, spec, 64)])
+        want = float(((F.normalize(feats, dim=-1) @ text.T).argmax(1) == labels).float().mean())
+        assert top1 == pytest.approx(want)
+    visual_only = export_checkpoint(tmp_path / "run", tmp_path / "visual", visual_only=True)
+    assert main([str(visual_only), "--zero-shot", "--fashion-mnist", str(tiny["fashion"]), "--device", "cpu"]) == 2

@@ -12,15 +12,15 @@ from pruning.select import RANK_TOL, diversity_order
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture(autouse=True, params=["compiled", "numpy"])
+@pytest.fixture(autouse=True, params=["compiled", "fallback"])
 def pick_loop(request, monkeypatch):
-    """Every test runs on both implementations of the per-pick loop of the blocked method."""
-    if request.param == "numpy":
+    """Every test runs with the blocked method's compiled pick loop and without it (the dense fallback)."""
+    if request.param == "fallback":
         monkeypatch.setattr(select, "_native", lambda: None)
     elif shutil.which("g++") or shutil.which("c++"):
         assert select._native() is not None, "a C++ compiler is on PATH but the pick loop did not build"
     else:
-        pytest.skip("no C++ compiler: only the NumPy pick loop exists here")
+        pytest.skip("no C++ compiler: only the dense fallback exists here")
     return request.param
 
 

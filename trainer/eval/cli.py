@@ -60,6 +60,10 @@ class LoadedModel:
     """'export', 'checkpoint' or 'dinov2'."""
     source: str
     checkpoint: Path | None = None
+    clip: nn.Module | None = None
+    """The whole CLIP (image and text towers) when the source holds one: what ``--zero-shot`` needs."""
+    clip_name: str | None = None
+    """The open_clip model name of ``clip`` (its tokenizer)."""
     """The trainer checkpoint behind it (its config names the teacher), when known."""
 
 
@@ -145,12 +149,13 @@ def load_model(source: str, device: str = "cpu") -> LoadedModel:
         return LoadedModel(model.to(device).eval(), forward, spec, "checkpoint", str(checkpoint), checkpoint)
     _, config = read_pruning_record(path)  # FileNotFoundError naming the missing config
     model = load_pruned(path, device="cpu")
+    clip = None
     if hasattr(model, "encode_image") and hasattr(model, "visual"):
-        model = model.visual  # a whole CLIP: its image tower
+        clip, model = model.to(device).eval(), model.visual  # a whole CLIP: its image tower
     recorded = config[PRUNING_KEY].get("trainer_checkpoint")
     forward, spec = adapt(model)
     return LoadedModel(model.to(device).eval(), forward, spec, "export", str(path),
-                       Path(recorded) if recorded else None)
+                       Path(recorded) if recorded else None, clip, config[PRUNING_KEY]["base_model"])
 
 
 def load_teacher(source: str, student: LoadedModel, device: str = "cpu") -> LoadedModel:
@@ -170,7 +175,27 @@ def load_teacher(source: str, student: LoadedModel, device: str = "cpu") -> Load
         load_tower_weights(model, Path(source))
         described = f"{cfg.model.family}:{cfg.model.name} ({source})"
     forward, spec = adapt(model)
-    return LoadedModel(model.to(device).eval(), forward, spec, "pretrained", described, student.checkpoint)
+    clip = _teacher_clip(cfg, source) if cfg.model.family == "open_clip" else None
+    return LoadedModel(model.to(device).eval(), forward, spec, "pretrained", described, student.checkpoint,
+                       None if clip is None else clip.to(device).eval(), cfg.model.name)
+
+
+def _teacher_clip(cfg: TrainConfig, source: str) -> nn.Module | None:
+    """The teacher's whole CLIP (its text tower too) when its weights hold one, for ``--zero-shot``."""
+    import open_clip
+
+    from pruning.stream import open_checkpoint
+    from trainer.export import _teacher_reader
+
+    reader = _teacher_reader(cfg) if source == PRETRAINED else open_checkpoint(source)
+    try:
+        if not any(not k.startswith("visual.") for k in reader.keys()):
+            return None  # a tower-only file: no text tower to classify with
+        clip = open_clip.create_model(cfg.model.name, pretrained=None, **cfg.model.kwargs)
+        clip.load_state_dict({k: reader.get(k) for k in reader.keys()}, strict=True)
+        return clip
+    finally:
+        reader.close()
 
 
 def _run_config(source: str, student: LoadedModel) -> TrainConfig:
@@ -279,7 +304,7 @@ def model_summary(model: nn.Module) -> dict:
 
 
 METRIC_NAMES = {"knn_top1": "kNN top-1 (%)", "linear_top1": "linear probe top-1 (%)", "cls_cosine": "CLS cosine",
-                "patch_cosine": "patch cosine"}
+                "patch_cosine": "patch cosine", "zero_shot_top1": "zero-shot top-1 (%)"}
 
 
 def _value(key: str, value: float) -> str:
@@ -334,6 +359,25 @@ def probes(loaded: LoadedModel, data: dict, size: int, args: argparse.Namespace)
     return out
 
 
+def zero_shot_top1(loaded: LoadedModel, data: dict, args: argparse.Namespace) -> float:
+    """Zero-shot top-1 of a whole CLIP on the Fashion-MNIST test subset: its class names in prompt templates."""
+    import open_clip
+
+    from trainer.eval.fashion_mnist import CLASSES
+    from trainer.eval.preprocess import image_batches
+    from trainer.eval.zero_shot import zero_shot_classifier, zero_shot_predict
+
+    if loaded.clip is None:
+        raise ValueError(f"--zero-shot: {loaded.source} holds no text tower (export a whole CLIP: python -m trainer "
+                         "export without --visual-only, from a run whose model.pretrained is a whole CLIP)")
+    classifier = zero_shot_classifier(loaded.clip, open_clip.get_tokenizer(loaded.clip_name), CLASSES,
+                                      device=args.device)
+    images = data["test_x"]
+    scores = zero_shot_predict(loaded.clip, image_batches(images, loaded.spec, args.batch_size), classifier,
+                               device=args.device, total_batches=-(-len(images) // args.batch_size))
+    return float((scores.argmax(1) == data["test_y"]).float().mean())
+
+
 def run(args: argparse.Namespace) -> dict:
     """Load, evaluate, return the results dict (also what --json holds)."""
     start = time.perf_counter()
@@ -345,15 +389,21 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError("--fidelity needs --heldout (tar shards, a shards.txt or a folder of pictures)")
     # An explicit --teacher is also a baseline: the same probes on it, side by side with the student.
     teacher = load_teacher(args.teacher or PRETRAINED, student, device) if args.teacher or args.fidelity else None
-    if args.knn or args.linear_probe:
+    if args.knn or args.linear_probe or args.zero_shot:
         size = args.knn_image_size or student.spec.image_size
         data = fashion_subset(args.fashion_mnist, args.train_images, args.test_images, args.seed)
         results["fashion_mnist"] = {"root": str(args.fashion_mnist), "train_images": len(data["train_y"]),
                                     "test_images": len(data["test_y"]), "image_size": size, "seed": args.seed}
-        results.update(probes(student, data, size, args))
+        if args.knn or args.linear_probe:
+            results.update(probes(student, data, size, args))
+        if args.zero_shot:
+            results["zero_shot_top1"] = zero_shot_top1(student, data, args)
         if args.teacher and teacher is not None:
+            measured = probes(teacher, data, size, args) if args.knn or args.linear_probe else {}
             results["teacher_baseline"] = {"model": teacher.source, "kind": teacher.kind,
-                                           **model_summary(teacher.model), **probes(teacher, data, size, args)}
+                                           **model_summary(teacher.model), **measured}
+            if args.zero_shot and teacher.clip is not None:
+                results["teacher_baseline"]["zero_shot_top1"] = zero_shot_top1(teacher, data, args)
     if args.fidelity:
         from trainer.eval.images import read_heldout_images
 
@@ -382,6 +432,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--knn", action="store_true", help="kNN top-1 on Fashion-MNIST")
     parser.add_argument("--linear-probe", action="store_true", help="linear-probe top-1 on Fashion-MNIST")
     parser.add_argument("--fidelity", action="store_true", help="CLS / patch token cosine to --teacher")
+    parser.add_argument("--zero-shot", action="store_true",
+                        help="zero-shot top-1 on the Fashion-MNIST test subset (a whole-CLIP export)")
     parser.add_argument("--train-images", type=int, default=1000, help="Fashion-MNIST train subset (0: all 60k)")
     parser.add_argument("--test-images", type=int, default=300, help="Fashion-MNIST test subset (0: all 10k)")
     parser.add_argument("--knn-image-size", type=int, default=0, help="px for Fashion-MNIST (0: the model's)")
@@ -391,7 +443,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seeds the Fashion-MNIST subsets")
     parser.add_argument("--json", type=Path, default=None, help="write the results here (default: print only)")
     args = parser.parse_args(argv)
-    if not (args.knn or args.linear_probe or args.fidelity):
+    if not (args.knn or args.linear_probe or args.fidelity or args.zero_shot):
         # Nothing chosen: everything whose inputs are there.
         args.knn = args.linear_probe = True
         args.fidelity = args.heldout is not None
