@@ -1,6 +1,8 @@
 """Memory planner: per-rank bytes of teacher and student for each engine, and the largest batch that fits.
 
-``python -m trainer plan <config.yaml> [key=value ...] [--gpu-mem-gib 80] [--world-size 8 64] [--json]``
+``python -m trainer plan <config.yaml> [key=value ...] [--gpu-mem-gib 80] [--world-size 8 64 | --nodes 4
+--gpus-per-node 8] [--json]``: per row a verdict (fits / fits with AC / the batch that does), and the host RAM
+per node of the configured build path.
 
 Shapes come from a meta-device build of ``model`` (no memory, no weights) and ``prune.ratio``
 arithmetic (``trainer.models.meta``). The byte model is written out in docs/planner.md; in short:
@@ -183,6 +185,17 @@ class Row:
     def label(self) -> str:
         return f"deepspeed zero{self.zero_stage}" if self.engine == "deepspeed" else self.engine
 
+    @property
+    def verdict(self) -> str:
+        """Whether the configured batch fits one GPU, with activation checkpointing if it must, or what does."""
+        if self.batch <= self.max_batch:
+            return "fits"
+        if self.batch <= self.max_batch_checkpointed:
+            return "fits with AC"
+        if self.max_batch_checkpointed >= 1:
+            return f"no: batch <= {self.max_batch_checkpointed} with AC"
+        return "does not fit"
+
 
 def plan_row(teacher: TowerShape, student: TowerShape, engine: str, stage: int, precision: str, world: int,
              batch: int, gpu_mem: int, reserve: int) -> Row:
@@ -208,8 +221,23 @@ def plan_row(teacher: TowerShape, student: TowerShape, engine: str, stage: int, 
     )
 
 
+def host_ram_per_node(teacher: TowerShape, student: TowerShape, in_engine: bool, world: int,
+                      gpus_per_node: int) -> int:
+    """Host bytes a node's ranks hold while the models are built (before they move to the GPUs).
+
+    Host path (``prune.in_engine=false``): every rank builds the whole teacher with its head in fp32 and a
+    pruned copy, the student. In-engine: each rank holds only its shards of both (fp32 at load) and one
+    gathered block; the checkpoint's pages are file-backed and not counted.
+    """
+    if in_engine:
+        per_rank = _shard(FP32 * (teacher.params + student.params), world) + FP32 * teacher.block_params
+    else:
+        per_rank = FP32 * (teacher.params_with_head + student.params_with_head)
+    return per_rank * min(gpus_per_node, world)
+
+
 def plan(cfg: TrainConfig, world_sizes: list[int], gpu_mem_gib: float,
-         reserve_gib: float = DEFAULT_RESERVE_GIB) -> dict:
+         reserve_gib: float = DEFAULT_RESERVE_GIB, gpus_per_node: int = 8) -> dict:
     """The whole plan for ``cfg``: shapes, and one row per engine setup and world size."""
     if gpu_mem_gib <= 0:
         raise ValueError(f"--gpu-mem-gib: must be > 0, got {gpu_mem_gib}")
@@ -231,8 +259,13 @@ def plan(cfg: TrainConfig, world_sizes: list[int], gpu_mem_gib: float,
         "batch_size_per_rank": cfg.optim.batch_size_per_rank, "gpu_mem_gib": gpu_mem_gib,
         "reserve_gib": reserve_gib,
         "configured": {"engine": cfg.engine.name, "zero_stage": cfg.engine.zero_stage,
-                       "activation_checkpointing": cfg.engine.activation_checkpointing},
-        "teacher": asdict(teacher), "student": asdict(student),
+                       "activation_checkpointing": cfg.engine.activation_checkpointing,
+                       "in_engine": cfg.prune.in_engine},
+        "teacher": asdict(teacher), "student": asdict(student), "gpus_per_node": gpus_per_node,
+        "host_ram_per_node": {str(w): {"in_engine": cfg.prune.in_engine,
+                                       "bytes": host_ram_per_node(teacher, student, cfg.prune.in_engine, w,
+                                                                  gpus_per_node)}
+                              for w in world_sizes},
         "rows": [_row_dict(r, cfg) for r in rows],
     }
 
@@ -240,6 +273,7 @@ def plan(cfg: TrainConfig, world_sizes: list[int], gpu_mem_gib: float,
 def _row_dict(row: Row, cfg: TrainConfig) -> dict:
     out = asdict(row)
     out["label"] = row.label
+    out["verdict"] = row.verdict
     out["configured"] = row.engine == cfg.engine.name and row.zero_stage in (None, cfg.engine.zero_stage)
     out["student"]["total"], out["teacher"]["total"] = row.student.total, row.teacher.total
     return out
@@ -260,19 +294,25 @@ def format_table(result: dict) -> str:
         "",
     ]
     head = ("setup", "GPUs", "S params", "S grads", "S optim", "S trans", "T states", "act/img", "act/img AC",
-            f"tot@{result['batch_size_per_rank']}", f"tot@{result['batch_size_per_rank']} AC", "max b", "max b AC")
+            f"tot@{result['batch_size_per_rank']}", f"tot@{result['batch_size_per_rank']} AC", "max b", "max b AC",
+            f"batch {result['batch_size_per_rank']}?")
     body = []
     for r in result["rows"]:
         st, te = r["student"], r["teacher"]
         body.append((r["label"] + (" *" if r["configured"] else ""), str(r["world_size"]), *(_gib(st[k]) for k in ("params", "grads", "optimizer", "transient")),
                      _gib(te["total"]), _gib(r["act_per_sample"], 3), _gib(r["act_per_sample_checkpointed"], 3),
                      _gib(r["total_at_batch"]), _gib(r["total_at_batch_checkpointed"]),
-                     str(r["max_batch"]), str(r["max_batch_checkpointed"])))
+                     str(r["max_batch"]), str(r["max_batch_checkpointed"]), r["verdict"]))
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     ac = "on" if result["configured"]["activation_checkpointing"] else "off"
     lines.append(f"* = the configured engine (activation checkpointing {ac}); AC = with activation checkpointing")
     for row in [head, *body]:
         lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+    path = "in-engine (prune.in_engine=true)" if result["configured"]["in_engine"] else \
+        "host (prune.in_engine=false: every rank builds teacher + student in fp32)"
+    for world, ram in result["host_ram_per_node"].items():
+        lines.append(f"host RAM per node while building, {path}, {world} GPUs ({result['gpus_per_node']} per node): "
+                     f"{_gib(ram['bytes'])} GiB")
     return "\n".join(lines)
 
 
@@ -286,13 +326,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="experiment YAML")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, as for training")
     parser.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU")
-    parser.add_argument("--world-size", type=int, nargs="+", default=[8], help="GPUs in all (one rank each)")
+    parser.add_argument("--world-size", type=int, nargs="+", default=None,
+                        help="GPUs in all (one rank each); default: --nodes x --gpus-per-node")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes (with --gpus-per-node, instead of --world-size)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (host RAM is per node)")
     parser.add_argument("--reserve-gib", type=float, default=DEFAULT_RESERVE_GIB,
                         help="per-GPU memory outside the model (CUDA context, NCCL, allocator fragmentation)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        raise ValueError(f"--nodes and --gpus-per-node: must be >= 1, got {args.nodes} and {args.gpus_per_node}")
     cfg = load_config(args.config, args.overrides)
-    result = plan(cfg, args.world_size, args.gpu_mem_gib, args.reserve_gib)
+    worlds = args.world_size or [args.nodes * args.gpus_per_node]
+    result = plan(cfg, worlds, args.gpu_mem_gib, args.reserve_gib, args.gpus_per_node)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
 

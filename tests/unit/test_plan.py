@@ -204,3 +204,27 @@ def test_trainer_plan_subcommand_prints_the_same_table(capsys: pytest.CaptureFix
     direct = capsys.readouterr().out
     assert run_subcommand(["plan", str(EVA_R1), "--world-size", "8"]) == 0
     assert capsys.readouterr().out == direct
+
+
+def test_verdict_nodes_host_ram_and_overrides_anywhere(capsys: pytest.CaptureFixture[str]) -> None:
+    # Overrides after the flags; --nodes x --gpus-per-node is the world size; a verdict per row.
+    assert main([str(EVA_R1), "--nodes", "2", "--gpus-per-node", "8", "--json", "optim.batch_size_per_rank=2000",
+                 "prune.in_engine=false"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {r["world_size"] for r in result["rows"]} == {16} and result["batch_size_per_rank"] == 2000
+    for r in result["rows"]:
+        # 2000 images exceed what fits without AC; the verdict names the largest batch that does fit with it.
+        assert r["max_batch"] < 2000
+        assert r["verdict"] == ("fits with AC" if r["max_batch_checkpointed"] >= 2000
+                                else f"no: batch <= {r['max_batch_checkpointed']} with AC")
+    # Host path: every one of a node's 8 ranks builds teacher + student (with heads) in fp32.
+    want = 8 * 4 * (EVA_TEACHER.params_with_head + EVA_STUDENT.params_with_head)
+    assert result["host_ram_per_node"]["16"] == {"in_engine": False, "bytes": want}
+    assert main([str(EVA_R1), "--nodes", "2", "--gpus-per-node", "8", "--json", "prune.in_engine=true"]) == 0
+    sharded = json.loads(capsys.readouterr().out)["host_ram_per_node"]["16"]
+    assert sharded["in_engine"] and sharded["bytes"] < want / 10
+    row = plan_row(EVA_TEACHER, EVA_STUDENT, "fsdp", 0, "bf16", 8, 1, 80 * GIB, 2 * GIB)
+    assert row.verdict == "fits"
+    assert plan_row(EVA_TEACHER, EVA_STUDENT, "fsdp", 0, "bf16", 1, 1, 4 * GIB, 2 * GIB).verdict == "does not fit"
+    assert main([str(EVA_R1), "--world-size", "8"]) == 0
+    assert "host RAM per node while building" in capsys.readouterr().out
