@@ -63,7 +63,7 @@ class LoadedModel:
     clip: nn.Module | None = None
     """The whole CLIP (image and text towers) when the source holds one: what ``--zero-shot`` needs."""
     clip_name: str | None = None
-    """The open_clip model name of ``clip`` (its tokenizer)."""
+    """The open_clip name of ``clip`` (``local-dir:<export>`` for an export), which gives its tokenizer."""
     """The trainer checkpoint behind it (its config names the teacher), when known."""
 
 
@@ -155,7 +155,7 @@ def load_model(source: str, device: str = "cpu") -> LoadedModel:
     recorded = config[PRUNING_KEY].get("trainer_checkpoint")
     forward, spec = adapt(model)
     return LoadedModel(model.to(device).eval(), forward, spec, "export", str(path),
-                       Path(recorded) if recorded else None, clip, config[PRUNING_KEY]["base_model"])
+                       Path(recorded) if recorded else None, clip, f"local-dir:{path}")
 
 
 def load_teacher(source: str, student: LoadedModel, device: str = "cpu") -> LoadedModel:
