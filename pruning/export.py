@@ -10,10 +10,13 @@ each MLP by module replacement to the stored width, then loads the weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import sys
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +73,31 @@ class Architecture:
         return cfg
 
 
+RANDOM_INIT_WARNING = "No pretrained weights loaded for model"
+"""Start of open_clip's warning when create_model loaded no weights (logged on the root logger)."""
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(RANDOM_INIT_WARNING)
+
+
+@contextlib.contextmanager
+def weights_loaded_elsewhere() -> Iterator[None]:
+    """Silence open_clip's "No pretrained weights loaded ... initialized randomly" inside this block.
+
+    create_model says so whenever it loads nothing itself, even where our code fills the weights right after
+    (architectures on meta, exports, sharded loading): users read it as "your checkpoint was ignored".
+    Only that message, only in this block.
+    """
+    root, quiet = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def resolve_architecture(model_name: str) -> Architecture:
     """Build ``open_clip:NAME``, ``timm:NAME`` or a bare name (open_clip first): parameters on the meta
     device, buffers real (``pruning.skeleton``: non-persistent ones are in no checkpoint)."""
@@ -80,7 +108,7 @@ def resolve_architecture(model_name: str) -> Architecture:
     import timm
 
     if family in ("", OPEN_CLIP) and open_clip.get_model_config(name) is not None:
-        with parameters_on_meta():
+        with parameters_on_meta(), weights_loaded_elsewhere():
             model = open_clip.create_model(name, pretrained=None, device="meta")
         return Architecture(OPEN_CLIP, name, model, "visual")
     if family in ("", TIMM) and timm.is_model(name):
@@ -206,7 +234,7 @@ def build_pruned(out_dir: str | os.PathLike, *, device: str | torch.device = "me
     record = config[PRUNING_KEY]
     if record["family"] == OPEN_CLIP:
         register_pruned_timm_models(out_dir)
-    with torch.device(device):
+    with torch.device(device), weights_loaded_elsewhere():
         if record["family"] == OPEN_CLIP:
             model = open_clip.create_model(f"local-dir:{out_dir}", load_weights=False, device=device)
         else:
@@ -227,7 +255,7 @@ def check_stock_build(out_dir: str | os.PathLike) -> bool:
     out_dir = Path(out_dir)
     _, config = read_pruning_record(out_dir)
     record = config[PRUNING_KEY]
-    with torch.device("meta"):
+    with torch.device("meta"), weights_loaded_elsewhere():
         if record["family"] == OPEN_CLIP:
             register_pruned_timm_models(out_dir)
             model = open_clip.create_model(f"local-dir:{out_dir}", load_weights=False, device="meta")

@@ -483,8 +483,12 @@ def run_demo(args: argparse.Namespace) -> Path:
     ranks = 1 if args.tiny else args.ranks
     global_batch = sizes.batch_size_per_rank * ranks
     step_s = global_batch * (1 / teacher_ips + 3 / pruned_ips)
-    steps = min(sizes.max_steps, max(sizes.min_steps, int(args.train_seconds / step_s)))
-    log(f"estimated {step_s:.1f} s per step of {global_batch} images -> {steps} steps")
+    if args.steps:
+        steps = args.steps
+        log(f"{steps} steps, as asked (--steps)")
+    else:
+        steps = min(sizes.max_steps, max(sizes.min_steps, int(args.train_seconds / step_s)))
+        log(f"estimated {step_s:.1f} s per step of {global_batch} images -> {steps} steps")
     run_dir = out / "run"
     train_s = launch_training(run_dir, train_list, steps, ranks, sizes.batch_size_per_rank, student_init)
     recovered = load_recovered(pruned, run_dir / STUDENT_FILE)
@@ -508,6 +512,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "demo_out", help="output folder (shards, run, report)")
     parser.add_argument("--train-seconds", type=float, default=240.0, help="time budget for distillation steps")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="distillation steps, instead of the time budget (reproducible figures)")
     parser.add_argument("--ranks", type=int, default=2, help="trainer processes (torchrun); 1 runs 'single'")
     parser.add_argument("--tiny", action="store_true", help="smoke-test sizes: 64 pictures, 2 steps, 1 rank, no compensated row")
     parser.add_argument("--no-compensation", action="store_true", help="skip the compensated row")

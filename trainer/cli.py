@@ -99,8 +99,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def _export(argv: list[str]) -> int:
+    from pruning.export import weights_loaded_elsewhere
     from trainer.export import main
-    from trainer.models.open_clip_family import weights_loaded_elsewhere
 
     with weights_loaded_elsewhere():  # the export rebuilds towers and loads the trained weights itself
         return main(argv)

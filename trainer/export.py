@@ -303,7 +303,7 @@ def _teacher_reader(cfg: TrainConfig) -> object:
     if cfg.model.family == OPEN_CLIP:
         import open_clip
 
-        from trainer.models.open_clip_family import weights_loaded_elsewhere
+        from pruning.export import weights_loaded_elsewhere
 
         with weights_loaded_elsewhere():
             model = open_clip.create_model(cfg.model.name, pretrained=None, **cfg.model.kwargs)

@@ -27,7 +27,7 @@ from torch import nn
 import pruning
 from trainer.config import ModelConfig, PruneConfig, TrainConfig
 from trainer.engines.base import SkeletonModels
-from trainer.models.base import ModelAdapter, TokenLayout
+from trainer.models.base import ModelAdapter, TokenLayout, first_line
 from trainer.models.meta import build_on_meta, build_skeleton
 from trainer.task import freeze_teacher
 
@@ -120,8 +120,7 @@ def load_student_init(student: nn.Module, path: Path) -> None:
     try:
         student.load_state_dict(state, strict=True)
     except (RuntimeError, OSError) as err:
-        first = str(err).strip().splitlines()[:3]
-        raise ValueError(f"prune.student_init: {path} does not fit the pruned student: {' '.join(first)}") from None
+        raise ValueError(f"prune.student_init: {path} does not fit the pruned student: {first_line(err)}") from None
 
 
 class TeacherWeights:

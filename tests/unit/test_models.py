@@ -73,3 +73,23 @@ def test_pretrained_teacher_loads_exactly(tmp_path, tiny_timm_yaml) -> None:
     loaded = adapter.build(cfg.model)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_weights_of_another_architecture_are_one_line_naming_the_file(tiny_timm_yaml, tiny_open_clip_yaml,
+                                                                       tmp_path) -> None:
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    timm_cfg, clip_cfg = load_config(tiny_timm_yaml).model, load_config(tiny_open_clip_yaml).model
+    _, timm_model = build(tiny_timm_yaml)
+    wrong = tmp_path / "timm_tower.safetensors"
+    save_file({k: v.contiguous() for k, v in timm_model.state_dict().items()}, wrong)
+    with pytest.raises(ValueError, match=rf"^model.pretrained: {wrong} does not fit open_clip '{clip_cfg.name}': \S"):
+        get_adapter("open_clip").build(dataclasses.replace(clip_cfg, pretrained=str(wrong)))
+    _, clip_tower = build(tiny_open_clip_yaml)
+    other = tmp_path / "clip_tower.safetensors"
+    save_file({k: v.contiguous() for k, v in clip_tower.state_dict().items()}, other)
+    with pytest.raises(ValueError, match=rf"^model.pretrained: {other} does not fit timm '{timm_cfg.name}': \S") as err:
+        get_adapter("timm").build(dataclasses.replace(timm_cfg, pretrained=str(other)))
+    assert "\n" not in str(err.value)

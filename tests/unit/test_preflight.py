@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from pruning.export import RANDOM_INIT_WARNING, weights_loaded_elsewhere
 from trainer.cli import check_data_layout, check_weights_file
 from trainer.data.config import DataConfig
-from trainer.models.open_clip_family import RANDOM_INIT_WARNING, weights_loaded_elsewhere
 
 pytestmark = pytest.mark.unit
 

@@ -234,8 +234,9 @@ def load_tower_weights(model: nn.Module, path: Path) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        first = str(err).split("\n")[1].strip() if "\n" in str(err) else str(err)
-        raise ValueError(f"--teacher {path}: does not fit the run's teacher architecture: {first}") from None
+        from trainer.models.base import first_line
+
+        raise ValueError(f"--teacher {path}: does not fit the run's teacher architecture: {first_line(err)}") from None
 
 
 def at_image_size(loaded: LoadedModel, size: int) -> LoadedModel:
@@ -466,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     """Evaluate, print the table, write --json."""
-    from trainer.models.open_clip_family import weights_loaded_elsewhere
+    from pruning.export import weights_loaded_elsewhere
 
     args = parse_args(argv)
     with torch.no_grad(), weights_loaded_elsewhere():  # towers are rebuilt, then loaded by our code

@@ -63,3 +63,9 @@ class ModelAdapter(Protocol):
     def final_norm(self, layout: TokenLayout) -> nn.Module:
         """The final norm ``strip_head`` removed (Identity if none): what users' features pass through."""
         ...
+
+
+def first_line(err: BaseException) -> str:
+    """The first informative line of a load_state_dict error (its first line only names the module)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else (lines[0] if lines else "")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import open_clip
@@ -13,40 +10,16 @@ from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from pruning.export import weights_loaded_elsewhere
 from trainer.config import ModelConfig
 from trainer.data import InputSpec
-from trainer.models.base import TokenLayout
+from trainer.models.base import TokenLayout, first_line
 from trainer.models.timm_family import removed_timm_norm, strip_timm_head
 
 # Small architectures shipped with the repo (tests, benchmarks) become known by name to the factory.
 REPO_MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "open_clip"
 if REPO_MODEL_CONFIGS.is_dir():
     open_clip.add_model_config(REPO_MODEL_CONFIGS)
-
-
-RANDOM_INIT_WARNING = "No pretrained weights loaded for model"
-"""Start of open_clip's warning when create_model loaded no weights (logged on the root logger)."""
-
-
-class _DropRandomInitWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(RANDOM_INIT_WARNING)
-
-
-@contextlib.contextmanager
-def weights_loaded_elsewhere() -> Iterator[None]:
-    """Silence open_clip's "No pretrained weights loaded ... initialized randomly" inside this block.
-
-    create_model says so whenever it loads nothing itself, even where our code fills the weights
-    right after (sharded loading, the trainer's export and eval, a config that asks for random init):
-    users read it as "your checkpoint was ignored". Only that message, only in this block.
-    """
-    root, quiet = logging.getLogger(), _DropRandomInitWarning()
-    root.addFilter(quiet)
-    try:
-        yield
-    finally:
-        root.removeFilter(quiet)
 
 
 class OpenClipAdapter:
@@ -57,7 +30,11 @@ class OpenClipAdapter:
             raise FileNotFoundError(f"model.pretrained: no such file {cfg.pretrained}")
         # pretrained=None: a random init the config asks for, or a skeleton whose weights the caller loads.
         with weights_loaded_elsewhere():
-            clip = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, **cfg.kwargs)
+            try:
+                clip = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, **cfg.kwargs)
+            except RuntimeError as err:  # load_state_dict's size mismatch / missing / unexpected keys
+                raise ValueError(f"model.pretrained: {cfg.pretrained} does not fit open_clip {cfg.name!r}: "
+                                 f"{first_line(err)}") from None
         return clip.visual
 
     def input_spec(self, model: nn.Module) -> InputSpec:

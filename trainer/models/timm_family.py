@@ -9,7 +9,7 @@ from torch import nn
 
 from trainer.config import ModelConfig
 from trainer.data import InputSpec
-from trainer.models.base import TokenLayout
+from trainer.models.base import TokenLayout, first_line
 
 HEAD_PARTS = ("norm", "fc_norm", "head_drop", "head")
 
@@ -46,7 +46,11 @@ class TimmAdapter:
         if cfg.pretrained is not None:
             if not Path(cfg.pretrained).is_file():
                 raise FileNotFoundError(f"model.pretrained: no such file {cfg.pretrained}")
-            timm.models.load_checkpoint(model, cfg.pretrained, strict=True)
+            try:
+                timm.models.load_checkpoint(model, cfg.pretrained, strict=True)
+            except RuntimeError as err:  # load_state_dict's size mismatch / missing / unexpected keys
+                raise ValueError(f"model.pretrained: {cfg.pretrained} does not fit timm {cfg.name!r}: "
+                                 f"{first_line(err)}") from None
         return model
 
     def input_spec(self, model: nn.Module) -> InputSpec:
