@@ -38,12 +38,13 @@ class RunConfig:
     seed: int = 0
     """Seeds model init, pruning ties and data; identical on every rank."""
     steps: int = 100
-    """Optimizer steps (each = grad_accum_steps micro-batches per rank)."""
+    """Optimizer steps (each = grad_accum_steps micro-batches per rank); 0: build, prune (and compensate),
+    save a step-0 checkpoint to export, train nothing."""
     log_every_steps: int = 10
     """Steps between TensorBoard scalar writes and progress lines."""
 
     def __post_init__(self) -> None:
-        _check(self.steps >= 1, "run.steps", f"must be >= 1, got {self.steps}")
+        _check(self.steps >= 0, "run.steps", f"must be >= 0, got {self.steps}")
         _check(self.log_every_steps >= 1, "run.log_every_steps", f"must be >= 1, got {self.log_every_steps}")
         _check(bool(self.dir), "run.dir", "must not be empty")
 

@@ -205,7 +205,7 @@ def main(argv: list[str]) -> int:
     step = record["trainer_step"]
     print(f"exported step {step} ({record['trainer_checkpoint']}) -> {out}")
     if step == 0:
-        print("warning: step 0 is the student before any training (the best validation so far was the start)",
+        print("warning: step 0 is the student before any distillation (pruned, and compensated if configured)",
               file=sys.stderr)
     return 0
 

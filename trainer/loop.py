@@ -165,6 +165,9 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None, stop: StopSign
             result.stopped_at = saved
             metrics.close(None)  # TensorBoard flushed; no summary line: the run is not finished
             return result
+    if steps == 0 and state.step == 0:
+        # Nothing to train: the checkpoint holds the pruned (and compensated) student, ready to export.
+        checkpointer.save(state, engine, stream)
     summary = {"steps": steps, "final_loss": result.losses.get(steps - 1),
                "student_params": prune_report.model_params_after,
                "teacher_params": prune_report.model_params_before}
