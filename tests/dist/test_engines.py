@@ -59,6 +59,15 @@ def test_teacher_bit_identical_and_frozen(records: dict, engine: str) -> None:
         assert record["teacher_frozen"]
 
 
+@pytest.mark.parametrize("engine", [*SHARDED, *BF16])
+def test_frozen_teacher_is_stored_in_bf16_under_bf16(records: dict, engine: str) -> None:
+    # No optimizer, so no fp32 master copy: half the teacher's memory. The student keeps fp32 masters.
+    for record in records[engine]:
+        assert record["teacher_dtypes"] == (["torch.bfloat16"] if engine in BF16 else ["torch.float32"])
+        if engine.startswith("fsdp"):  # DeepSpeed keeps its fp32 masters inside its own optimizer wrapper
+            assert record["student_dtypes"] == ["torch.float32"]
+
+
 @pytest.mark.parametrize("engine", [*SHARDED, "single"])
 def test_optimizer_groups_follow_the_schedule(records: dict, engine: str) -> None:
     # After the last of 20 steps: weight decay at its end value on matrices only, lr near 0.

@@ -79,6 +79,8 @@ def run(out_dir: Path, spec: str, ranks_in_stream: list[int], batch: int) -> dic
         "teacher_local_numel": engine.teacher_local_numel(),
         "teacher_total_numel": sum(p.numel() for p in before.values()),
         "teacher_frozen": all(not p.requires_grad and p.grad is None for p in engine_teacher_params(engine)),
+        "teacher_dtypes": sorted({str(p.dtype) for p in engine_teacher_params(engine)}),
+        "student_dtypes": sorted({str(p.dtype) for p in engine.optimizer.param_groups[0]["params"]}),
         "run_dir": str(cfg.run.dir),
         "groups": [[g.get("decays"), g["weight_decay"], g["lr"]] for g in engine.optimizer.param_groups],
     }

@@ -55,12 +55,22 @@ class FsdpEngine:
     def setup(self, models: Models) -> None:
         self.mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
         student, teacher = models.student.to(self.env.device), models.teacher.to(self.env.device)
+        self._store_teacher(teacher)
         # Order: activation checkpointing wraps block internals first, then sharding wraps the blocks.
         if self.cfg.activation_checkpointing:
             models.enable_activation_checkpointing(student)
         self.student_model = self._shard(student, models.blocks(student))
         self.teacher_model = self._shard(teacher, models.blocks(teacher))
         self.build_optimizer()
+
+    def _store_teacher(self, teacher: nn.Module) -> None:
+        """Under bf16 the frozen teacher's parameters are stored in bf16: it has no optimizer, so no fp32 master
+        copy is needed, and bf16 is what its compute casts them to anyway. Buffers keep their dtype."""
+        if self.cfg.precision != "bf16":
+            return
+        for module in teacher.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                setattr(module, name, nn.Parameter(param.detach().to(torch.bfloat16), requires_grad=False))
 
     def build_optimizer(self) -> None:
         """AdamW on the (sharded, possibly just pruned) student; ``setup`` calls it, in-engine pruning after."""
@@ -74,6 +84,7 @@ class FsdpEngine:
         student's ``shared`` tensors from the teacher's same shard."""
         self.mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
         teacher, student = models.teacher, models.student
+        self._store_teacher(teacher)
         if self.cfg.activation_checkpointing:
             models.enable_activation_checkpointing(student)
         for model in (teacher, student):
