@@ -8,6 +8,8 @@ The public API (callers import these names from ``pruning``, not from its module
   ``select`` / ``reduce`` hooks a sharded source overrides); ``ModelSource``: a tower in memory.
 - ``prune_checkpoint``: the streaming CLI's entry (a checkpoint on disk -> a loadable export).
 - ``Calibration``: compensation settings (mode, ridge, hold-out, prefix balance, images), one default.
+- ``Budget`` / ``plan_widths`` / ``WidthPlan`` / ``prune_to_budget``: per-block widths at the parameters of a
+  uniform ratio, chosen from error curves measured block by block, then pruned with the plan's orders.
 - ``keep_counts``: widths per site from the paper's ratio or explicit counts; ``resize_mlps``: an
   architecture at those widths (values unset).
 - ``PruneReport`` / ``SiteReport``: what pruning did.
@@ -21,6 +23,7 @@ The public API (callers import these names from ``pruning``, not from its module
 """
 
 from .blockwise import BlockSource, BlockState, Calibration, ModelSource, prune_blocks, stem_states
+from .budget import Budget, WidthPlan, plan_widths, prune_to_budget
 from .export import load_pruned
 from .fit import ActivationStats
 from .select import METHODS, select_mlp_channels
@@ -31,7 +34,7 @@ from .surgery import PruneReport, SiteReport, keep_counts, resize_mlps
 from .taylor import collect_taylor_scores
 
 __all__ = [
-    "prune_blocks", "BlockSource", "ModelSource", "prune_checkpoint", "Calibration", "keep_counts", "resize_mlps",
+    "prune_blocks", "BlockSource", "ModelSource", "prune_checkpoint", "Calibration", "Budget", "plan_widths", "prune_to_budget", "WidthPlan", "keep_counts", "resize_mlps",
     "PruneReport", "SiteReport", "MlpSite", "find_mlp_sites", "select_mlp_channels", "METHODS",
     "collect_taylor_scores", "ActivationStats", "BlockState", "stem_states", "parameters_on_meta", "load_pruned",
 ]

@@ -105,8 +105,9 @@ class BlockSource:
         """The inputs of ``first_block`` for each batch of calibration images."""
         raise NotImplementedError
 
-    def select(self, index: int, choose: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Kept units of site ``index``: ``choose()`` here; a sharded source runs it on one rank and broadcasts."""
+    def select(self, index: int, choose: Callable[[], torch.Tensor], count: int) -> torch.Tensor:
+        """The ``count`` kept units of site ``index``: ``choose()`` here; a sharded source runs it on one rank and
+        broadcasts."""
         return choose()
 
     def reduce(self, stats: ActivationStats) -> None:
@@ -137,54 +138,35 @@ class ModelSource(BlockSource):
 def prune_blocks(source: BlockSource, widths: Mapping[str, int] | Sequence[int], method: str = "diversity", *,
                  calibration: Calibration | None = None, calib_inputs: Sequence[torch.Tensor | BlockState] = (),
                  generator: torch.Generator | None = None, scores: Mapping[str, torch.Tensor] | None = None,
+                 orders: Mapping[str, torch.Tensor] | None = None,
                  progress: Callable[[str], None] | None = None) -> PruneReport:
     """Prune every MLP of ``source`` to ``widths`` (per site path, or one per site in module order).
 
     ``method``: ``pruning.METHODS``; ``random`` draws from ``generator`` site after site (default seed 0),
     ``taylor`` ranks by ``scores`` (``collect_taylor_scores``). With ``calibration``, each block is also
     compensated on ``calib_inputs``: batches of images (run by ``source.stem_states``) or recorded
-    ``BlockState``s (several stems, e.g. two input sizes, may share the tower's blocks).
+    ``BlockState``s (several stems, e.g. two input sizes, may share the tower's blocks). ``orders``: selection
+    orders already made (``pruning.budget.plan_widths``): each site keeps the first ``width`` of its order.
     """
     sites = source.sites
     counts = keep_counts(sites, num_keep=widths)
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    missing = [s.path for s in sites if method == "taylor" and (scores is None or s.path not in scores)]
-    if missing:
-        raise ValueError(f"method='taylor' needs scores for site {missing[0]}")
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    choose = Selection(source, method, generator, scores)
     start = time.perf_counter()
     blocks: list[str] = [s.path for s in sites]
     local = sites
     calib = None
     if calibration is not None:
-        hidden_norm = [s for s in sites if s.norm_name is not None]
-        if hidden_norm:
-            raise ValueError(f"{hidden_norm[0].path}: compensation is not defined with a LayerNorm over the hidden "
-                             f"units ({hidden_norm[0].norm_name}): removing units changes how the kept ones are "
-                             "normalised; prune without calibration")
-        layout = block_layout(source.tower, sites)
+        layout, states = calibration_states(source, calibration, calib_inputs)
         blocks, local = layout.blocks, layout.sites
-        images = [x for x in calib_inputs if isinstance(x, torch.Tensor)]
-        states = source.stem_states(blocks[0], images) if images else []
-        states += [x for x in calib_inputs if isinstance(x, BlockState)]
         prefix_tokens = prefix_token_count(source.tower) if calibration.balance_prefix else 0
         calib = BlockCalibration(states, calibration, prefix_tokens=prefix_tokens, reduce=source.reduce)
     records = []
     for i, (site, block_path, inner) in enumerate(zip(sites, blocks, local, strict=True)):
         tick = time.perf_counter()
         with source.read(block_path) as tensors:
-            prefix = inner.path + "." if calib is not None and inner.path else ""
-            names = set(site.tensor_names())
-            own = {n[len(prefix):]: t for n, t in tensors.items() if n[len(prefix):] in names and n.startswith(prefix)}
-            rows = site.selection_rows(own[site.selection_tensor_name])
-
-            def choose(rows: torch.Tensor = rows, site: MlpSite = site) -> torch.Tensor:
-                return select_mlp_channels(rows, counts[site.path], method, generator=generator,
-                                           scores=None if scores is None else scores.get(site.path))
-
-            # Random draws from one generator site after site: every process draws every site itself.
-            keep = choose() if method == "random" else source.select(i, choose)
+            own = site_tensors(site, tensors, inner.path if calib is not None else "")
+            count = counts[site.path]
+            keep = orders[site.path][:count] if orders is not None else choose(i, site, own, count)
             if calib is None:
                 pruned = prune_site_tensors(site, own, keep)
                 before = sum(t.numel() for t in own.values())
@@ -195,6 +177,7 @@ def prune_blocks(source: BlockSource, widths: Mapping[str, int] | Sequence[int],
                                     device=source.device)
         if calib is not None:
             record = calib.step(block, inner, keep, site.path)
+            names = set(site.tensor_names())
             pruned = {n: t.detach() for n, t in inner.module(block).state_dict().items() if n in names}
             del block
         source.write(site, pruned)
@@ -212,6 +195,51 @@ def prune_blocks(source: BlockSource, widths: Mapping[str, int] | Sequence[int],
                    "prefix_tokens_balanced": calib.prefix_tokens, "hidden_state_bytes": calib.peak_bytes,
                    "seconds": round(time.perf_counter() - start, 3)}
     return PruneReport(method, records, source.params_before, source.params_before - removed, summary)
+
+
+class Selection:
+    """Kept units of a site in selection order, through the source's ``select`` hook (checked arguments)."""
+
+    def __init__(self, source: BlockSource, method: str, generator: torch.Generator | None,
+                 scores: Mapping[str, torch.Tensor] | None) -> None:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        missing = [s.path for s in source.sites if method == "taylor" and (scores is None or s.path not in scores)]
+        if missing:
+            raise ValueError(f"method='taylor' needs scores for site {missing[0]}")
+        self.source, self.method, self.scores = source, method, scores
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+
+    def __call__(self, index: int, site: MlpSite, own: dict[str, torch.Tensor], count: int) -> torch.Tensor:
+        rows = site.selection_rows(own[site.selection_tensor_name])
+
+        def choose() -> torch.Tensor:
+            return select_mlp_channels(rows, count, self.method, generator=self.generator,
+                                       scores=None if self.scores is None else self.scores.get(site.path))
+
+        # Random draws from one generator site after site: every process draws every site itself.
+        return choose() if self.method == "random" else self.source.select(index, choose, count)
+
+
+def calibration_states(source: BlockSource, calibration: Calibration,
+                       calib_inputs: Sequence[torch.Tensor | BlockState]) -> tuple[BlockLayout, list[BlockState]]:
+    """The tower's blocks and the inputs of block 0 (image batches run by the source's stem, recorded states kept)."""
+    hidden_norm = [s for s in source.sites if s.norm_name is not None]
+    if hidden_norm:
+        raise ValueError(f"{hidden_norm[0].path}: compensation is not defined with a LayerNorm over the hidden "
+                         f"units ({hidden_norm[0].norm_name}): removing units changes how the kept ones are "
+                         "normalised; prune without calibration")
+    layout = block_layout(source.tower, source.sites)
+    images = [x for x in calib_inputs if isinstance(x, torch.Tensor)]
+    states = source.stem_states(layout.blocks[0], images) if images else []
+    return layout, states + [x for x in calib_inputs if isinstance(x, BlockState)]
+
+
+def site_tensors(site: MlpSite, tensors: dict[str, torch.Tensor], inside: str) -> dict[str, torch.Tensor]:
+    """The site's own tensors out of those read (names relative to the site; ``inside``: its path among them)."""
+    prefix = inside + "." if inside else ""
+    names = set(site.tensor_names())
+    return {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix) and n[len(prefix):] in names}
 
 
 @dataclass

@@ -253,7 +253,6 @@ class EngineSource(pruning.BlockSource):
     def __init__(self, engine: object, build: InEngineBuild, device: torch.device, memory: MemoryRecord) -> None:
         self.engine, self.memory, self.device = engine, memory, device
         self.tower, self.sites, self.params_before = build.teacher_skeleton(), build.sites, build.params_before
-        self.widths = build.widths
         self.rank, self.world = _world()
         self._held = 0
 
@@ -274,14 +273,13 @@ class EngineSource(pruning.BlockSource):
         states = pruning.stem_states(module, first_block, images, lambda _m, x: forward(x), stop=False)
         return [s.float() for s in states]
 
-    def select(self, index: int, choose: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def select(self, index: int, choose: Callable[[], torch.Tensor], count: int) -> torch.Tensor:
         owner = index % self.world
         keep = choose().cpu() if self.rank == owner else None
         if self.rank == owner:
             self.memory.sites_selected.append(self.sites[index].path)
         if self.world == 1:
             return keep
-        count = self.widths[self.sites[index].path]  # known on every rank: no size to send first
         buffer = keep.to(self.device) if keep is not None else torch.empty(count, dtype=torch.long, device=self.device)
         torch_dist.broadcast(buffer, src=owner)
         return buffer.cpu()
