@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from .blockwise import MODES, Calibration
+from .budget import Budget
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,10 +30,18 @@ def _parser() -> argparse.ArgumentParser:
     widths.add_argument("--num-keep", type=int, help="kept hidden units, the same for every block")
     widths.add_argument("--num-keep-json", type=Path,
                         help="JSON file: {site path: kept} (paths as in pruning_report.json) or a list, one per block")
+    widths.add_argument("--budget", type=float,
+                        help="per-block widths with the parameters of --ratio R, chosen to minimise the compensated "
+                             "error measured on held-out calibration tokens (needs --calibration; docs/adaptive.md)")
+    prune.add_argument("--grid", type=int, default=Budget.grid, help="with --budget: every width a multiple of this")
+    prune.add_argument("--min-width", type=int, default=None, help="with --budget: narrowest block (default: --grid)")
+    prune.add_argument("--max-width", type=int, default=None, help="with --budget: widest block (default: all units)")
     prune.add_argument("--method", default="diversity", choices=("diversity", "l2", "random"))
     prune.add_argument("--out", type=Path, required=True, help="output directory (created; must not exist)")
     prune.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     prune.add_argument("--seed", type=int, default=0, help="seeds init weights (no --checkpoint) and --method random")
+    prune.add_argument("--model-kwargs", type=json.loads, default=None,
+                       help='timm model constructor arguments as JSON, e.g. \'{"img_size": 224}\'')
     prune.add_argument("--model-config", type=Path, action="append", default=[],
                        help="extra open_clip model config JSON to register first (name = file stem)")
     prune.add_argument("--quiet", action="store_true", help="no per-block progress lines")
@@ -90,12 +99,19 @@ def main(argv: list[str] | None = None) -> int:
             calibration = Calibration(mode=args.calib_mode, ridge=args.ridge, holdout_fraction=args.calib_holdout,
                                       balance_prefix=args.balance_prefix, num_images=args.num_calib,
                                       batch_size=args.calib_batch_size)
+        budget = None
+        if args.budget is not None:
+            if calibration is None:
+                raise ValueError("--budget measures each block's error on calibration images: give --calibration")
+            budget = Budget(ratio=args.budget, grid=args.grid, min_width=args.min_width, max_width=args.max_width)
+        if args.model_kwargs is not None and not isinstance(args.model_kwargs, dict):
+            raise ValueError(f"--model-kwargs: expected a JSON object, got {args.model_kwargs!r}")
         start = time.perf_counter()
         report = prune_checkpoint(
             args.model, args.out, checkpoint=args.checkpoint, ratio=args.ratio, num_keep=num_keep,
             method=args.method, overwrite=args.overwrite, seed=args.seed,
             progress=None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True),
-            calibration=calibration, images=args.calibration,
+            calibration=calibration, images=args.calibration, budget=budget, model_kwargs=args.model_kwargs,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -110,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compensated ({calib['mode']}, ridge {calib['ridge']}) on {calib['num_images']} images; carried hidden "
               f"states {calib['hidden_state_bytes']:,} bytes"
               + (f"; mean held-out error {mean[0]:.4f} plain -> {mean[1]:.4f} compensated" if mean else ""))
+        if budget is not None:
+            plan = calib["budget"]
+            print(f"budget r={budget.ratio:g}: {plan['units']:,} of {plan['uniform_units']:,} units, widths "
+                  f"{plan['widths']}; predicted error {sum(plan['predicted_error']):.4g} (uniform widths "
+                  f"{sum(e for e in plan['uniform_error'] if e is not None):.4g}); curves {plan['seconds']:.1f} s")
     return 0
 
 

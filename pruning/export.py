@@ -17,7 +17,7 @@ import os
 import sys
 import types
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -54,6 +54,8 @@ class Architecture:
     """The whole model on the meta device (a CLIP model for open_clip)."""
     tower_path: str
     """Module path of the pruned tower in ``model``: ``visual`` for open_clip, ``""`` for timm."""
+    kwargs: dict = field(default_factory=dict)
+    """Keyword arguments of a timm model's constructor (``img_size``, ...), kept in the export's ``model_args``."""
 
     @property
     def tower(self) -> nn.Module:
@@ -98,23 +100,31 @@ def weights_loaded_elsewhere() -> Iterator[None]:
         root.removeFilter(quiet)
 
 
-def resolve_architecture(model_name: str) -> Architecture:
+def resolve_architecture(model_name: str, kwargs: dict | None = None) -> Architecture:
     """Build ``open_clip:NAME``, ``timm:NAME`` or a bare name (open_clip first): parameters on the meta
-    device, buffers real (``pruning.skeleton``: non-persistent ones are in no checkpoint)."""
+    device, buffers real (``pruning.skeleton``: non-persistent ones are in no checkpoint). ``kwargs``: a timm
+    model's constructor arguments."""
     family, _, name = model_name.partition(":") if ":" in model_name else ("", "", model_name)
     if family not in ("", OPEN_CLIP, TIMM):
         raise ValueError(f"model {model_name!r}: prefix must be 'open_clip:' or 'timm:'")
     import open_clip
     import timm
 
+    kwargs = dict(kwargs or {})
     if family in ("", OPEN_CLIP) and open_clip.get_model_config(name) is not None:
+        if kwargs:
+            raise ValueError(f"model {model_name!r}: model keyword arguments apply to timm models; for open_clip "
+                             "register a model config (--model-config)")
         with parameters_on_meta(), weights_loaded_elsewhere():
             model = open_clip.create_model(name, pretrained=None, device="meta")
         return Architecture(OPEN_CLIP, name, model, "visual")
     if family in ("", TIMM) and timm.is_model(name):
-        with parameters_on_meta():
-            model = timm.create_model(name, pretrained=False)
-        return Architecture(TIMM, name, model, "")
+        try:
+            with parameters_on_meta():
+                model = timm.create_model(name, pretrained=False, **kwargs)
+        except TypeError as err:
+            raise ValueError(f"timm model {name!r} does not take the keyword arguments {kwargs}: {err}") from None
+        return Architecture(TIMM, name, model, "", kwargs)
     raise ValueError(f"model {model_name!r} is neither an open_clip model config nor a timm model name")
 
 
@@ -126,7 +136,7 @@ def build_initialized(arch: Architecture, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     if arch.family == OPEN_CLIP:
         return open_clip.create_model(arch.name, pretrained=None)
-    return timm.create_model(arch.name, pretrained=False)
+    return timm.create_model(arch.name, pretrained=False, **arch.kwargs)
 
 
 def mlp_ratio_for(width: int, hidden: int) -> float:
@@ -192,7 +202,7 @@ def export_configs(arch: Architecture, widths: dict[str, int], *, visual_only: b
         config = {"architecture": arch.name, "num_classes": arch.model.num_classes,
                   "num_features": arch.model.num_features,
                   "pretrained_cfg": {k: v for k, v in arch.model.pretrained_cfg.items() if k not in _TIMM_CFG_DROP},
-                  "model_args": {"mlp_ratio": mlp_ratio_for(width, hidden)} if uniform else {}}
+                  "model_args": {**arch.kwargs, **({"mlp_ratio": mlp_ratio_for(width, hidden)} if uniform else {})}}
         return TIMM_CONFIG, {**config, PRUNING_KEY: record}, uniform
     model_cfg = arch.base_config()
     vision_cfg = model_cfg["vision_cfg"]

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .blockwise import BlockSource, BlockState, Calibration, materialize_outside, prune_blocks, stem_states
+from .budget import Budget, plan_widths
 from .calib_images import input_spec, load_calibration_images
 from .export import (
     OPEN_CLIP,
@@ -141,6 +142,8 @@ def prune_checkpoint(
     progress: Callable[[str], None] | None = None,
     calibration: Calibration | None = None,
     images: str | os.PathLike | torch.Tensor | None = None,
+    budget: Budget | None = None,
+    model_kwargs: dict | None = None,
 ) -> PruneReport:
     """Prune the MLPs of ``model``'s checkpoint (or seeded init weights) into export ``out_dir``.
 
@@ -150,7 +153,9 @@ def prune_checkpoint(
 
     ``calibration`` turns on closed-form compensation on ``images``: an image folder, tar shards or tensor
     file (``pruning.calib_images``, ``calibration.num_images`` of them), or normalised images [N, 3, S, S]
-    (used whole); per-block held-out errors go into the report.
+    (used whole); per-block held-out errors go into the report. ``budget`` (instead of ``ratio`` / ``num_keep``,
+    with a calibration) chooses per-block widths at the parameters of uniform ``budget.ratio``
+    (``pruning.budget``). ``model_kwargs``: keyword arguments of a timm model's constructor (e.g. ``img_size``).
     """
     if method not in METHODS or method == "taylor":
         raise ValueError(f"method must be one of {[m for m in METHODS if m != 'taylor']} for checkpoint "
@@ -160,8 +165,10 @@ def prune_checkpoint(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"output directory exists: {out_dir} (pass overwrite=True / --overwrite)")
-    arch = resolve_architecture(model)
-    counts = keep_counts(arch.sites(), ratio, num_keep)
+    arch = resolve_architecture(model, model_kwargs)
+    if budget is not None and (ratio is not None or num_keep is not None or calibration is None):
+        raise ValueError("a width budget replaces ratio / num_keep and needs calibration images")
+    counts = keep_counts(arch.sites(), ratio, num_keep) if budget is None else {}
     batches: list[torch.Tensor] = []
     if calibration is not None:
         spec = input_spec(arch.model, arch.family)
@@ -185,15 +192,21 @@ def prune_checkpoint(
         try:
             weights = (TIMM_WEIGHTS if arch.family != OPEN_CLIP
                        else OPEN_CLIP_VISUAL_WEIGHTS if visual_only else OPEN_CLIP_WEIGHTS)
-            source = CheckpointSource(arch, reader, prefix, visual_only, counts)
-            with SafetensorsWriter(tmp / weights, source.specs, metadata={"format": "pt"}) as writer:
+            source = CheckpointSource(arch, reader, prefix, visual_only)
+            common = dict(calibration=calibration, calib_inputs=batches, progress=progress,
+                          generator=torch.Generator().manual_seed(seed))
+            plan = None if budget is None else plan_widths(source, budget, method, **common)
+            if plan is not None:
+                counts = keep_counts(source.sites, num_keep=plan.widths)
+            with SafetensorsWriter(tmp / weights, source.output_specs(counts), metadata={"format": "pt"}) as writer:
                 source.writer = writer
-                report = prune_blocks(source, counts, method, calibration=calibration, calib_inputs=batches,
-                                      generator=torch.Generator().manual_seed(seed), progress=progress)
+                report = prune_blocks(source, counts, method, orders=None if plan is None else plan.orders, **common)
                 source.finish()
             if report.calibration is not None:
                 report.calibration.update(source=label, num_images=int(loaded.shape[0]),
                                           image_shape=list(loaded.shape[1:]))
+                if plan is not None:
+                    report.calibration["budget"] = plan.summary
             _write_metadata(arch, reader, source, report, visual_only, weights, checkpoint, tmp)
             _move_into_place(tmp, out_dir, overwrite)
         except BaseException:
@@ -212,8 +225,7 @@ class CheckpointSource(BlockSource):
     ``write`` appends the tensors before a site's slot, then the site's own.
     """
 
-    def __init__(self, arch: Architecture, reader: Reader, prefix: str, visual_only: bool,
-                 counts: dict[str, int]) -> None:
+    def __init__(self, arch: Architecture, reader: Reader, prefix: str, visual_only: bool) -> None:
         self.arch, self.reader, self.prefix = arch, reader, prefix
         self.tower, self.sites = arch.tower, arch.sites()
         self.params_before = sum(p.numel() for p in arch.tower.parameters())
@@ -236,16 +248,21 @@ class CheckpointSource(BlockSource):
             elif path not in seen:
                 seen.add(path)
                 self.order.append(next(in_module_order))
+        self.specs: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+        self._cursor = 0
+
+    def output_specs(self, counts: dict[str, int]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """(name, shape, dtype) of every output tensor, in writing order, with the sites ``counts`` wide."""
         self.specs = []
         for item in self.order:
             if isinstance(item, str):
-                self.specs.append((item[self.strip:], *reader.meta(item)))
+                self.specs.append((item[self.strip:], *self.reader.meta(item)))
                 continue
-            metas = {n: reader.meta(k) for k, n in self.names[item.path].items()}
+            metas = {n: self.reader.meta(k) for k, n in self.names[item.path].items()}
             shapes = prune_site_tensors(item, {n: torch.empty(s, dtype=d, device="meta") for n, (s, d) in metas.items()},
                                         torch.arange(counts[item.path]))
             self.specs += [(k[self.strip:], tuple(shapes[n].shape), metas[n][1]) for k, n in self.names[item.path].items()]
-        self._cursor = 0
+        return self.specs
 
     @contextlib.contextmanager
     def read(self, path: str) -> Iterator[dict[str, torch.Tensor]]:
@@ -374,5 +391,23 @@ def _markdown(summary: dict, report: PruneReport) -> str:
                     if calib["mode"] == "output" else "fc2's output against the original fc2's")
         lines += ["", f"held-out error: ||y' - y|| / ||y|| of {measured} on held-out calibration tokens, pruned "
                       "without and with compensation."]
+    if calib and calib.get("budget"):
+        lines += _budget_markdown(calib["budget"], report)
     lines += ["", f"Full kept index lists (selection order) are in `{REPORT_JSON}`.", ""]
     return "\n".join(lines)
+
+
+def _budget_markdown(plan: dict, report: PruneReport) -> list[str]:
+    """Widths per block as a bar chart, with the predicted and the measured errors."""
+    widest = max(plan["widths"])
+    lines = ["", f"## Adaptive widths: budget r={plan['ratio']:g} ({plan['units']:,} of {plan['uniform_units']:,} "
+                 f"units; grid {plan['grid']}; curves measured in {plan['seconds']:.1f} s)", "",
+             "| # | width | | predicted error | at the uniform width | measured held-out error |", "|---|---|---|---|---|---|"]
+    for i, (width, predicted, uniform, site) in enumerate(zip(plan["widths"], plan["predicted_error"],
+                                                              plan["uniform_error"], report.sites, strict=True)):
+        bar = "█" * max(1, round(20 * width / widest))
+        at_uniform = "-" if uniform is None else f"{uniform:.3g}"
+        lines.append(f"| {i} | {width} | {bar} | {predicted:.3g} | {at_uniform} | {site.recon_error_after:.4f} |")
+    lines += ["", "predicted error: E||s (y_w - y)||^2 / E||h_out||^2 of the block on held-out tokens of the original "
+                  "model's hidden states (docs/adaptive.md); measured: the compensated block's held-out error above."]
+    return lines

@@ -33,13 +33,34 @@ from trainer.task import freeze_teacher
 
 
 def student_widths(prune: PruneConfig, sites: list[pruning.MlpSite]) -> dict[str, int]:
-    """Kept hidden units per MLP site: ``prune.ratio`` of each block's width, or every unit when pruning is off."""
+    """Kept hidden units per MLP site: those recorded by the prune output directory of ``prune.student_init``
+    (per-block widths of ``--budget`` included), else ``prune.ratio`` of each block's width; every unit when
+    pruning is off."""
     if not prune.enabled:
         return {s.path: s.hidden for s in sites}
+    recorded = _recorded_widths(prune)
+    if recorded is not None:
+        try:
+            return pruning.keep_counts(sites, num_keep=recorded)
+        except ValueError as err:
+            raise ValueError(f"prune.student_init: {prune.student_init}: {err}") from None
     try:
         return pruning.keep_counts(sites, prune.ratio)
     except ValueError as err:
         raise ValueError(f"prune.ratio: {err}") from None
+
+
+def _recorded_widths(prune: PruneConfig) -> dict[str, int] | None:
+    """The per-site widths a prune output directory records, None when ``student_init`` is not one."""
+    path = Path(prune.student_init) if prune.student_init else None
+    if path is None or not path.is_dir():
+        return None
+    from pruning.export import read_pruning_record
+
+    try:
+        return dict(read_pruning_record(path)[1]["dgmr_pruning"]["mlp_hidden"])
+    except FileNotFoundError as err:
+        raise ValueError(f"prune.student_init: {path} is not a prune output directory ({err})") from None
 
 
 def student_architecture(model: ModelConfig, prune: PruneConfig, adapter: ModelAdapter, *, on: str) -> nn.Module:
@@ -95,16 +116,34 @@ def student_init_file(cfg: TrainConfig) -> Path:
     if (record["family"], record["base_model"]) != (cfg.model.family, cfg.model.name):
         raise ValueError(f"prune.student_init: {path} was pruned from {record['family']} {record['base_model']!r}, "
                          f"the teacher (model.name) is {cfg.model.family} {cfg.model.name!r}")
-    meta = build_on_meta(cfg.model)
-    want = student_widths(cfg.prune, pruning.find_mlp_sites(meta))
-    if record["mlp_hidden"] != want:
+    sites = pruning.find_mlp_sites(build_on_meta(cfg.model))
+    want = pruning.keep_counts(sites, cfg.prune.ratio)
+    budget = _budget_ratio(path)
+    if budget is None and record["mlp_hidden"] != want:
         raise ValueError(f"prune.student_init: {path} has MLP widths {sorted(set(record['mlp_hidden'].values()))}, "
                          f"prune.ratio={cfg.prune.ratio} gives {sorted(set(want.values()))}")
+    if budget is not None and budget != cfg.prune.ratio:
+        raise ValueError(f"prune.student_init: {path} holds per-block widths at budget r={budget:g} (--budget), "
+                         f"prune.ratio is {cfg.prune.ratio:g}: set prune.ratio={budget:g}")
+    student_widths(cfg.prune, sites)  # the recorded widths fit this architecture
     files = [path / f for f in ("open_clip_visual.safetensors", "open_clip_model.safetensors", "model.safetensors")]
     found = next((f for f in files if f.is_file()), None)
     if found is None:
         raise FileNotFoundError(f"prune.student_init: {path} holds no weights file ({', '.join(f.name for f in files)})")
     return found
+
+
+def _budget_ratio(path: Path) -> float | None:
+    """The ``--budget`` ratio a prune output directory was made with, None for uniform widths."""
+    import json
+
+    from pruning.stream import REPORT_JSON
+
+    report = path / REPORT_JSON
+    if not report.is_file():
+        return None
+    budget = (json.loads(report.read_text(encoding="utf-8")).get("calibration") or {}).get("budget")
+    return None if budget is None else float(budget["ratio"])
 
 
 def load_student_init(student: nn.Module, path: Path) -> None:

@@ -150,6 +150,6 @@ def test_budget_refuses_what_it_cannot_measure():
     with pytest.raises(ValueError, match="budget ratio must be > 0"):
         pruning.Budget(ratio=0)
     with pytest.raises(ValueError, match="no multiple of 64 between 16 and 48"):
-        pruning.Budget(ratio=1.0, min_width=16, max_width=48).candidates(256)
+        pruning.Budget(ratio=1.0, min_width=16, max_width=48).candidates(256, 64)
     with pytest.raises(ValueError, match="give a Calibration and calibration images"):
         pruning.prune_to_budget(source, pruning.Budget(ratio=1.0, grid=8), calibration=None, calib_inputs=[])

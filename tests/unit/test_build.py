@@ -67,3 +67,39 @@ def test_student_init_takes_the_prune_tools_output_directory(tiny_open_clip_yaml
         (out / "open_clip_config.json").read_text().replace(f'"base_model": "{cfg.model.name}"', '"base_model": "x"'))
     with pytest.raises(ValueError, match=f"was pruned from open_clip 'x', the teacher .* is open_clip '{cfg.model.name}'"):
         preflight(load_config(tiny_open_clip_yaml, [f"prune.student_init={out}"]), 1)
+
+
+def test_student_init_with_per_block_widths_sets_the_students_architecture(tiny_open_clip_yaml, tmp_path) -> None:
+    """A ``--budget`` prune output starts the student at its own per-block widths, for training, export and the
+    planner alike; a prune.ratio other than the budget's is refused by name."""
+    import open_clip
+
+    import pruning
+    from pruning.calib_images import input_spec
+    from trainer.cli import preflight
+    from trainer.student import student_architecture
+
+    cfg = load_config(tiny_open_clip_yaml, [])
+    torch.manual_seed(3)
+    clip = open_clip.create_model(cfg.model.name, pretrained=None)
+    with torch.no_grad():  # block 0's MLP hardly writes to the residual stream: its units go to block 1
+        clip.visual.transformer.resblocks[0].mlp.c_proj.weight.mul_(1e-3)
+    ckpt = tmp_path / "clip.safetensors"
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, ckpt)
+    size = input_spec(clip, "open_clip").size
+    out = tmp_path / "adaptive"
+    report = pruning.prune_checkpoint(cfg.model.name, out, checkpoint=ckpt, budget=pruning.Budget(cfg.prune.ratio, grid=8),
+                                      calibration=pruning.Calibration(batch_size=4),
+                                      images=torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0)))
+    assert len(set(report.widths)) > 1
+    _, student, _ = build(tiny_open_clip_yaml, f"prune.student_init={out}")
+    assert [s.hidden for s in pruning.find_mlp_sites(student)] == report.widths
+    exported = {k[len("visual."):]: v for k, v in load_file(out / "open_clip_model.safetensors").items()
+                if k.startswith("visual.")}
+    assert all(torch.equal(student.state_dict()[k], v) for k, v in exported.items())
+    init = load_config(tiny_open_clip_yaml, [f"prune.student_init={out}"])
+    meta = student_architecture(init.model, init.prune, get_adapter(init.model.family), on="meta")
+    assert [s.hidden for s in pruning.find_mlp_sites(meta)] == report.widths
+    other = load_config(tiny_open_clip_yaml, [f"prune.student_init={out}", "prune.ratio=0.5"])
+    with pytest.raises(ValueError, match=r"per-block widths at budget r=1 \(--budget\), prune.ratio is 0.5"):
+        preflight(other, 1)
