@@ -270,6 +270,95 @@ def plan(cfg: TrainConfig, world_sizes: list[int], gpu_mem_gib: float,
     }
 
 
+# ---------------------------------------------------------------------------------------------- CPU mode
+# A CPU rank (gloo, ``DS_ACCELERATOR=cpu``) holds everything in host memory: its peak is anonymous RSS
+# (``RssAnon``: heap and anonymous mappings; the checkpoint's mmap pages are file-backed and left out),
+# not CUDA memory. Offsets beyond the model's bytes, measured on this machine kind (2 gloo ranks,
+# OMP_NUM_THREADS=1, torch 2.14.1, deepspeed 0.19.8, open_clip 3.3.0; bench/full_size.py --tiny):
+CPU_PROCESS_BASELINE = {"fsdp": 0.43 * GIB, "deepspeed": 0.45 * GIB}
+"""RssAnon of a rank with nothing built: torch + open_clip + timm (+ deepspeed and its accelerator probe)
+imports, the gloo process group and its buffers, the data loader's first batches."""
+CPU_ALLOCATOR_SLACK = 0.05
+"""glibc keeps freed blocks of the build and load phases; measured in the tens of percent of nothing
+stable, so a flat 5 % of the model bytes."""
+
+
+def cpu_rank_bytes(cfg: TrainConfig, world: int) -> dict:
+    """Predicted peak anonymous RSS (bytes) of one CPU rank of the configured run, by component.
+
+    In-engine build (``prune.in_engine=true``): the teacher shard in the run's precision (a frozen teacher
+    has no fp32 copy under bf16, both engines), the student shard (FSDP2: fp32, its own master; ZeRO-3: bf16
+    partition), during pruning one gathered teacher block in fp32 and its pruned copy (plus, with
+    compensation, the fit moments and the calibration states); when training (``run.steps > 0``) the
+    student's gradients and AdamW states as on the GPU (``student_states``) and the activations of one
+    batch. ``run.steps=0``: no optimizer state is ever touched (torch AdamW allocates lazily), except that
+    DeepSpeed's ZeRO-3 initialises its fp32 partition and both moments when the student engine is built.
+    """
+    teacher, student = tower_shapes(cfg.model, cfg.prune.ratio)
+    engine, precision = cfg.engine.name, cfg.engine.precision
+    if engine not in CPU_PROCESS_BASELINE:
+        raise ValueError(f"engine.name: the CPU mode plans fsdp and deepspeed, got {engine!r}")
+    stage = cfg.engine.zero_stage if engine == "deepspeed" else 0
+    e = elem_bytes(precision)
+    teacher_store = _shard(e * teacher.params, world)
+    states = student_states(student, engine, stage, precision, world)
+    # Pruning one site: the gathered teacher block (stored dtype + an fp32 copy for selection / fitting)
+    # and the pruned student block at its new width.
+    prune_extra = (e + FP32) * teacher.block_params + FP32 * student.block_params
+    if cfg.prune.compensate:
+        kept = student.mlp_hidden
+        # Output-mode fit moments [kept + width]^2 in fp64, twice with held-out tokens; the carried states
+        # (teacher and student streams, fp32) of this rank's calibration images.
+        moments = 2 * 8 * (kept + teacher.width) ** 2
+        carried = 2 * FP32 * cfg.prune.calib_batches * cfg.optim.batch_size_per_rank * teacher.tokens * teacher.width
+        prune_extra += moments + carried + FP32 * teacher.block_params
+    student_weights = states.params
+    train_states = states.params + states.grads + states.optimizer
+    phases = {"prune": teacher_store + student_weights + prune_extra}
+    if engine == "deepspeed":
+        # deepspeed.initialize (ZeRO-3) builds the fp32 partition and both moments at once, stepping AdamW
+        # once on a zeroed fp32 gradient buffer: 2 + 4 + 8 + 4 bytes per parameter and rank, even for
+        # run.steps=0 (measured 18.0 P/N on ViT-B-32; tests/unit/test_plan.py).
+        phases["optimizer"] = teacher_store + _shard((e + FP32 + ADAMW_MOMENT_BYTES + FP32) * student.params, world)
+    sizes = activation_bytes(engine, precision)
+    per_image = max(student_activation_bytes(student, sizes, cfg.engine.activation_checkpointing)
+                    + FP32 * teacher.tokens * teacher.width, teacher_activation_bytes(teacher, sizes)) \
+        + image_bytes(teacher.image_size)
+    if cfg.run.steps > 0:
+        phases["train"] = teacher_store + train_states + states.transient + cfg.optim.batch_size_per_rank * per_image
+    model_peak = max(phases.values())
+    baseline = int(CPU_PROCESS_BASELINE[engine])
+    slack = int(CPU_ALLOCATOR_SLACK * model_peak)
+    return {"engine": engine, "zero_stage": stage or None, "world_size": world, "baseline": baseline,
+            "teacher_store": teacher_store, "student_weights": student_weights, "train_states": train_states,
+            "prune_extra": prune_extra, "per_image": per_image, "phases": phases, "allocator_slack": slack,
+            "peak": baseline + model_peak + slack}
+
+
+def format_cpu_table(cfg: TrainConfig, rows: list[dict]) -> str:
+    """``cpu_rank_bytes`` rows as text, GiB per rank."""
+    engine = cfg.engine.name + (f" zero{cfg.engine.zero_stage}" if cfg.engine.name == "deepspeed" else "")
+    lines = [f"{cfg.model.name} r={cfg.prune.ratio} {engine} {cfg.engine.precision}, CPU ranks, run.steps="
+             f"{cfg.run.steps}, compensate={cfg.prune.compensate}: peak anonymous RSS per rank, GiB",
+             "ranks  baseline  teacher  student  prune extra  train states  act/img  slack   peak  (phase)"]
+    for r in rows:
+        worst = max(r["phases"], key=r["phases"].get)
+        lines.append(f"{r['world_size']:5d}  {_gib(r['baseline']):>8}  {_gib(r['teacher_store']):>7}  "
+                     f"{_gib(r['student_weights']):>7}  {_gib(r['prune_extra']):>11}  {_gib(r['train_states']):>12}  "
+                     f"{_gib(r['per_image'], 3):>7}  {_gib(r['allocator_slack']):>5}  {_gib(r['peak']):>5}  ({worst})")
+    lines.append("baseline: torch/open_clip/timm(/deepspeed) imports + gloo process group, measured; "
+                 "checkpoint pages are file-backed (not anonymous) and not counted")
+    return "\n".join(lines)
+
+
+def cpu_peak_per_rank(config: str, overrides: list[str], world_size: int) -> dict:
+    """``cpu_rank_bytes`` of a config file with overrides, in GiB (bench/full_size.py's planned column)."""
+    result = cpu_rank_bytes(load_config(config, overrides), world_size)
+    return {"peak_gib": round(result["peak"] / GIB, 3),
+            **{k: round(v / GIB, 3) if isinstance(v, int) and k not in ("world_size", "zero_stage") else v
+               for k, v in result.items()}}
+
+
 def _row_dict(row: Row, cfg: TrainConfig) -> dict:
     out = asdict(row)
     out["label"] = row.label
@@ -333,11 +422,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reserve-gib", type=float, default=DEFAULT_RESERVE_GIB,
                         help="per-GPU memory outside the model (CUDA context, NCCL, allocator fragmentation)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--cpu", action="store_true",
+                        help="CPU ranks (gloo): peak anonymous host RSS per rank of the configured engine, "
+                             "in-engine build, with the process baseline and allocator slack stated")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
     if args.nodes < 1 or args.gpus_per_node < 1:
         raise ValueError(f"--nodes and --gpus-per-node: must be >= 1, got {args.nodes} and {args.gpus_per_node}")
     cfg = load_config(args.config, args.overrides)
     worlds = args.world_size or [args.nodes * args.gpus_per_node]
+    if args.cpu:
+        rows = [cpu_rank_bytes(cfg, world) for world in worlds]
+        print(json.dumps(rows, indent=2) if args.json else format_cpu_table(cfg, rows))
+        return 0
     result = plan(cfg, worlds, args.gpu_mem_gib, args.reserve_gib, args.gpus_per_node)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0

@@ -228,3 +228,27 @@ def test_verdict_nodes_host_ram_and_overrides_anywhere(capsys: pytest.CaptureFix
     assert plan_row(EVA_TEACHER, EVA_STUDENT, "fsdp", 0, "bf16", 1, 1, 4 * GIB, 2 * GIB).verdict == "does not fit"
     assert main([str(EVA_R1), "--world-size", "8"]) == 0
     assert "host RAM per node while building" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "zero3"])
+def test_cpu_mode_predicts_a_measured_in_engine_run(tmp_path: Path, engine: str) -> None:
+    """``plan --cpu`` against the peak anonymous RSS of each rank of a real 2-rank in-engine prune (gloo):
+    ViT-B-32 from a bf16 checkpoint, bf16, run.steps=0, measured by polling /proc like bench/full_size.py."""
+    from bench.full_size import BASE_CONFIG, Launch, torchrun, write_random_checkpoint
+    from tools.plan import cpu_peak_per_rank
+
+    ckpt = tmp_path / "vit_b_32.safetensors"
+    write_random_checkpoint("ViT-B-32", ckpt, whole_clip=False)
+    engine_args = ["engine.name=fsdp"] if engine == "fsdp" else ["engine.name=deepspeed", "engine.zero_stage=3"]
+    args = [f"run.dir={tmp_path / 'run'}", "run.steps=0", "model.family=open_clip", "model.name=ViT-B-32",
+            f"model.pretrained={ckpt}", "prune.in_engine=true", "prune.ratio=1", *engine_args,
+            "engine.precision=bf16", "data.kind=synthetic"]
+    launch = Launch(torchrun(args), tmp_path / "log", 8 * GIB, torchrun=True)
+    assert launch.wait(300) == 0, launch.text()[-3000:]
+    measured = launch.peaks()["peak_rss_anon_gib"]
+    planned = cpu_peak_per_rank(str(BASE_CONFIG), args, world_size=2)
+    assert set(measured) == {0, 1}
+    for rank, peak in measured.items():
+        assert abs(peak / planned["peak_gib"] - 1) <= 0.10, (rank, peak, planned)
+    # The model's own bytes are a visible part of the figure (not only the process baseline).
+    assert planned["peak_gib"] - planned["baseline"] > 0.15

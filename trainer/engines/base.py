@@ -197,26 +197,50 @@ def _single_process_quiet() -> Iterator[None]:
 def dcp_save(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
     """Student and optimizer through torch.distributed.checkpoint: FQN-keyed, reshardable on load."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer)
+    if not optimizer.state:
+        # An optimizer that never stepped (run.steps=0) holds nothing: get_state_dict would first allocate
+        # both AdamW moments by a zero step (8 bytes per parameter: 4.6 GiB per rank for an EVA-CLIP-E r=1
+        # student on 2 ranks) only to write zeros. The checkpoint then holds the model alone; a resume
+        # starts a fresh AdamW, as the run would have.
+        state = {"model": get_model_state_dict(model)}
+    else:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state}
     with _single_process_quiet():
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path, no_dist=not _distributed())
+        dcp.save(state, checkpoint_id=path, no_dist=not _distributed())
 
 
 def dcp_load(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
     """Load ``dcp_save`` output into the (sharded or plain) model and optimizer; DCP reshards as needed."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
 
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
+    try:
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as err:
+        raise ValueError(f"{path}: cannot read the DCP checkpoint: {err}") from err
+    with_optimizer = any(key.startswith("optim.") for key in saved)
+    if with_optimizer:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+    else:  # saved before any step (dcp_save): the optimizer stays as built
+        state = {"model": get_model_state_dict(model)}
     try:
         with _single_process_quiet():
             dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
     except Exception as err:  # DCP raises CheckpointException & co.; users need the path
         raise ValueError(f"{path}: cannot load the DCP checkpoint: {err}") from err
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if with_optimizer:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        set_model_state_dict(model, state["model"])
 
 
 def read_student_state(checkpoint_format: str, path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
