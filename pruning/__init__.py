@@ -17,12 +17,21 @@ The public API (callers import these names from ``pruning``, not from its module
 - ``select_mlp_channels`` / ``METHODS``: diversity (DGMR), l2, random, taylor selection.
 - ``collect_taylor_scores``: |activation x gradient| importances for ``taylor``.
 - ``ActivationStats``: streaming fp64 moments (a sharded source's ``reduce`` all-reduces them).
-- ``BlockState`` / ``stem_states``: calibration inputs of block 0 (recorded once, carried block to block).
+- ``BlockState`` / ``stem_states``: calibration inputs of block 0 (recorded once, carried block to block);
+  ``materialize_outside``: a tower whose stem is real and blocks on meta (records them from a checkpoint).
 - ``parameters_on_meta``: build an architecture with parameters on meta and real buffers.
 - ``load_pruned``: load any export (stock formats where widths are uniform).
 """
 
-from .blockwise import BlockSource, BlockState, Calibration, ModelSource, prune_blocks, stem_states
+from .blockwise import (
+    BlockSource,
+    BlockState,
+    Calibration,
+    ModelSource,
+    materialize_outside,
+    prune_blocks,
+    stem_states,
+)
 from .budget import Budget, WidthPlan, plan_widths, prune_to_budget
 from .export import load_pruned
 from .fit import ActivationStats
@@ -36,5 +45,5 @@ from .taylor import collect_taylor_scores
 __all__ = [
     "prune_blocks", "BlockSource", "ModelSource", "prune_checkpoint", "Calibration", "Budget", "plan_widths", "prune_to_budget", "WidthPlan", "keep_counts", "resize_mlps",
     "PruneReport", "SiteReport", "MlpSite", "find_mlp_sites", "select_mlp_channels", "METHODS",
-    "collect_taylor_scores", "ActivationStats", "BlockState", "stem_states", "parameters_on_meta", "load_pruned",
+    "collect_taylor_scores", "ActivationStats", "BlockState", "stem_states", "materialize_outside", "parameters_on_meta", "load_pruned",
 ]

@@ -260,10 +260,14 @@ class BlockState:
                              "streaming calibration needs blocks that map a tensor to a tensor")
         return BlockState(out, self.args, self.kwargs, self.weight)
 
-    def float(self) -> BlockState:
-        """The same state with every floating tensor in fp32 (calibration fits run in fp32 and fp64)."""
+    def float(self, device: torch.device | str | None = None) -> BlockState:
+        """The same state with every floating tensor in fp32 (calibration fits run in fp32 and fp64), and every
+        tensor on ``device`` when given."""
         def cast(value: Any) -> Any:
-            return value.detach().float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+            if not isinstance(value, torch.Tensor):
+                return value
+            value = value.detach() if device is None else value.detach().to(device)
+            return value.float() if value.is_floating_point() else value
 
         return BlockState(cast(self.hidden), tuple(cast(a) for a in self.args),
                           {k: cast(v) for k, v in self.kwargs.items()}, self.weight)

@@ -106,6 +106,14 @@ class PruneConfig:
     reported errors."""
     balance_prefix: bool = Calibration.balance_prefix
     """compensate, calib_mode output: class / register tokens weigh as much as an image's patch tokens."""
+    budget: float | None = None
+    """in_engine with compensate: per-block widths with the parameters of ratio ``budget`` (replaces prune.ratio),
+    planned from each block's measured error on the calibration batches (``pruning.plan_widths``, the prune
+    CLI's ``--budget``); the plan is stored in prune.widths of the run's saved config."""
+    budget_grid: int = 64
+    """budget: every width a multiple of this."""
+    widths: list[int] | None = None
+    """Kept hidden units per block, in block order (instead of prune.ratio); set by prune.budget's plan."""
 
     def calibration(self) -> Calibration | None:
         """The compensation settings, None without ``compensate``."""
@@ -133,6 +141,17 @@ class PruneConfig:
             raise ValueError(f"prune.calib_mode / ridge / calib_holdout / balance_prefix: {err}") from None
         _check(not self.compensate or self.in_engine, "prune.compensate",
                "needs prune.in_engine=true (on the host path load a compensated student with prune.student_init)")
+        _check(self.budget is None or (self.in_engine and self.compensate), "prune.budget",
+               "needs prune.in_engine=true and prune.compensate=true (on the host path: python -m pruning prune "
+               "--budget R, then prune.student_init)")
+        _check(self.budget is None or self.budget > 0, "prune.budget", f"must be > 0, got {self.budget}")
+        _check(self.budget is None or self.method != "taylor", "prune.budget",
+               "plans with diversity, l2 or random selection, not taylor")
+        _check(self.budget_grid >= 1, "prune.budget_grid", f"must be >= 1, got {self.budget_grid}")
+        _check(self.widths is None or (self.widths and all(w >= 1 for w in self.widths)), "prune.widths",
+               f"must be a list of positive widths, one per block, got {self.widths}")
+        _check(not (self.widths and self.student_init), "prune.widths",
+               "cannot be combined with prune.student_init (its directory records the widths)")
 
 
 @dataclass(frozen=True)

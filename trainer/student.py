@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import resource
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -38,12 +39,13 @@ def student_widths(prune: PruneConfig, sites: list[pruning.MlpSite]) -> dict[str
     pruning is off."""
     if not prune.enabled:
         return {s.path: s.hidden for s in sites}
-    recorded = _recorded_widths(prune)
+    recorded = prune.widths if prune.widths else _recorded_widths(prune)
     if recorded is not None:
         try:
             return pruning.keep_counts(sites, num_keep=recorded)
         except ValueError as err:
-            raise ValueError(f"prune.student_init: {prune.student_init}: {err}") from None
+            key = "prune.widths" if prune.widths else f"prune.student_init: {prune.student_init}"
+            raise ValueError(f"{key}: {err}") from None
     try:
         return pruning.keep_counts(sites, prune.ratio)
     except ValueError as err:
@@ -122,7 +124,7 @@ def student_init_file(cfg: TrainConfig) -> Path:
     if budget is None and record["mlp_hidden"] != want:
         raise ValueError(f"prune.student_init: {path} has MLP widths {sorted(set(record['mlp_hidden'].values()))}, "
                          f"prune.ratio={cfg.prune.ratio} gives {sorted(set(want.values()))}")
-    if budget is not None and budget != cfg.prune.ratio:
+    if budget is not None and budget != (cfg.prune.budget or cfg.prune.ratio):
         raise ValueError(f"prune.student_init: {path} holds per-block widths at budget r={budget:g} (--budget), "
                          f"prune.ratio is {cfg.prune.ratio:g}: set prune.ratio={budget:g}")
     student_widths(cfg.prune, sites)  # the recorded widths fit this architecture
@@ -213,8 +215,11 @@ class TeacherWeights:
 class InEngineBuild:
     """Teacher and pruned-width student skeletons for an engine to shard and fill (``skeletons``)."""
 
-    def __init__(self, model: ModelConfig, prune: PruneConfig, adapter: ModelAdapter, seed: int) -> None:
-        self.model_cfg, self.prune, self.adapter, self.seed = model, prune, adapter, seed
+    def __init__(self, model: ModelConfig, prune: PruneConfig, adapter: ModelAdapter, seed: int,
+                 plan: pruning.WidthPlan | None = None) -> None:
+        """``plan``: prune.budget's widths and selection orders (``plan_student_widths``); ``prune.widths`` must
+        hold its widths."""
+        self.model_cfg, self.prune, self.adapter, self.seed, self.plan = model, prune, adapter, seed, plan
         self.weights = TeacherWeights(model, adapter, seed)
         self.teacher = build_skeleton(model)
         self.student = student_architecture(model, prune, adapter, on="skeleton")
@@ -286,13 +291,103 @@ class MemoryRecord:
         return self.teacher_shard_numel + self.student_shard_numel + self.peak_extra_numel
 
 
-class EngineSource(pruning.BlockSource):
+class RankHooks(pruning.BlockSource):
+    """What differs across ranks: block ``i`` is selected on rank ``i % world`` and broadcast; fit statistics are
+    all-reduced."""
+
+    rank: int
+    world: int
+    selected: list[str]
+
+    def select(self, index: int, choose: Callable[[], torch.Tensor], count: int) -> torch.Tensor:
+        owner = index % self.world
+        keep = choose().cpu() if self.rank == owner else None
+        if self.rank == owner:
+            self.selected.append(self.sites[index].path)
+        if self.world == 1:
+            return keep
+        buffer = keep.to(self.device) if keep is not None else torch.empty(count, dtype=torch.long, device=self.device)
+        torch_dist.broadcast(buffer, src=owner)
+        return buffer.cpu()
+
+    def reduce(self, stats: pruning.ActivationStats) -> None:
+        all_reduce_stats(stats, self.device)
+
+
+class TeacherFileSource(RankHooks):
+    """The teacher read block by block from ``model.pretrained`` on every rank, for planning widths before the
+    student exists (prune.budget): one block in host memory at a time; nothing is written."""
+
+    def __init__(self, model: ModelConfig, adapter: ModelAdapter, weights: TeacherWeights, device: torch.device) -> None:
+        self.tower = build_skeleton(model)
+        adapter.strip_head(self.tower)
+        self.tower.eval()
+        self.sites, self.params_before = pruning.find_mlp_sites(self.tower), count_params(self.tower)
+        self.weights, self.device, self.selected = weights, device, []
+        self.rank, self.world = _world()
+
+    @contextlib.contextmanager
+    def read(self, path: str) -> Iterator[dict[str, torch.Tensor]]:
+        yield {n: self.weights.full(f"{path}.{n}") for n in self.tower.get_submodule(path).state_dict()}
+
+    def stem_states(self, first_block: str, images: list[torch.Tensor]) -> list[pruning.BlockState]:
+        # The stem runs on the host (its blocks stay on meta); the blocks run on ``device``.
+        stem = pruning.materialize_outside(self.tower, first_block.rpartition(".")[0], self.weights.full)
+        return [s.float(self.device) for s in pruning.stem_states(stem, first_block, [x.cpu() for x in images])]
+
+
+def plan_student_widths(cfg: TrainConfig, adapter: ModelAdapter, stream: Iterable, device: torch.device
+                        ) -> pruning.WidthPlan:
+    """prune.budget: per-block widths and selection orders, planned on the teacher checkpoint with this rank's first
+    ``prune.calib_batches`` batches (the calibration batches of ``prune_in_engine``); a collective, identical on
+    every rank and equal to ``python -m pruning prune --budget`` on the same images."""
+    prune = cfg.prune
+    source = TeacherFileSource(cfg.model, adapter, TeacherWeights(cfg.model, adapter, cfg.run.seed), device)
+    return pruning.plan_widths(source, pruning.Budget(prune.budget, grid=prune.budget_grid), prune.method,
+                               calibration=prune.calibration(), calib_inputs=first_batches(stream, prune.calib_batches,
+                                                                                           device),
+                               generator=torch.Generator().manual_seed(cfg.run.seed))
+
+
+def in_engine_build(cfg: TrainConfig, adapter: ModelAdapter, stream: Iterable | None, device: torch.device
+                    ) -> tuple[TrainConfig, InEngineBuild]:
+    """The run's config and skeletons for an in-engine build; with prune.budget the widths are planned first
+    (``plan_student_widths``, a collective) and the returned config holds them in prune.widths, so the saved
+    config (checkpoints, export, resume checks) names the student's architecture. ``stream``: the run's batches,
+    or None to read the calibration batches from the configured data."""
+    if cfg.prune.budget is None:
+        return cfg, InEngineBuild(cfg.model, cfg.prune, adapter, cfg.run.seed)
+    if stream is None:
+        from trainer.data import build_stream
+
+        rank, world = _world()
+        stream = build_stream(cfg.data, adapter.input_spec(build_on_meta(cfg.model)),
+                              batch_size=cfg.optim.batch_size_per_rank, rank=rank, world_size=world, seed=cfg.run.seed)
+    plan = plan_student_widths(cfg, adapter, stream, device)
+    cfg = dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, widths=plan.widths))
+    return cfg, InEngineBuild(cfg.model, cfg.prune, adapter, cfg.run.seed, plan)
+
+
+def first_batches(stream: Iterable, count: int, device: torch.device) -> list[torch.Tensor]:
+    """The first ``count`` batches of ``stream`` as model inputs, from an iterator of their own (closed after)."""
+    if not count:
+        return []
+    iterator = iter(stream)
+    batches = [next(iterator).model_input(device) for _ in range(count)]
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
+    return batches
+
+
+class EngineSource(RankHooks):
     """The sharded teacher as a source of ``pruning.prune_blocks``; pruned sites go to the student's shards."""
 
     def __init__(self, engine: object, build: InEngineBuild, device: torch.device, memory: MemoryRecord) -> None:
         self.engine, self.memory, self.device = engine, memory, device
         self.tower, self.sites, self.params_before = build.teacher_skeleton(), build.sites, build.params_before
         self.rank, self.world = _world()
+        self.selected = memory.sites_selected
         self._held = 0
 
     @contextlib.contextmanager
@@ -311,21 +406,6 @@ class EngineSource(pruning.BlockSource):
         module, forward = self.engine.teacher_module()
         states = pruning.stem_states(module, first_block, images, lambda _m, x: forward(x), stop=False)
         return [s.float() for s in states]
-
-    def select(self, index: int, choose: Callable[[], torch.Tensor], count: int) -> torch.Tensor:
-        owner = index % self.world
-        keep = choose().cpu() if self.rank == owner else None
-        if self.rank == owner:
-            self.memory.sites_selected.append(self.sites[index].path)
-        if self.world == 1:
-            return keep
-        buffer = keep.to(self.device) if keep is not None else torch.empty(count, dtype=torch.long, device=self.device)
-        torch_dist.broadcast(buffer, src=owner)
-        return buffer.cpu()
-
-    def reduce(self, stats: pruning.ActivationStats) -> None:
-        all_reduce_stats(stats, self.device)
-
 
 def all_reduce_stats(stats: pruning.ActivationStats, device: torch.device) -> None:
     """Make ``stats`` the statistics of every rank's tokens (a collective): one common shift (the
@@ -373,23 +453,20 @@ def prune_in_engine(engine: object, build: InEngineBuild, stream: Iterable, devi
     prune = build.prune
     calibration = prune.calibration() if prune.enabled else None
     taylor = prune.taylor_batches if prune.enabled and prune.method == "taylor" else 0
-    count = max(taylor, prune.calib_batches if calibration is not None else 0)
-    batches: list[torch.Tensor] = []
-    if count:
-        iterator = iter(stream)
-        batches = [next(iterator).model_input(device) for _ in range(count)]
-        close = getattr(iterator, "close", None)
-        if close is not None:
-            close()
+    batches = first_batches(stream, max(taylor, prune.calib_batches if calibration is not None else 0), device)
     teacher_numel, student_numel = engine.shard_numel()
     rank, world = _world()
     memory = MemoryRecord(rank, teacher_numel, student_numel, _proc_status_bytes("VmRSS"))
     if prune.enabled:
         scores = taylor_scores(engine, build.sites, batches[:taylor], device) if taylor else None
         source = EngineSource(engine, build, device, memory)
+        plan = build.plan
         report = pruning.prune_blocks(source, build.widths, prune.method, calibration=calibration,
                                       calib_inputs=batches[:prune.calib_batches] if calibration else (),
-                                      generator=torch.Generator().manual_seed(build.seed), scores=scores)
+                                      generator=torch.Generator().manual_seed(build.seed), scores=scores,
+                                      orders=None if plan is None else plan.orders)
+        if plan is not None:
+            report.calibration["budget"] = plan.summary
     else:
         report = pruning.PruneReport("none", [], build.params_before, build.params_after)
     memory.rss_peak_bytes = _proc_status_bytes("VmHWM")

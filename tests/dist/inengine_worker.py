@@ -30,7 +30,7 @@ from trainer.dist import read_env
 from trainer.engines.base import build_engine
 from trainer.loop import train
 from trainer.models.registry import get_adapter
-from trainer.student import InEngineBuild, prune_in_engine
+from trainer.student import in_engine_build, prune_in_engine
 
 TINY_EVA = "dgmr_test_inengine_eva"
 STEPS = 3
@@ -55,7 +55,8 @@ def config(out_dir: Path, job: dict, steps: int, lr: float) -> TrainConfig:
              "student_init": job.get("student_init", ""), "taylor_batches": 2,
              "compensate": job.get("compensate", False), "calib_batches": job.get("calib_batches", 8),
              "ridge": job.get("ridge", 1e-3), "calib_mode": job.get("calib_mode", "output"),
-             "calib_holdout": job.get("calib_holdout", 0.2)}
+             "calib_holdout": job.get("calib_holdout", 0.2), "budget": job.get("budget"),
+             "budget_grid": job.get("budget_grid", 64)}
     return from_dict({
         "run": {"dir": str(out_dir / f"run-{job['name']}"), "steps": steps, "log_every_steps": 1, "seed": 0},
         "model": {"family": job["family"], "name": job["model"], "pretrained": job["pretrained"]},
@@ -71,7 +72,7 @@ def prune_only(out_dir: Path, job: dict, rank: int) -> None:
     cfg = config(out_dir, job, STEPS, 0.05)
     env = read_env()
     engine = build_engine(cfg.engine, cfg.optim, env)
-    build = InEngineBuild(cfg.model, cfg.prune, get_adapter(cfg.model.family), cfg.run.seed)
+    cfg, build = in_engine_build(cfg, get_adapter(cfg.model.family), stream(job, rank), env.device)
     engine.setup_sharded(build.skeletons())
     report, extra = prune_in_engine(engine, build, stream(job, rank), env.device)
     student = engine.gather_student_state()
