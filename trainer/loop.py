@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +36,17 @@ from trainer.validate import FidelityRecord, Validator
 LOSS_TERMS = ("loss", "loss_cls", "loss_patch")
 
 
+@contextmanager
+def phase(name: str, *, enabled: bool) -> Iterator[None]:
+    """Rank 0 prints ``phase <name>: <s> s [<start> <end>]`` (epoch seconds) when the block ends, so that a
+    benchmark can attribute what it measured outside (RSS per rank) to build, load, prune, save, train."""
+    start = time.time()
+    yield
+    if enabled:
+        end = time.time()
+        print(f"phase {name}: {end - start:.2f} s [{start:.3f} {end:.3f}]", file=sys.stderr, flush=True)
+
+
 @dataclass
 class TrainResult:
     """What a finished run hands back (tests and benchmarks read it; the CLI ignores it)."""
@@ -54,7 +67,8 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None, stop: StopSign
     (``TrainResult.stopped_at``); None: only the step count ends it.
     """
     env = read_env()
-    engine = build_engine(cfg.engine, cfg.optim, env)  # starts the process group where needed
+    with phase("init", enabled=env.is_main):
+        engine = build_engine(cfg.engine, cfg.optim, env)  # starts the process group where needed
     adapter = get_adapter(cfg.model.family)
     if cfg.prune.in_engine:
         # Sharded before any weight exists: teacher loaded shard by shard, student MLPs at pruned widths,
@@ -62,16 +76,21 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None, stop: StopSign
         if not hasattr(engine, "setup_sharded"):
             raise ValueError(f"prune.in_engine: engine {cfg.engine.name!r} has no sharded build; use engine.name "
                              "fsdp or deepspeed, or prune.in_engine=false")
-        cfg, build = in_engine_build(cfg, adapter, stream, env.device)
-        engine.setup_sharded(build.skeletons())
+        with phase("build", enabled=env.is_main):
+            cfg, build = in_engine_build(cfg, adapter, stream, env.device)
+            skeletons = build.skeletons()
+        with phase("load", enabled=env.is_main):  # shard both skeletons, each rank reads its teacher rows
+            engine.setup_sharded(skeletons)
         teacher, student = build.teacher, build.student
         student_layout, teacher_layout = build.student_layout, build.teacher_layout
     else:
-        teacher, student, prune_report = build_models(cfg, adapter)
-        freeze_teacher(teacher)
-        # Before the engine wraps them: the heads go, so both models end at the pre-norm tokens.
-        student_layout, teacher_layout = adapter.strip_head(student), adapter.strip_head(teacher)
-        engine.setup(Models(student, teacher, adapter.blocks, adapter.enable_activation_checkpointing))
+        with phase("build", enabled=env.is_main):
+            teacher, student, prune_report = build_models(cfg, adapter)
+            freeze_teacher(teacher)
+            # Before the engine wraps them: the heads go, so both models end at the pre-norm tokens.
+            student_layout, teacher_layout = adapter.strip_head(student), adapter.strip_head(teacher)
+        with phase("load", enabled=env.is_main):
+            engine.setup(Models(student, teacher, adapter.blocks, adapter.enable_activation_checkpointing))
     task = DistillTask(engine.student, engine.teacher, student_layout=student_layout,
                        teacher_layout=teacher_layout, loss=cfg.loss, student_norm=adapter.final_norm(student_layout),
                        teacher_norm=adapter.final_norm(teacher_layout), device=env.device)
@@ -85,12 +104,14 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None, stop: StopSign
     prune_extra: dict = {}
     if cfg.prune.in_engine:
         # Per block: gather its MLP -> owner rank selects -> every rank writes its student shard; then AdamW.
-        prune_report, prune_extra = prune_in_engine(engine, build, stream, env.device)
+        with phase("prune", enabled=env.is_main):  # with compensation: the calibration forward and fits too
+            prune_report, prune_extra = prune_in_engine(engine, build, stream, env.device)
     run_dir = Path(cfg.run.dir)
     validator = Validator(cfg.validation, adapter.input_spec(teacher), env) if cfg.validation.enabled else None
     record = FidelityRecord(cfg.validation.best_metric)
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, env, cfg.to_dict(), {"task": task, "validation": record})
-    state = checkpointer.resume(engine, stream)  # engine, stream, RNGs, task and record as saved, or fresh
+    with phase("resume", enabled=env.is_main):
+        state = checkpointer.resume(engine, stream)  # engine, stream, RNGs, task and record as saved, or fresh
     # After a resume, TensorBoard hides what the interrupted run logged past the checkpoint (purge_step).
     metrics = Metrics(run_dir, enabled=env.is_main, total_steps=steps, resumed_at=state.step)
     if env.is_main:
@@ -142,7 +163,8 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None, stop: StopSign
         is_best = validator is not None and validator.due(state.step, steps) and validate()
         saved = None
         if checkpointer.due(state.step, steps) or timed or stopping:
-            saved = checkpointer.save(state, engine, stream)
+            with phase("save", enabled=env.is_main):
+                saved = checkpointer.save(state, engine, stream)
             flags.saved()
         if is_best:
             checkpointer.save_best(state, engine, stream, {"metric": record.metric, "value": record.best}, saved)
@@ -167,7 +189,8 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None, stop: StopSign
             return result
     if steps == 0 and state.step == 0:
         # Nothing to train: the checkpoint holds the pruned (and compensated) student, ready to export.
-        checkpointer.save(state, engine, stream)
+        with phase("save", enabled=env.is_main):
+            checkpointer.save(state, engine, stream)
     summary = {"steps": steps, "final_loss": result.losses.get(steps - 1),
                "student_params": prune_report.model_params_after,
                "teacher_params": prune_report.model_params_before}
