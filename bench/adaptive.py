@@ -123,6 +123,28 @@ def width_chart(plan: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def distill(teacher: torch.nn.Module, pool: torch.Tensor, evaluate: Evaluator, args: argparse.Namespace) -> dict:
+    """The same distillation budget from the uniform and the adaptive compensated start (the demo's recipe and
+    shards, 2 ranks): both students evaluated after ``--distill-steps`` steps."""
+    from tools.demo import FULL, OPENCLIPART, build_shards, launch_training, load_recovered, save_student
+
+    work = args.out.with_name("adaptive_distill")
+    train_list, _ = build_shards(work, OPENCLIPART, FULL, 1_000_000)
+    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(SEED))[: args.calib]
+    models, _ = students(teacher, args.noise_ratio, list(pool[pick].split(args.batch_size)), args.grid)
+    result = {"steps": args.distill_steps, "data": f"the demo's clip-art shards ({train_list})", "rows": []}
+    for kind, model in models.items():
+        widths = [s.hidden for s in pruning.find_mlp_sites(model)]
+        init = save_student(model, work / f"{kind}_start.safetensors")
+        run_dir = work / f"run_{kind}"
+        seconds = launch_training(run_dir, train_list, args.distill_steps, 2, FULL.batch_size_per_rank, init,
+                                  overrides=[f"prune.widths={json.dumps(widths)}"])
+        trained = load_recovered(model, run_dir / "student.safetensors")
+        result["rows"].append({"kind": kind, "widths": widths, "train_s": round(seconds), **evaluate(trained)})
+        log(f"distilled {kind}: {result['rows'][-1]}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.adaptive", description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0])
@@ -136,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--knn-size", type=int, default=112)
     parser.add_argument("--grid", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--distill-steps", type=int, default=0,
+                        help="also distil the uniform and the adaptive student of --noise-ratio (draw 0) this many "
+                             "steps each with the demo's trainer recipe, and evaluate both")
     parser.add_argument("--out", type=Path, default=RESULTS / "adaptive.json")
     args = parser.parse_args(argv)
 
@@ -176,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
             r = rows[-1]
             log(f"r={ratio} draw {draw} {kind}: {r['params']:,} params, CLS {r['cls_cosine']:.4f} patch "
                 f"{r['patch_cosine']:.4f} kNN {r['knn_top1']:.1f} ({time.perf_counter() - t0:.0f} s)")
+        save()
+    if args.distill_steps:
+        notes["distill"] = distill(teacher, pool, evaluate, args)
         save()
     pairs = [(a, u) for a in rows if a["kind"] == "adaptive" for u in rows
              if u["kind"] == "uniform" and (u["ratio"], u["draw"]) == (a["ratio"], a["draw"])]

@@ -113,7 +113,8 @@ class PruneConfig:
     budget_grid: int = 64
     """budget: every width a multiple of this."""
     widths: list[int] | None = None
-    """Kept hidden units per block, in block order (instead of prune.ratio); set by prune.budget's plan."""
+    """Kept hidden units per block, in block order (instead of prune.ratio and of the widths a prune.student_init
+    directory records); set by prune.budget's plan, or by hand for a student_init file of per-block widths."""
 
     def calibration(self) -> Calibration | None:
         """The compensation settings, None without ``compensate``."""
@@ -150,8 +151,6 @@ class PruneConfig:
         _check(self.budget_grid >= 1, "prune.budget_grid", f"must be >= 1, got {self.budget_grid}")
         _check(self.widths is None or (self.widths and all(w >= 1 for w in self.widths)), "prune.widths",
                f"must be a list of positive widths, one per block, got {self.widths}")
-        _check(not (self.widths and self.student_init), "prune.widths",
-               "cannot be combined with prune.student_init (its directory records the widths)")
 
 
 @dataclass(frozen=True)

@@ -103,3 +103,18 @@ def test_student_init_with_per_block_widths_sets_the_students_architecture(tiny_
     other = load_config(tiny_open_clip_yaml, [f"prune.student_init={out}", "prune.ratio=0.5"])
     with pytest.raises(ValueError, match=r"per-block widths at budget r=1 \(--budget\), prune.ratio is 0.5"):
         preflight(other, 1)
+
+
+def test_prune_widths_set_each_blocks_width(tiny_timm_yaml, tmp_path) -> None:
+    """prune.widths (what prune.budget's plan stores in the saved config) builds the student block by block, and a
+    student_init file of those widths loads into it."""
+    import pruning
+
+    _, student, report = build(tiny_timm_yaml, "prune.widths=[32, 96]")
+    assert [s.hidden for s in pruning.find_mlp_sites(student)] == [32, 96] == report.widths
+    path = tmp_path / "adaptive.safetensors"
+    save_file({k: v + 1.0 for k, v in student.state_dict().items()}, path)
+    _, loaded, _ = build(tiny_timm_yaml, "prune.widths=[32, 96]", f"prune.student_init={path}")
+    assert all(torch.equal(loaded.state_dict()[k], v + 1.0) for k, v in student.state_dict().items())
+    with pytest.raises(ValueError, match=r"prune.widths: num_keep: 3 widths for 2 MLP blocks"):
+        build(tiny_timm_yaml, "prune.widths=[32, 96, 64]")
