@@ -275,9 +275,11 @@ def plan(cfg: TrainConfig, world_sizes: list[int], gpu_mem_gib: float,
 # (``RssAnon``: heap and anonymous mappings; the checkpoint's mmap pages are file-backed and left out),
 # not CUDA memory. Offsets beyond the model's bytes, measured on this machine kind (2 gloo ranks,
 # OMP_NUM_THREADS=1, torch 2.14.1, deepspeed 0.19.8, open_clip 3.3.0; bench/full_size.py --tiny):
-CPU_PROCESS_BASELINE = {"fsdp": 0.43 * GIB, "deepspeed": 0.45 * GIB}
+CPU_PROCESS_BASELINE = {"fsdp": 0.43 * GIB, "deepspeed": 0.50 * GIB}
 """RssAnon of a rank with nothing built: torch + open_clip + timm (+ deepspeed and its accelerator probe)
 imports, the gloo process group and its buffers, the data loader's first batches."""
+FROZEN_CHUNK_BYTES = 512 * 1024**2
+"""trainer.engines.deepspeed.FROZEN_CHUNK_BYTES: what rank 0 holds while writing an untrained student."""
 CPU_ALLOCATOR_SLACK = 0.05
 """glibc keeps freed blocks of the build and load phases; measured in the tens of percent of nothing
 stable, so a flat 5 % of the model bytes."""
@@ -291,8 +293,8 @@ def cpu_rank_bytes(cfg: TrainConfig, world: int) -> dict:
     partition), during pruning one gathered teacher block in fp32 and its pruned copy (plus, with
     compensation, the fit moments and the calibration states); when training (``run.steps > 0``) the
     student's gradients and AdamW states as on the GPU (``student_states``) and the activations of one
-    batch. ``run.steps=0``: no optimizer state is ever touched (torch AdamW allocates lazily), except that
-    DeepSpeed's ZeRO-3 initialises its fp32 partition and both moments when the student engine is built.
+    batch. ``run.steps=0``: no optimizer state is ever built (torch AdamW allocates lazily, a never-stepped
+    one is saved without state; DeepSpeed builds no student engine and rank 0 writes the student in chunks).
     """
     teacher, student = tower_shapes(cfg.model, cfg.prune.ratio)
     engine, precision = cfg.engine.name, cfg.engine.precision
@@ -315,7 +317,12 @@ def cpu_rank_bytes(cfg: TrainConfig, world: int) -> dict:
     student_weights = states.params
     train_states = states.params + states.grads + states.optimizer
     phases = {"prune": teacher_store + student_weights + prune_extra}
-    if engine == "deepspeed":
+    rank0_only = 0
+    if engine == "deepspeed" and cfg.run.steps == 0:
+        # No student engine (DeepSpeedEngine.freeze_student): rank 0 writes the fp32 student in chunks.
+        rank0_only = min(FROZEN_CHUNK_BYTES, FP32 * student.params) + FP32 * student.block_params
+        phases["save"] = teacher_store + student_weights + rank0_only
+    elif engine == "deepspeed":
         # deepspeed.initialize (ZeRO-3) builds the fp32 partition and both moments at once, stepping AdamW
         # once on a zeroed fp32 gradient buffer: 2 + 4 + 8 + 4 bytes per parameter and rank, even for
         # run.steps=0 (measured 18.0 P/N on ViT-B-32; tests/unit/test_plan.py).
@@ -327,12 +334,14 @@ def cpu_rank_bytes(cfg: TrainConfig, world: int) -> dict:
     if cfg.run.steps > 0:
         phases["train"] = teacher_store + train_states + states.transient + cfg.optim.batch_size_per_rank * per_image
     model_peak = max(phases.values())
+    other_peak = max(v - (rank0_only if k == "save" else 0) for k, v in phases.items())
     baseline = int(CPU_PROCESS_BASELINE[engine])
     slack = int(CPU_ALLOCATOR_SLACK * model_peak)
     return {"engine": engine, "zero_stage": stage or None, "world_size": world, "baseline": baseline,
             "teacher_store": teacher_store, "student_weights": student_weights, "train_states": train_states,
             "prune_extra": prune_extra, "per_image": per_image, "phases": phases, "allocator_slack": slack,
-            "peak": baseline + model_peak + slack}
+            "peak": baseline + model_peak + slack,
+            "peak_other_ranks": baseline + other_peak + int(CPU_ALLOCATOR_SLACK * other_peak)}
 
 
 def format_cpu_table(cfg: TrainConfig, rows: list[dict]) -> str:
@@ -354,9 +363,9 @@ def format_cpu_table(cfg: TrainConfig, rows: list[dict]) -> str:
 def cpu_peak_per_rank(config: str, overrides: list[str], world_size: int) -> dict:
     """``cpu_rank_bytes`` of a config file with overrides, in GiB (bench/full_size.py's planned column)."""
     result = cpu_rank_bytes(load_config(config, overrides), world_size)
-    return {"peak_gib": round(result["peak"] / GIB, 3),
+    return {"peak_gib": round(result["peak"] / GIB, 3), "phases": {k: round(v / GIB, 3) for k, v in result["phases"].items()},
             **{k: round(v / GIB, 3) if isinstance(v, int) and k not in ("world_size", "zero_stage") else v
-               for k, v in result.items()}}
+               for k, v in result.items() if k != "phases"}}
 
 
 def _row_dict(row: Row, cfg: TrainConfig) -> dict:

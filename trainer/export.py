@@ -266,6 +266,26 @@ def _specs(model: nn.Module) -> dict[str, Spec]:
 def _engine_reader(engine_format: str, path: Path):
     if engine_format == "dcp":
         return lambda group: _read_dcp(path, group)
+    if engine_format == "safetensors":  # a student never trained (run.steps=0 on DeepSpeed)
+        from safetensors import safe_open
+
+        from trainer.engines.base import frozen_student_files
+
+        where = {}
+        for file in frozen_student_files(path):
+            with safe_open(file, "pt") as f:
+                where.update(dict.fromkeys(f.keys(), file))
+
+        def read(group: dict[str, Spec]) -> dict[str, torch.Tensor]:
+            out = {}
+            for name in group:
+                if name not in where:
+                    raise ValueError(f"{path}: the student checkpoint has no tensor {name}")
+                with safe_open(where[name], "pt") as f:
+                    out[name] = f.get_tensor(name)
+            return out
+
+        return read
     if engine_format == "deepspeed":
         from trainer.engines.deepspeed import read_fp32_student
 

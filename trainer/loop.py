@@ -81,6 +81,8 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None, stop: StopSign
             skeletons = build.skeletons()
         with phase("load", enabled=env.is_main):  # shard both skeletons, each rank reads its teacher rows
             engine.setup_sharded(skeletons)
+        if cfg.run.steps == 0 and hasattr(engine, "freeze_student"):
+            engine.freeze_student()  # nothing to train: no optimizer states (DeepSpeed would build them eagerly)
         teacher, student = build.teacher, build.student
         student_layout, teacher_layout = build.student_layout, build.teacher_layout
     else:

@@ -243,11 +243,27 @@ def dcp_load(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> 
         set_model_state_dict(model, state["model"])
 
 
+FROZEN_STUDENT_FILE = "student-{:05d}.safetensors"
+"""Where an engine that builds no optimizer (run.steps=0) writes the student: fp32, whole, in chunks."""
+
+
+def frozen_student_files(path: Path) -> list[Path]:
+    """The chunk files of a ``FROZEN_STUDENT_FILE`` checkpoint, in order."""
+    files = sorted(path.glob(FROZEN_STUDENT_FILE.replace("{:05d}", "[0-9]" * 5)))
+    if not files:
+        raise ValueError(f"{path}: no student weights ({FROZEN_STUDENT_FILE.format(0)} ...)")
+    return files
+
+
 def read_student_state(checkpoint_format: str, path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     """The student weights of an engine checkpoint, full, on CPU, without a process group (export).
 
     ``model`` is the unsharded student (head stripped, as trained): it gives the keys and shapes to read.
     """
+    if checkpoint_format == "safetensors":  # a student that was never trained (DeepSpeedEngine.freeze_student)
+        from safetensors.torch import load_file
+
+        return {k: v for f in frozen_student_files(path) for k, v in load_file(f).items()}
     if checkpoint_format == "dcp":
         import torch.distributed.checkpoint as dcp
 
