@@ -153,3 +153,22 @@ def test_budget_refuses_what_it_cannot_measure():
         pruning.Budget(ratio=1.0, min_width=16, max_width=48).candidates(256, 64)
     with pytest.raises(ValueError, match="give a Calibration and calibration images"):
         pruning.prune_to_budget(source, pruning.Budget(ratio=1.0, grid=8), calibration=None, calib_inputs=[])
+
+
+def test_weightings_scale_the_same_curves_and_block_is_the_default():
+    """``block`` is ``none`` over one number per block; ``token`` weighs tokens by their own norm."""
+    model, shape, _ = tiny_model("timm_vit")
+    model.eval()
+    curves = {}
+    for weighting in ("none", "block", "token"):
+        plan = pruning.plan_widths(pruning.ModelSource(model), pruning.Budget(1.0, grid=8, weighting=weighting),
+                                   calibration=pruning.Calibration(), calib_inputs=_images(shape))
+        curves[weighting] = plan.summary["curves"]
+        assert plan.summary["weighting"] == weighting
+    for path, none in curves["none"].items():
+        ratios = [a / b for a, b in zip(none["errors"], curves["block"][path]["errors"], strict=True)]
+        assert max(ratios) == pytest.approx(min(ratios), rel=1e-9) and ratios[0] > 1
+        assert curves["token"][path]["errors"] != pytest.approx(curves["block"][path]["errors"], rel=1e-3)
+    assert pruning.Budget(1.0).weighting == "block"
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        pruning.Budget(1.0, weighting="mean")
