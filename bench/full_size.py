@@ -92,7 +92,7 @@ class Size:
 # EVA through open_clip is a timm trunk whose input size open_clip does not pass on (3.3.0): it runs at its
 # native 224 px, with 8 calibration pictures (2056 tokens, as many as 32 pictures at 112 px).
 FULL = Size(eva="EVA02-E-14-plus", vitg="ViT-g-14-112", eva_px=224, image_px=112, ratio=1.0, calib_images=8,
-            train_images=64, batch_per_rank=2, steps=10, save_every=5, kill_after_step=7, eva_whole_clip=False)
+            train_images=64, batch_per_rank=2, steps=6, save_every=3, kill_after_step=4, eva_whole_clip=False)
 TINY = Size(eva="ViT-Tiny-8", vitg="ViT-Tiny-8", eva_px=32, image_px=32, ratio=0.5, calib_images=32, train_images=64,
             batch_per_rank=4, steps=30, save_every=15, kill_after_step=18, eva_whole_clip=True)
 
@@ -158,6 +158,36 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def _tree(root: int) -> list[int]:
+    """``root`` and its descendants, parents first."""
+    seen = [root]
+    i = 0
+    while i < len(seen):
+        seen.extend(_children(seen[i]))
+        i += 1
+    return seen
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILL ``root`` and every descendant, each by its PID: torchrun starts each rank in a session of its
+    own, so killing torchrun's process group leaves the ranks running."""
+    for pid in _tree(root):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _pss_anon(pid: int) -> int:
+    """Proportional anonymous memory: a data-loader worker forked from a rank shares its pages copy-on-write,
+    and RssAnon would count them once per process."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss_Anon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def _rank_of(pid: int) -> int | None:
     try:
         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -171,7 +201,7 @@ def _rank_of(pid: int) -> int | None:
 
 @dataclass
 class Watch:
-    """RssAnon samples of each rank process (or of a single process: rank 0) and of the whole tree."""
+    """RssAnon samples of each rank process (or of a single process: rank 0) and the peak Pss_Anon of the tree."""
 
     samples: dict[int, list[tuple[float, int]]] = field(default_factory=dict)
     rank_pids: dict[int, int] = field(default_factory=dict)
@@ -182,17 +212,13 @@ class Watch:
 def _poll(root: int, torchrun: bool, watch: Watch, stop: threading.Event, limit: int) -> None:
     while not stop.is_set():
         now = time.time()
-        tree, seen = 0, [root]
-        i = 0
-        while i < len(seen):
-            seen.extend(_children(seen[i]))
-            i += 1
+        tree, seen = 0, _tree(root)
         for pid in seen:
             try:
                 anon = int(_status(pid).get("RssAnon", "0 kB").split()[0]) * 1024
+                tree += _pss_anon(pid)
             except (FileNotFoundError, ProcessLookupError, ValueError):
                 continue
-            tree += anon
             if torchrun:
                 rank = next((r for r, p in watch.rank_pids.items() if p == pid), None)
                 if rank is None and pid in _children(root):
@@ -206,20 +232,17 @@ def _poll(root: int, torchrun: bool, watch: Watch, stop: threading.Event, limit:
         watch.tree_peak = max(watch.tree_peak, tree)
         if tree > limit and not watch.guard_tripped:
             watch.guard_tripped = True
-            os.killpg(root, signal.SIGKILL)  # the run's own process group (start_new_session)
+            kill_tree(root)
         stop.wait(0.2)
 
 
 LIVE: set[int] = set()
-"""Process groups of the children running now: a stopped benchmark kills them (they are in their own sessions)."""
+"""The children running now: a stopped benchmark kills them and their descendants."""
 
 
 def _kill_live(signum: int, _frame: object) -> None:
-    for pgid in list(LIVE):
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    for pid in list(LIVE):
+        kill_tree(pid)
     raise SystemExit(128 + signum)
 
 
@@ -256,17 +279,16 @@ class Launch:
         return code
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_tree(self.proc.pid)
 
     def peaks(self, windows: dict[str, tuple[float, float]] | None = None) -> dict:
         """Peak RssAnon (GiB) per rank overall and per phase window."""
-        out: dict = {"peak_rss_anon_gib": {}, "tree_peak_rss_anon_gib": round(self.watch.tree_peak / GIB, 3)}
+        out: dict = {"peak_rss_anon_gib": {}, "tree_peak_pss_anon_gib": round(self.watch.tree_peak / GIB, 3)}
         for rank, samples in sorted(self.watch.samples.items()):
             out["peak_rss_anon_gib"][rank] = round(max(v for _, v in samples) / GIB, 3)
         if windows:
+            if "resume" in windows:  # the training steps (with their saves): from the resume to the exit
+                windows["train"] = (windows["resume"][1], self.end)
             out["phases"] = {}
             for name, (a, b) in windows.items():
                 per_rank = {}
@@ -319,16 +341,29 @@ def predicted(args: list[str]) -> dict:
 
 # ---------------------------------------------------------------------------------------------- EVA part
 
-def eva_part(size: Size, tmp: Path, engines: list[str], limit: int) -> dict:
+def eva_part(size: Size, tmp: Path, engines: list[str], limit: int, reuse: Path | None = None) -> dict:
+    """``reuse``: a folder holding eva.safetensors, calib/ and offline-plain/, offline-comp/ of an earlier
+    invocation (hard links of its files): the checkpoint, pictures and offline prunes are not made again."""
+    if reuse is not None:
+        for name in ("eva.safetensors", "calib", "offline-plain", "offline-comp"):
+            os.link(reuse / name, tmp / name) if name.endswith(".safetensors") else \
+                shutil.copytree(reuse / name, tmp / name, copy_function=os.link)
     ckpt = tmp / "eva.safetensors"
-    written = write_random_checkpoint(size.eva, ckpt, whole_clip=size.eva_whole_clip)
-    print(f"eva: wrote {written['bytes'] / GIB:.2f} GiB in {written['seconds']} s", flush=True)
-    shards_txt, tars = make_shards(tmp / "calib", size.calib_images, size.eva_px, size.calib_images // 2)
+    if reuse is None:
+        written = write_random_checkpoint(size.eva, ckpt, whole_clip=size.eva_whole_clip)
+        print(f"eva: wrote {written['bytes'] / GIB:.2f} GiB in {written['seconds']} s", flush=True)
+        shards_txt, tars = make_shards(tmp / "calib", size.calib_images, size.eva_px, size.calib_images // 2)
+    else:
+        written = {"reused_from": str(reuse), "bytes": ckpt.stat().st_size}
+        shards_txt, tars = tmp / "calib" / "shards" / "shards.txt", sorted(str(p) for p in (tmp / "calib" / "shards").glob("*.tar"))
     per_rank = size.calib_images // 2
     model_config = OPEN_CLIP_CONFIGS / f"{size.eva}.json"  # a repo config (tiny); else open_clip's own
     offline = {}
     for comp in (False, True):
         out = tmp / f"offline-{'comp' if comp else 'plain'}"
+        if reuse is not None:
+            offline[comp] = (out, {"reused_from": str(reuse)})
+            continue
         cmd = [sys.executable, "-m", "pruning", "prune", "--model", size.eva, "--checkpoint", str(ckpt),
                "--ratio", str(size.ratio), "--out", str(out), "--quiet"]
         if model_config.is_file():
@@ -356,7 +391,12 @@ def eva_part(size: Size, tmp: Path, engines: list[str], limit: int) -> dict:
                 row["export"] = run_single([sys.executable, "-m", "trainer", "export", str(run_dir), "--out", str(out)],
                                            tmp / f"{name}-export.log", limit, 3600)
                 row["versus_offline"] = compare(out, run_dir, *offline[comp][:1], exact=not comp)
-                shutil.rmtree(out)
+                if row["versus_offline"]["shape_mismatches"]:
+                    kept = tmp.parent / f"kept-{tmp.name}-{out.name}"
+                    out.rename(kept)  # outside the temporary folder, named in the results, for inspection
+                    row["kept_for_inspection"] = str(kept)
+                else:
+                    shutil.rmtree(out)
             shutil.rmtree(run_dir, ignore_errors=True)
             print_row(row)
             rows.append(row)
@@ -391,6 +431,7 @@ def compare(export: Path, run_dir: Path, offline: Path, *, exact: bool) -> dict:
     theirs = json.loads((offline / "pruning_report.json").read_text())["sites"]
     same_kept = [a["kept"] for a in mine] == [b["kept"] for b in theirs]
     worst, worst_key, worst_rel, differing, keys = 0.0, None, 0.0, 0, 0
+    shapes: list[tuple[str, list[int], list[int]]] = []
     with safe_open(_weights(export), "pt") as a, safe_open(_weights(offline), "pt") as b:
         prefix = "visual." if any(k.startswith("visual.") for k in b.keys()) else ""
         names = [k for k in b.keys() if k.startswith(prefix)]
@@ -402,8 +443,8 @@ def compare(export: Path, run_dir: Path, offline: Path, *, exact: bool) -> dict:
             keys += 1
             if x.shape != y.shape:
                 differing += 1
-                worst = float("inf")
-                worst_key = key
+                worst, worst_key = float("inf"), key
+                shapes.append((key, list(x.shape), list(y.shape)))
                 continue
             diff = float((x - y).abs().max()) if x.numel() else 0.0
             if diff > 0:
@@ -413,7 +454,7 @@ def compare(export: Path, run_dir: Path, offline: Path, *, exact: bool) -> dict:
                 worst, worst_key = diff, key
     return {"same_kept_indices": same_kept, "tensors_compared": keys, "missing_in_export": missing,
             "tensors_differing": differing, "max_abs_diff": worst, "max_abs_diff_tensor": worst_key,
-            "max_diff_relative_to_tensor_max": worst_rel,
+            "max_diff_relative_to_tensor_max": worst_rel, "shape_mismatches": shapes[:4],
             "equal": same_kept and not missing and differing == 0 if exact else None}
 
 
@@ -532,6 +573,44 @@ def print_row(row: dict) -> None:
             print(f"    {key}: {value}", flush=True)
 
 
+def markdown_table(results: dict) -> str:
+    """Every row of a results file: phase times and peak RssAnon per rank, with the planner's peak per rank."""
+    lines = ["| model | engine | run | phase | time s | peak RssAnon GiB rank 0 / 1 | planned GiB rank 0 / others "
+             "| measured / planned |", "|---|---|---|---|---:|---|---|---:|"]
+
+    def pair(values: dict) -> str:
+        return " / ".join(f"{v:.2f}" if v is not None else "-" for _, v in sorted(values.items()))
+
+    for part in ("eva", "vitg"):
+        for row in (results.get(part) or {}).get("rows", []):
+            run = row.get("run", "")
+            if part == "eva":
+                run = "steps=0" + (" + compensation" if row.get("compensation") else "")
+            plan = row.get("planned_peak_rss_anon_gib") or {}
+            if plan:
+                plan.setdefault("peak_other_ranks", plan["peak_gib"])
+            planned = f"{plan['peak_gib']:.2f} / {plan['peak_other_ranks']:.2f}" if plan else "-"
+            for name, ph in (row.get("phases") or {}).items():
+                if "#" in name or name in ("init", "resume"):
+                    continue
+                lines.append(f"| {row['model']} | {row['engine']} | {run} | {name} | {ph['seconds']:.1f} | "
+                             f"{pair(ph['peak_rss_anon_gib'])} | | |")
+            peaks = row.get("peak_rss_anon_gib") or {}
+            ratio = ""
+            if plan and peaks:
+                want = {k: plan["peak_gib"] if str(k) == "0" else plan["peak_other_ranks"] for k in peaks}
+                ratio = " / ".join(f"{peaks[k] / want[k]:.2f}" for k in sorted(peaks))
+            status = "" if row.get("exit_code") == 0 else f" (exit {row.get('exit_code')}" + \
+                (", memory guard" if row.get("memory_guard_tripped") else "") + ")"
+            lines.append(f"| {row['model']} | {row['engine']} | {run} | **whole run**{status} | "
+                         f"{row.get('wall_seconds', 0):.1f} | **{pair(peaks)}** | {planned} | {ratio} |")
+            if "export" in row and "seconds" in row["export"]:
+                ex = row["export"]
+                lines.append(f"| {row['model']} | {row['engine']} | {run} | export (1 process) | {ex['seconds']:.1f} | "
+                             f"{pair(ex['peak_rss_anon_gib'])} | | |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the same sequence on ViT-Tiny-8 (minutes)")
@@ -539,9 +618,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES))
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--out", type=Path, default=None, help=f"results JSON (default {RESULTS}; --tiny: required)")
+    parser.add_argument("--reuse-eva", type=Path, default=None,
+                        help="folder with eva.safetensors, calib/, offline-plain/, offline-comp/ of an earlier run")
+    parser.add_argument("--table", type=Path, default=None, help="print the markdown table of a results file and exit")
     parser.add_argument("--max-rss-gib", type=float, default=19.0,
                         help="kill a run whose processes together hold more anonymous memory than this")
     args = parser.parse_args(argv)
+    if args.table is not None:
+        print(markdown_table(json.loads(args.table.read_text())))
+        return 0
     if args.tiny and (args.out is None or args.out.resolve() == RESULTS.resolve()):
         parser.error("--tiny needs --out elsewhere than the full-size results")
     out = args.out or RESULTS
@@ -558,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     try:
         if "eva" in args.only:
-            results["eva"] = eva_part(size, tmp, args.engines, limit)
+            results["eva"] = eva_part(size, tmp, args.engines, limit, args.reuse_eva)
         if "vitg" in args.only:
             results["vitg"] = vitg_part(size, tmp, args.engines, limit)
     finally:

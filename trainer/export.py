@@ -138,8 +138,12 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, overwrite:
     teacher = _teacher_reader(cfg)
     try:
         # The rest of a whole CLIP (text tower, logit scale, projections) comes from the teacher unchanged.
-        rest = [] if cfg.model.family == TIMM or visual_only else [
-            k for k in teacher.keys() if not k.startswith("visual.")]
+        keys = list(teacher.keys())
+        # A tower-only teacher file has no "visual." keys: all of it is the tower, none of it the rest of a CLIP
+        # (before this check such an export carried the whole teacher tower again under its bare names).
+        whole_clip = any(k.startswith("visual.") for k in keys)
+        rest = [] if cfg.model.family == TIMM or visual_only or not whole_clip else [
+            k for k in keys if not k.startswith("visual.")]
         if cfg.model.family != TIMM:
             config_name, config, claimed = export_configs(arch, widths, visual_only=not rest)
             weights = OPEN_CLIP_WEIGHTS if rest else OPEN_CLIP_VISUAL_WEIGHTS

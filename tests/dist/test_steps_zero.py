@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "experiments" / "tiny_open_clip_fsdp.yaml"
 MODEL_CONFIG = REPO / "configs" / "open_clip" / "ViT-Tiny-8.json"
 WEIGHTS = "open_clip_model.safetensors"
+VISUAL_WEIGHTS = "open_clip_visual.safetensors"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -79,3 +80,25 @@ def test_compensated_prune_only_run_exports_a_refitted_student(tmp_path: Path, o
     fc1 = [k for k in plain if k.startswith("visual.") and k.endswith("mlp.c_fc.weight")]
     assert all(torch.equal(got[k], plain[k]) for k in fc1)  # the same kept units
     assert all(torch.equal(got[k], plain[k]) for k in plain if not k.startswith("visual."))  # the text tower
+
+
+def test_tower_only_teacher_file_exports_the_tower_alone(tmp_path: Path) -> None:
+    """A teacher file of the image tower alone (no ``visual.`` keys) is no whole CLIP: the export is the pruned
+    tower, equal to the offline prune of that file, without the teacher's tower copied in again under its bare
+    names (found at full size: EVA02-E-14-plus exported 13.65 GB instead of 4.95; issue 20)."""
+    torch.manual_seed(5)
+    tower = open_clip.create_model("ViT-Tiny-8", pretrained=None).visual
+    ckpt = tmp_path / "tower.safetensors"
+    save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, ckpt)
+    run(sys.executable, "-m", "pruning", "prune", "--model", "ViT-Tiny-8", "--model-config", str(MODEL_CONFIG),
+        "--checkpoint", str(ckpt), "--ratio", "0.5", "--out", str(tmp_path / "offline"), "--quiet")
+    want = load_file(tmp_path / "offline" / VISUAL_WEIGHTS)
+    run_dir = tmp_path / "run"
+    run(str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2", "-m", "trainer",
+        str(CONFIG), f"run.dir={run_dir}", "run.steps=0", f"model.pretrained={ckpt}", "prune.in_engine=true",
+        "prune.ratio=0.5")
+    run(sys.executable, "-m", "trainer", "export", str(run_dir), "--out", str(tmp_path / "export"))
+    assert sorted(p.name for p in (tmp_path / "export").glob("*.safetensors")) == [VISUAL_WEIGHTS]
+    got = load_file(tmp_path / "export" / VISUAL_WEIGHTS)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], v) for k, v in want.items())

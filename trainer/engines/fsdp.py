@@ -125,7 +125,13 @@ class FsdpEngine:
         return local_numel(self.teacher_model), local_numel(self.student_model)
 
     def teacher_module(self) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
-        return self.teacher_model, self.teacher
+        def forward(images: torch.Tensor) -> object:
+            # Under the engine's autocast, as in training: with bf16 parameters an fp32 buffer (timm Eva's
+            # k_bias in the qkv bias) otherwise meets them in one op and the calibration forward fails.
+            with self.autocast():
+                return self.teacher(images)
+
+        return self.teacher_model, forward
 
     def student(self, images: torch.Tensor) -> object:
         return self.student_model(images.to(self.env.device, non_blocking=True))
