@@ -329,7 +329,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tools.demo import BALANCE_PREFIX, CALIB_MODE, CONFIG, FULL, RIDGE, TINY, check_inputs
+    from tools.demo import BALANCE_PREFIX, CALIB_MODE, CONFIG, FULL, RIDGE, TINY, check_inputs, data_overrides
     from trainer.cli import load_config
 
     args = parse_args(argv)
@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for objective in args.objectives:  # a bad override fails here, not after an hour of other rows
         try:
-            load_config(CONFIG, [f"data.shards={ctx['train_list']}", *row_overrides(objective, ctx, args)])
+            load_config(CONFIG, [*data_overrides(ctx["train_list"]), *row_overrides(objective, ctx, args)])
         except (ValueError, FileNotFoundError) as err:
             print(f"error: {objective}: {err}", file=sys.stderr)
             return 2

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import hashlib
 import itertools
 import json
 import os
@@ -57,9 +59,9 @@ from torch import nn  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "recovery.json"
-CALIB_PICTURES = 32  # taylor scores and teacher-mode compensation, as recovery.json was measured
+CALIB_PICTURES = 32  # taylor scores, as recovery.json was measured
 METHODS = ("diversity", "l2", "random", "taylor")
-COMPENSATE = ("none", "teacher")
+COMPENSATE = ("none", "teacher", "output")
 ROW_KEYS = ("name", "method", "ratio", "compensate", "set")
 TAYLOR_BATCH = 8
 
@@ -166,7 +168,7 @@ def taylor_scores(teacher: nn.Module, calib: torch.Tensor) -> dict[str, torch.Te
 def expected_widths(teacher: nn.Module, ratio: float) -> tuple[int, ...]:
     import pruning
 
-    return tuple(pruning.num_keep_for_ratio(s.width, ratio, s.hidden) for s in pruning.find_mlp_sites(teacher))
+    return tuple(pruning.keep_counts(pruning.find_mlp_sites(teacher), ratio).values())
 
 
 def restore_full_size(full: nn.Module, init_small: nn.Module, trained_small: nn.Module) -> nn.Module:
@@ -195,31 +197,42 @@ def metrics(row) -> dict[str, float]:
             "patch_cosine": row.patch_cosine}
 
 
-def run_row(spec: RowSpec, ctx: dict, args: argparse.Namespace) -> dict:
-    """Prune, evaluate, distil, evaluate one row; returns its JSON record."""
-    from tools.demo import (
-        STUDENT_FILE,
-        evaluate,
-        launch_training,
-        load_recovered,
-        log,
-        mlp_widths,
-        param_count,
-        pruned_copy,
-        read_curves,
-        save_student,
-    )
-    from tools.demo import knn_eval_model as resized
+def prepare_start(spec: RowSpec, seed: int, ctx: dict, args: argparse.Namespace) -> dict:
+    """The row's student before distillation and its evaluation, shared by the rows with the same start.
 
+    A start is (method, ratio, compensation, and the seed for ``random``, whose draw it sets); the others are
+    deterministic, so their seeds share one start."""
+    from tools.demo import evaluate, mlp_widths, pruned_copy, save_student
+
+    key = (spec.method, spec.ratio, spec.compensate, seed if spec.method == "random" else 0)
+    if key in ctx["starts"]:
+        return ctx["starts"][key]
     teacher, sizes = ctx["teacher"], ctx["sizes"]
+    # Starts are cached on disk (weights and evaluation) for the same calibration, so later runs and runs side
+    # by side reuse them; the recipe is part of the file name.
+    tag = hashlib.sha1(json.dumps([key, ctx["calib_recipe"], asdict(sizes)]).encode()).hexdigest()[:12]
+    cache = ctx["work"] / "recovery" / "starts" / f"{spec.method}-r{spec.ratio:g}-{spec.compensate}-s{key[3]}-{tag}"
+    if (cache / "start.json").is_file():
+        from safetensors.torch import load_file
+
+        from tools.report import ModelRow
+
+        record = json.loads((cache / "start.json").read_text())
+        student = pruned_copy(teacher, spec.ratio, "l2")  # the shapes; the weights are the cached ones
+        student.load_state_dict(load_file(str(cache / "student.safetensors")), strict=True)
+        start = {"student": student.eval(), "widths": tuple(record["widths"]), "before": ModelRow(**record["before"]),
+                 "prune_s": record["prune_s"], "eval_s": record["eval_s"]}
+        ctx["starts"][key] = start
+        return start
     t0 = time.perf_counter()
     scores = None
     if spec.method == "taylor":
         if "taylor" not in ctx:  # independent of the ratio: computed once per run
-            ctx["taylor"] = taylor_scores(teacher, ctx["calib"])
+            ctx["taylor"] = taylor_scores(teacher, ctx["calib"][:CALIB_PICTURES])
         scores = ctx["taylor"]
-    student = pruned_copy(teacher, spec.ratio, spec.method, scores=scores,
-                          compensate_on=ctx["calib"] if spec.compensate == "teacher" else None, mode="teacher")
+    student = pruned_copy(teacher, spec.ratio, spec.method, scores=scores, seed=key[3],
+                          compensate_on=ctx["calib"] if spec.compensate != "none" else None,
+                          mode=spec.compensate if spec.compensate != "none" else "output")
     # The trainer rebuilds the student as prune.method=diversity at the same ratio and loads these weights
     # strictly (prune.student_init); that is valid for every method because the kept count per block is
     # int(r * width) whatever the method (pruning.num_keep_for_ratio). Checked, not assumed:
@@ -227,40 +240,101 @@ def run_row(spec: RowSpec, ctx: dict, args: argparse.Namespace) -> dict:
     if widths != expected_widths(teacher, spec.ratio):
         raise AssertionError(f"{spec.name}: widths {widths} differ from the ratio's {expected_widths(teacher, spec.ratio)}")
     prune_s = time.perf_counter() - t0
-
     t1 = time.perf_counter()
-    before = evaluate(f"{spec.name} pruned", student, ctx["heldout"], ctx["fmnist"], ctx["teacher_feats"], sizes)[0]
-    eval_before_s = time.perf_counter() - t1
+    before = evaluate(f"{spec.name} start", student, ctx["heldout"], ctx["fmnist"], ctx["teacher_feats"], sizes)[0]
+    start = {"student": student, "widths": widths, "before": before, "prune_s": prune_s,
+             "eval_s": time.perf_counter() - t1}
+    ctx["starts"][key] = start
+    save_student(student, cache / "student.safetensors")
+    (cache / "start.json").write_text(json.dumps({"key": list(key), "widths": list(widths),
+                                                  "before": asdict(before), "prune_s": prune_s,
+                                                  "eval_s": start["eval_s"]}))
+    return start
 
-    row_dir = ctx["work"] / "recovery" / spec.name
+
+def run_row(spec: RowSpec, seed: int, ctx: dict, args: argparse.Namespace) -> dict:
+    """Prune (or reuse the start), evaluate, distil with ``run.seed=seed``, evaluate one row; its JSON record."""
+    from tools.demo import (
+        evaluate,
+        launch_training,
+        load_recovered,
+        log,
+        param_count,
+        read_curves,
+        save_student,
+    )
+    from tools.demo import knn_eval_model as resized
+
+    sizes = ctx["sizes"]
+    t0 = time.perf_counter()
+    start = prepare_start(spec, seed, ctx, args)
+    student = start["student"]
+    row_dir = ctx["work"] / "recovery" / f"{spec.name}-s{seed}"
     small = resized(student, args.train_image_size)  # the same model at the training size
     init = save_student(small, row_dir / "student_init.safetensors")
     run_dir = row_dir / "run"
-    overrides = [f"prune.ratio={spec.ratio:g}", "prune.method=diversity", *ctx["train_overrides"], *spec.overrides]
-    train_s = launch_training(run_dir, ctx["train_list"], args.steps, 1, args.batch_size, init, overrides,
+    overrides = [f"prune.ratio={spec.ratio:g}", "prune.method=diversity", f"run.seed={seed}",
+                 *ctx["train_overrides"], *spec.overrides]
+    train_s = launch_training(run_dir, ctx["train_data"], args.steps, 1, args.batch_size, init, overrides,
                               threads=args.threads)
 
     t2 = time.perf_counter()
-    trained = load_recovered(small, run_dir / STUDENT_FILE)
+    trained = load_recovered(small, run_dir)  # the trainer's own checkpoint
     recovered = trained if small is student else restore_full_size(student, small, trained)
-    after = evaluate(f"{spec.name} recovered", recovered, ctx["heldout"], ctx["fmnist"], ctx["teacher_feats"],
-                     sizes)[0]
+    after = evaluate(f"{spec.name} s{seed} recovered", recovered, ctx["heldout"], ctx["fmnist"],
+                     ctx["teacher_feats"], sizes)[0]
     eval_after_s = time.perf_counter() - t2
     curves = read_curves(run_dir)
     total = curves.get("loss/total", ([], []))[1]
     if not args.keep_runs:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # ~130 MB per row of optimizer state
     record = {
-        **asdict(spec), "overrides": list(spec.overrides), "mlp_widths": list(widths),
+        **asdict(spec), "seed": seed, "overrides": list(spec.overrides), "mlp_widths": list(start["widths"]),
         "params": param_count(student),
-        "pruned": metrics(before), "recovered": metrics(after),
+        "pruned": metrics(start["before"]), "recovered": metrics(after),
         "loss_first": total[0] if total else None, "loss_last": total[-1] if total else None,
-        "seconds": {"prune": round(prune_s, 1), "eval_pruned": round(eval_before_s, 1), "train": round(train_s, 1),
-                    "eval_recovered": round(eval_after_s, 1), "row": round(time.perf_counter() - t0, 1)},
+        "seconds": {"prune": round(start["prune_s"], 1), "eval_pruned": round(start["eval_s"], 1),
+                    "train": round(train_s, 1), "eval_recovered": round(eval_after_s, 1),
+                    "row": round(time.perf_counter() - t0, 1)},
     }
-    log(f"row {spec.name}: {time.perf_counter() - t0:.0f} s (prune {prune_s:.0f}, eval {eval_before_s:.0f} + "
-        f"{eval_after_s:.0f}, train {train_s:.0f})")
+    log(f"row {spec.name} seed {seed}: {time.perf_counter() - t0:.0f} s (train {train_s:.0f}, "
+        f"eval {eval_after_s:.0f})")
     return record
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and sample sd over the seeds of each row name (sd 0 for one seed), in first-seen order."""
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    out = []
+    for name in names:
+        group = [r for r in rows if r["name"] == name]
+        summary = {"name": name, "method": group[0]["method"], "compensate": group[0]["compensate"],
+                   "seeds": [r.get("seed", 0) for r in group]}
+        for when in ("pruned", "recovered"):
+            summary[when] = {}
+            for metric in group[0][when]:
+                values = torch.tensor([r[when][metric] for r in group], dtype=torch.float64)
+                sd = float(values.std()) if len(values) > 1 else 0.0
+                summary[when][metric] = [float(values.mean()), sd]
+        out.append(summary)
+    return out
+
+
+def markdown_summary(summary: list[dict]) -> str:
+    """Mean +- sd over seeds: start -> recovered for each metric."""
+    def pm(x: list[float], pct: bool) -> str:
+        return f"{100 * x[0]:.1f} +- {100 * x[1]:.1f}" if pct else f"{x[0]:.4f} +- {x[1]:.4f}"
+
+    lines = ["| row | seeds | kNN % start | kNN % recovered | linear % start | linear % recovered | "
+             "CLS cos start | CLS cos recovered | patch cos start | patch cos recovered |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for s in summary:
+        p, q = s["pruned"], s["recovered"]
+        lines.append(f"| {s['name']} | {','.join(map(str, s['seeds']))} | {pm(p['knn_top1'], True)} | "
+                     f"{pm(q['knn_top1'], True)} | {pm(p['linear_top1'], True)} | {pm(q['linear_top1'], True)} | "
+                     f"{pm(p['cls_cosine'], False)} | {pm(q['cls_cosine'], False)} | {pm(p['patch_cosine'], False)} | "
+                     f"{pm(q['patch_cosine'], False)} |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- table
@@ -282,7 +356,7 @@ def markdown(teacher: dict, rows: list[dict], steps: int, batch: int, size: int)
         p, q = r["pruned"], r["recovered"]
         loss = f"{r['loss_first']:.3g} -> {r['loss_last']:.3g}" if r["loss_first"] is not None else "-"
         lines.append(
-            f"| {r['name']} | {r['method']} | {r['ratio']:g} | {r['compensate']} | {r['mlp_widths'][0]} | "
+            f"| {r['name']}{'' if r.get('seed') is None else ' s' + str(r['seed'])} | {r['method']} | {r['ratio']:g} | {r['compensate']} | {r['mlp_widths'][0]} | "
             f"{_pct(p['knn_top1'])} | {_pct(q['knn_top1'])} | {_pct(p['linear_top1'])} | {_pct(q['linear_top1'])} | "
             f"{p['cls_cosine']:.4f} | {q['cls_cosine']:.4f} | {p['patch_cosine']:.4f} | {q['patch_cosine']:.4f} | "
             f"{loss} | {r['seconds']['row']:.0f} |")
@@ -304,11 +378,11 @@ def merge_results(paths: list[Path]) -> dict:
             if part.get(key) != first.get(key):
                 raise ValueError(f"--merge: {path} has another {key!r} than {paths[0]}")
     rows = [r for part in parts for r in part["rows"]]
-    names = [r["name"] for r in rows]
+    names = [(r["name"], r.get("seed", 0)) for r in rows]
     if len(set(names)) != len(names):
         raise ValueError(f"--merge: repeated row names {sorted(n for n in set(names) if names.count(n) > 1)}")
     rows.sort(key=lambda r: (bool(r["overrides"]), r["compensate"] != "none", r["ratio"], METHODS.index(r["method"])))
-    return {**first, "rows": rows, "command": [part["command"] for part in parts],
+    return {**first, "rows": rows, "summary": summarise(rows), "command": [part["command"] for part in parts],
             "seconds": max(part.get("seconds", 0.0) for part in parts),
             "merged_from": [str(p) for p in paths]}
 
@@ -328,6 +402,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="trainer override for every row (repeatable)")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per row (the budget)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="each row runs once per seed (run.seed: data order and augmentation; random's draw)")
+    parser.add_argument("--data", choices=("mix", "clipart"), default="mix",
+                        help="training stream: the demo's clip art + Fashion-MNIST mix, or clip art alone")
+    parser.add_argument("--calib-images", type=int, default=128,
+                        help="calibration pictures of the compensation (half clip art, half Fashion-MNIST with "
+                             "--data mix), the first of the training stream")
     parser.add_argument("--batch-size", type=int, default=8, help="images per step (1 rank)")
     parser.add_argument("--train-image-size", type=int, default=112,
                         help="distillation resolution in px, a multiple of 14 (evaluation stays at the demo's)")
@@ -360,14 +441,18 @@ def main(argv: list[str] | None = None) -> int:
     from tools.demo import (
         CONFIG,
         FULL,
+        MIX_WEIGHTS,
         TINY,
+        build_fashion_shards,
         build_shards,
         calibration_images,
         check_inputs,
+        data_overrides,
         evaluate,
         fashion_subset,
         knn_eval_model,
         log,
+        mixed_calibration,
         read_shard_images,
         save_student,
     )
@@ -386,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         budget = result["budget"]
         print(markdown(result["teacher"], result["rows"], budget["steps"], budget["batch_size"],
                        budget["train_image_size"]))
+        print()
+        print(markdown_summary(result["summary"]))
         print(f"\n{len(result['rows'])} rows merged from {len(args.merge)} files; results: {args.results}")
         return 0
     try:
@@ -409,16 +496,27 @@ def main(argv: list[str] | None = None) -> int:
         train_overrides = [f"model.pretrained={teacher_file}", f"model.kwargs.img_size={args.train_image_size}"]
     for spec in args.rows:  # a bad override fails here, not after an hour of other rows
         try:
-            load_config(CONFIG, [f"data.shards={train_list}", f"prune.ratio={spec.ratio:g}", *train_overrides,
+            load_config(CONFIG, [*data_overrides(train_list), f"prune.ratio={spec.ratio:g}", *train_overrides,
                                  *spec.overrides])
         except (ValueError, FileNotFoundError) as err:
             print(f"error: row {spec.name}: {err}", file=sys.stderr)
             return 2
-    ctx = {"work": work, "sizes": sizes, "train_list": train_list, "teacher": teacher,
-           "train_overrides": train_overrides,
-           "heldout": read_shard_images(heldout_shard, sizes.heldout_images),
-           "fmnist": fashion_subset(sizes, args.fashion_mnist),
-           "calib": calibration_images(train_list, min(sizes.calib_images, CALIB_PICTURES))}
+    # The Fashion-MNIST stream is the demo's (outside the demo's full probe sample); rows are evaluated on the
+    # quick probe, a prefix of that sample.
+    probe = fashion_subset(sizes, args.fashion_mnist)
+    fashion_list = build_fashion_shards(work, args.fashion_mnist, sizes, probe["train_index"])
+    quick = dataclasses.replace(sizes, knn_train=sizes.quick_train, knn_test=sizes.quick_test)
+    fmnist = {k: v[: quick.knn_train if k.startswith("train") else quick.knn_test] for k, v in probe.items()}
+    if args.data == "mix":
+        train_data = [(train_list, MIX_WEIGHTS["clipart"]), (fashion_list, MIX_WEIGHTS["fashion"])]
+        calib = mixed_calibration(train_list, fashion_list, args.calib_images)
+    else:
+        train_data = train_list
+        calib = calibration_images(train_list, args.calib_images)
+    ctx = {"work": work, "sizes": quick, "train_data": train_data, "teacher": teacher,
+           "calib_recipe": [args.data, args.calib_images],
+           "train_overrides": train_overrides, "starts": {},
+           "heldout": read_shard_images(heldout_shard, sizes.heldout_images), "fmnist": fmnist, "calib": calib}
     teacher_row, ctx["teacher_feats"], _ = evaluate("teacher", ctx["teacher"], ctx["heldout"], ctx["fmnist"], None,
                                                     sizes)
     result = {
@@ -429,23 +527,30 @@ def main(argv: list[str] | None = None) -> int:
                    "threads": args.threads,
                    "config": str(CONFIG.relative_to(REPO)), "train_image_size": args.train_image_size,
                    "overrides": train_overrides},
-        "eval": {"knn": f"Fashion-MNIST {sizes.knn_train} train / {sizes.knn_test} test at {sizes.knn_image_size} px,"
+        "eval": {"knn": f"Fashion-MNIST {quick.knn_train} train / {quick.knn_test} test at {quick.knn_image_size} px,"
                         " CLS token, k=20; linear probe on the same features",
                  "cosine": f"{sizes.heldout_images} held-out openclipart pictures at 224 px, tokens after the final "
                            "norm"},
         "calibration_images": len(ctx["calib"]),
+        "data": (f"{args.data}: " + (f"openclipart {train_list} and Fashion-MNIST training images outside the probe "
+                                     f"{fashion_list}, weights {MIX_WEIGHTS}" if args.data == "mix" else str(train_list))),
+        "seeds": args.seeds,
         "tiny": args.tiny,
         "teacher": {**metrics(teacher_row), "params": teacher_row.params, "mlp_widths": list(teacher_row.mlp_widths)},
         "rows": [],
         "command": " ".join(["python -m bench.recovery", *map(shlex.quote, argv if argv is not None else sys.argv[1:])]),
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    for i, spec in enumerate(args.rows, 1):
-        log(f"row {i}/{len(args.rows)}: {spec}")
-        result["rows"].append(run_row(spec, ctx, args))
+    runs = [(spec, seed) for seed in args.seeds for spec in args.rows]
+    for i, (spec, seed) in enumerate(runs, 1):
+        log(f"row {i}/{len(runs)}: {spec}, seed {seed}")
+        result["rows"].append(run_row(spec, seed, ctx, args))
+        result["summary"] = summarise(result["rows"])
         result["seconds"] = round(time.perf_counter() - t0, 1)
         args.results.write_text(json.dumps(result, indent=1))
     print(markdown(result["teacher"], result["rows"], args.steps, args.batch_size, args.train_image_size))
+    print()
+    print(markdown_summary(result["summary"]))
     print(f"\n{len(args.rows)} rows in {time.perf_counter() - t0:.0f} s; results: {args.results}")
     return 0
 

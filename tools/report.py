@@ -29,6 +29,10 @@ class ModelRow:
     """Mean cosine of the CLS token to the teacher's on the held-out shard."""
     patch_cosine: float
     """Mean cosine of the patch tokens to the teacher's on the held-out shard."""
+    knn_quick: float | None = None
+    """kNN top-1 on the quick probe (a prefix of the probe's train and test samples), 0-1; None: not measured."""
+    linear_quick: float | None = None
+    """Linear-probe top-1 on the quick probe, 0-1."""
 
 
 def _canvas(title: str) -> tuple[Image.Image, ImageDraw.ImageDraw, ImageFont.ImageFont]:
@@ -111,12 +115,18 @@ def bar_chart(path: Path, title: str, groups: Sequence[str], series: dict[str, S
 
 def markdown_table(rows: Sequence[ModelRow]) -> str:
     """The teacher / pruned / ... table."""
+    quick = any(r.knn_quick is not None for r in rows)
     lines = ["| model | params | MLP hidden per block | kNN top-1 (%) | linear probe top-1 (%) | CLS cosine "
-             "| patch cosine |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+             "| patch cosine |" + (" kNN quick (%) | linear quick (%) |" if quick else ""),
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if quick else "")]
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}"
+
     for r in rows:
         widths = sorted(set(r.mlp_widths))
         width = str(widths[0]) if len(widths) == 1 else f"{min(widths)}-{max(widths)}"
         lines.append(f"| {r.name} | {r.params / 1e6:.2f} M | {width} x {len(r.mlp_widths)} | "
-                     f"{100 * r.knn_top1:.1f} | {100 * r.linear_top1:.1f} | {r.cls_cosine:.4f} | {r.patch_cosine:.4f} |")
+                     f"{100 * r.knn_top1:.1f} | {100 * r.linear_top1:.1f} | {r.cls_cosine:.4f} | {r.patch_cosine:.4f} |"
+                     + (f" {pct(r.knn_quick)} | {pct(r.linear_quick)} |" if quick else ""))
     return "\n".join(lines)

@@ -8,12 +8,13 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
-from safetensors import safe_open
+import yaml
 
-from tools.demo import FASHION_MNIST, OPENCLIPART
+from tools.demo import FASHION_MNIST, OPENCLIPART, TINY
 
 pytestmark = pytest.mark.smoke
 
@@ -42,7 +43,8 @@ def test_tiny_demo_writes_the_report(tmp_path: Path) -> None:
 
     text = report.read_text()
     rows = {m.group(1): m for m in re.finditer(
-        r"^\| (\w+) \| ([\d.]+) M \| (\d+) x 12 \| ([\d.]+) \| ([\d.]+) \| (-?[\d.]+) \| (-?[\d.]+) \|$", text,
+        r"^\| (\w+) \| ([\d.]+) M \| (\d+) x 12 \| ([\d.]+) \| ([\d.]+) \| (-?[\d.]+) \| (-?[\d.]+) \| "
+        r"([\d.]+) \| ([\d.]+) \|$", text,
         re.M)}
     assert set(rows) == {"teacher", "pruned", "recovered"}
     assert rows["teacher"].group(3) == "1536"
@@ -55,16 +57,38 @@ def test_tiny_demo_writes_the_report(tmp_path: Path) -> None:
     for png in ("loss.png", "widths.png", "knn.png", "cosine.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # The trained student saved by the trainer's process: every MLP at 384 hidden units.
+    # The recovered student is the product's export of the trainer's own checkpoint, as a user loads it;
+    # nothing is gathered by hand.
+    from pruning import find_mlp_sites
+    from pruning.export import load_pruned
+    from tools.demo import fashion_subset
+
     run = out / "run"
-    with safe_open(str(run / "student.safetensors"), "pt") as f:
-        fc1 = {k: f.get_slice(k).get_shape() for k in f.keys() if k.endswith("mlp.fc1.weight")}
-    assert len(fc1) == 12 and all(shape == [384, 384] for shape in fc1.values())
+    assert not (run / "student.safetensors").exists()
+    exported = load_pruned(out / "export")
+    assert [s.hidden for s in find_mlp_sites(exported)] == [384] * 12
+    record = json.loads((out / "export" / "config.json").read_text())
+    assert record["dgmr_pruning"]["trainer_step"] == 2
     results = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in results["rows"]] == ["teacher", "pruned", "recovered"]
-    # The table shows what results.json holds: kNN and linear probe in %, one decimal.
+    # The table shows what results.json holds: kNN and linear probe in %, one decimal (probe, quick probe).
     for r in results["rows"]:
         assert f"{100 * r['knn_top1']:.1f}" == rows[r["name"]].group(4)
         assert f"{100 * r['linear_top1']:.1f}" == rows[r["name"]].group(5)
+        assert f"{100 * r['knn_quick']:.1f}" == rows[r["name"]].group(8)
+        assert f"{100 * r['linear_quick']:.1f}" == rows[r["name"]].group(9)
     assert results["notes"]["steps"] == 2
     assert any((run / "tensorboard").glob("events.out.tfevents.*"))
+
+    # The training stream mixed clip art with unlabeled Fashion-MNIST training images, none of them the probe's.
+    sources = yaml.safe_load((run / "config.yaml").read_text())["data"]["sources"]
+    assert [Path(s["shards"]).parent.name for s in sources] == ["train", "fashion"]
+    probe = set(fashion_subset(TINY, FASHION_MNIST)["train_index"].tolist())
+    streamed = []
+    for shard in (out / "shards" / "fashion" / "shards.txt").read_text().split():
+        with tarfile.open(shard) as tar:
+            names = tar.getnames()
+            assert not [n for n in names if n.endswith((".cls", ".txt"))]
+            streamed += [json.loads(tar.extractfile(n).read())["index"] for n in names if n.endswith(".json")]
+    assert len(streamed) == TINY.fmnist_train_images and not probe & set(streamed)
+    assert "Fashion-MNIST" in text and "outside the probe" in text

@@ -77,13 +77,47 @@ def _result(rows: list[str], knn: float = 0.5) -> dict:
             "rows": [_row(name) for name in rows]}
 
 
-def _row(name: str) -> dict:
+def _metrics(knn: float) -> dict:
+    return {"knn_top1": knn, "linear_top1": knn, "cls_cosine": knn, "patch_cosine": knn}
+
+
+def _row(name: str, seed: int = 0, knn: float = 0.5) -> dict:
+    scores = {"seed": seed, "pruned": _metrics(knn), "recovered": _metrics(knn)}
     if name == "custom":
-        return {"name": name, "method": "l2", "ratio": 1.0, "compensate": "none", "overrides": ["optim.base_lr=1"]}
+        return {"name": name, "method": "l2", "ratio": 1.0, "compensate": "none", "overrides": ["optim.base_lr=1"],
+                **scores}
     method, _, rest = name.partition("-r")
     ratio, _, comp = rest.partition("-")
     return {"name": name, "method": method, "ratio": float(ratio), "compensate": "teacher" if comp else "none",
-            "overrides": []}
+            "overrides": [], **scores}
+
+
+def test_seeds_of_a_row_are_summarised_as_mean_and_sample_sd() -> None:
+    from bench.recovery import markdown_summary, summarise
+
+    rows = [_row("l2-r1", 0, 0.5), _row("diversity-r1", 0, 0.7), _row("l2-r1", 1, 0.6), _row("l2-r1", 2, 0.7),
+            _row("diversity-r1", 1, 0.7)]
+    summary = summarise(rows)
+    assert [s["name"] for s in summary] == ["l2-r1", "diversity-r1"]
+    assert summary[0]["seeds"] == [0, 1, 2] and summary[1]["seeds"] == [0, 1]
+    mean, sd = summary[0]["recovered"]["knn_top1"]
+    assert mean == pytest.approx(0.6) and sd == pytest.approx(0.1)  # sample sd of 0.5, 0.6, 0.7
+    assert summary[1]["pruned"]["cls_cosine"] == pytest.approx([0.7, 0.0])
+    table = markdown_summary(summary)
+    assert "| l2-r1 | 0,1,2 | 60.0 +- 10.0 | 60.0 +- 10.0 | 60.0 +- 10.0 |" in table
+
+
+def test_one_row_name_may_repeat_across_seeds_when_merging(tmp_path) -> None:
+    import json
+
+    from bench.recovery import merge_results
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({**_result([]), "rows": [_row("l2-r1", 0, 0.5)]}))
+    b.write_text(json.dumps({**_result([]), "rows": [_row("l2-r1", 1, 0.7)]}))
+    merged = merge_results([a, b])
+    assert [r["seed"] for r in merged["rows"]] == [0, 1]
+    assert merged["summary"][0]["recovered"]["knn_top1"][0] == pytest.approx(0.6)
 
 
 def test_merging_side_by_side_runs_puts_rows_in_grid_order(tmp_path) -> None:
