@@ -278,7 +278,7 @@ def plan(cfg: TrainConfig, world_sizes: list[int], gpu_mem_gib: float,
 CPU_PROCESS_BASELINE = {"fsdp": 0.43 * GIB, "deepspeed": 0.50 * GIB}
 """RssAnon of a rank with nothing built: torch + open_clip + timm (+ deepspeed and its accelerator probe)
 imports, the gloo process group and its buffers, the data loader's first batches."""
-FROZEN_CHUNK_BYTES = 512 * 1024**2
+FROZEN_CHUNK_BYTES = 128 * 1024**2
 """trainer.engines.deepspeed.FROZEN_CHUNK_BYTES: what rank 0 holds while writing an untrained student."""
 CPU_ALLOCATOR_SLACK = 0.05
 """glibc keeps freed blocks of the build and load phases; measured in the tens of percent of nothing
@@ -320,6 +320,7 @@ def cpu_rank_bytes(cfg: TrainConfig, world: int) -> dict:
     rank0_only = 0
     if engine == "deepspeed" and cfg.run.steps == 0:
         # No student engine (DeepSpeedEngine.freeze_student): rank 0 writes the fp32 student in chunks.
+        # The chunk being filled and one gathered parameter.
         rank0_only = min(FROZEN_CHUNK_BYTES, FP32 * student.params) + FP32 * student.block_params
         phases["save"] = teacher_store + student_weights + rank0_only
     elif engine == "deepspeed":

@@ -49,7 +49,7 @@ from trainer.engines.collectives import mean_over_ranks
 
 TAG = "ds"
 UNIVERSAL_TAG = "ds_universal"
-FROZEN_CHUNK_BYTES = 512 * 1024**2
+FROZEN_CHUNK_BYTES = 128 * 1024**2
 
 
 def ds_config(cfg: EngineConfig, optim: OptimConfig, world_size: int, *, stage: int, train: bool) -> dict[str, Any]:
