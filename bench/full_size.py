@@ -92,7 +92,7 @@ class Size:
 # EVA through open_clip is a timm trunk whose input size open_clip does not pass on (3.3.0): it runs at its
 # native 224 px, with 8 calibration pictures (2056 tokens, as many as 32 pictures at 112 px).
 FULL = Size(eva="EVA02-E-14-plus", vitg="ViT-g-14-112", eva_px=224, image_px=112, ratio=1.0, calib_images=8,
-            train_images=64, batch_per_rank=2, steps=6, save_every=3, kill_after_step=4, eva_whole_clip=False)
+            train_images=64, batch_per_rank=2, steps=4, save_every=2, kill_after_step=3, eva_whole_clip=False)
 TINY = Size(eva="ViT-Tiny-8", vitg="ViT-Tiny-8", eva_px=32, image_px=32, ratio=0.5, calib_images=32, train_images=64,
             batch_per_rank=4, steps=30, save_every=15, kill_after_step=18, eva_whole_clip=True)
 
@@ -178,6 +178,19 @@ def kill_tree(root: int) -> None:
             pass
 
 
+MIN_AVAILABLE = {"bytes": 1 * GIB}
+"""The memory guard also stops a run when the machine's MemAvailable falls below this (full size only: a tiny
+run cannot be what exhausts the machine)."""
+
+
+def _mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
 def _pss_anon(pid: int) -> int:
     """Proportional anonymous memory: a data-loader worker forked from a rank shares its pages copy-on-write,
     and RssAnon would count them once per process."""
@@ -230,7 +243,8 @@ def _poll(root: int, torchrun: bool, watch: Watch, stop: threading.Event, limit:
             if rank is not None:
                 watch.samples.setdefault(rank, []).append((now, anon))
         watch.tree_peak = max(watch.tree_peak, tree)
-        if tree > limit and not watch.guard_tripped:
+        # The machine is shared: stop before the kernel's OOM killer picks a process (anyone's) for us.
+        if (tree > limit or _mem_available() < MIN_AVAILABLE["bytes"]) and not watch.guard_tripped:
             watch.guard_tripped = True
             kill_tree(root)
         stop.wait(0.2)
@@ -281,34 +295,30 @@ class Launch:
     def kill(self) -> None:
         kill_tree(self.proc.pid)
 
-    def peaks(self, windows: dict[str, tuple[float, float]] | None = None) -> dict:
-        """Peak RssAnon (GiB) per rank overall and per phase window."""
+    def peaks(self, windows: dict[str, list[tuple[float, float]]] | None = None) -> dict:
+        """Peak RssAnon (GiB) per rank overall and per phase (time summed over a phase's occurrences)."""
         out: dict = {"peak_rss_anon_gib": {}, "tree_peak_pss_anon_gib": round(self.watch.tree_peak / GIB, 3)}
         for rank, samples in sorted(self.watch.samples.items()):
             out["peak_rss_anon_gib"][rank] = round(max(v for _, v in samples) / GIB, 3)
         if windows:
             if "resume" in windows:  # the training steps (with their saves): from the resume to the exit
-                windows["train"] = (windows["resume"][1], self.end)
+                windows["train"] = [(windows["resume"][-1][1], self.end)]
             out["phases"] = {}
-            for name, (a, b) in windows.items():
+            for name, spans in windows.items():
                 per_rank = {}
                 for rank, samples in sorted(self.watch.samples.items()):
-                    inside = [v for t, v in samples if a - 0.25 <= t <= b + 0.25]
+                    inside = [v for t, v in samples if any(a - 0.25 <= t <= b + 0.25 for a, b in spans)]
                     per_rank[rank] = round(max(inside) / GIB, 3) if inside else None
-                out["phases"][name] = {"seconds": round(b - a, 1), "peak_rss_anon_gib": per_rank}
+                out["phases"][name] = {"seconds": round(sum(b - a for a, b in spans), 1), "times": len(spans),
+                                       "peak_rss_anon_gib": per_rank}
         return out
 
 
-def phases_of(log: str) -> dict[str, tuple[float, float]]:
-    """Phase windows from rank 0's lines; a repeated phase (save) spans its first start to its last end."""
-    windows: dict[str, tuple[float, float]] = {}
+def phases_of(log: str) -> dict[str, list[tuple[float, float]]]:
+    """Phase windows from rank 0's lines, by name; a repeated phase (save) has one window per occurrence."""
+    windows: dict[str, list[tuple[float, float]]] = {}
     for name, _, start, end in PHASE.findall(log):
-        a, b = float(start), float(end)
-        if name in windows:
-            windows[name] = (min(windows[name][0], a), max(windows[name][1], b))
-            windows[f"{name}#{sum(k.startswith(name) for k in windows)}"] = (a, b)
-        else:
-            windows[name] = (a, b)
+        windows.setdefault(name, []).append((float(start), float(end)))
     return windows
 
 
@@ -581,6 +591,8 @@ def markdown_table(results: dict) -> str:
     def pair(values: dict) -> str:
         return " / ".join(f"{v:.2f}" if v is not None else "-" for _, v in sorted(values.items()))
 
+    if "invocations" in results:  # several runs of this script gathered in one file, each with its note
+        return "\n\n".join(f"{inv.get('note', '')}\n\n{markdown_table(inv)}" for inv in results["invocations"])
     for part in ("eva", "vitg"):
         for row in (results.get(part) or {}).get("rows", []):
             run = row.get("run", "")
@@ -631,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tiny needs --out elsewhere than the full-size results")
     out = args.out or RESULTS
     size = TINY if args.tiny else FULL
+    if args.tiny:
+        MIN_AVAILABLE["bytes"] = 0
     limit = int(args.max_rss_gib * GIB)
     results: dict = {"size": "tiny" if args.tiny else "full", "settings": vars(size),
                      "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,

@@ -19,6 +19,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
+WORKER_START = "forkserver"
+"""How DataLoader workers start. Not ``fork``: a worker forked from a rank that already holds its model
+shares those pages copy-on-write, and every page the rank then rewrites (parameters, optimizer states)
+stays behind in the worker as a private copy: measured on ViT-g-14 FSDP2 at full size, 1.0 GiB private
+per worker after 3 steps, growing towards the whole rank."""
 WAIT_S = 1.0
 SHM_SHARE = 0.5  # at most this part of the free shared memory goes to the buffers
 SHM_DIR = "/dev/shm"
@@ -53,7 +58,8 @@ class SlotRing:
 
     def new_epoch(self) -> None:
         """Every slot free again (an abandoned epoch may have left some taken); new workers start at 0."""
-        self.free = [multiprocessing.Semaphore(self.slots) for _ in range(len(self._next))]
+        context = multiprocessing.get_context(WORKER_START)
+        self.free = [context.Semaphore(self.slots) for _ in range(len(self._next))]
         self._next = [0] * len(self._next)
 
     def put(self, row: int, images: list[np.ndarray]) -> int:

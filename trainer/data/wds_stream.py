@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .base import Batch, InputSpec
 from .config import DataConfig
 from .decode import SampleDecoder, to_chw
-from .handoff import SlotRing
+from .handoff import WORKER_START, SlotRing
 from .shards import check_rank_share, epoch_order, mix_seed, nth_share, resolve_sources
 from .tar_reader import COUNTER_NAMES, Counters, tar_samples
 
@@ -271,6 +271,7 @@ class WebDatasetStream:
             num_workers=n,
             prefetch_factor=self.cfg.prefetch_batches if n > 0 else None,
             worker_init_fn=ignore_stop_signals if n > 0 else None,
+            multiprocessing_context=WORKER_START if n > 0 else None,
         )
         for images, captions, keys, meta in loader:
             self._items += 1
