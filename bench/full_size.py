@@ -87,14 +87,18 @@ class Size:
     """The interrupted run loses rank 1 to SIGKILL once rank 0 has logged this step (after save_every)."""
     eva_whole_clip: bool
     """Write the EVA teacher as a whole CLIP (True) or as its image tower alone."""
+    data_workers: int
+    """DataLoader workers per rank (0 at full size: each spawned worker costs ~0.3 GiB on a full machine)."""
 
 
 # EVA through open_clip is a timm trunk whose input size open_clip does not pass on (3.3.0): it runs at its
 # native 224 px, with 8 calibration pictures (2056 tokens, as many as 32 pictures at 112 px).
 FULL = Size(eva="EVA02-E-14-plus", vitg="ViT-g-14-112", eva_px=224, image_px=112, ratio=1.0, calib_images=8,
-            train_images=64, batch_per_rank=2, steps=4, save_every=2, kill_after_step=3, eva_whole_clip=False)
+            train_images=64, batch_per_rank=2, steps=4, save_every=2, kill_after_step=3, eva_whole_clip=False,
+            data_workers=0)
 TINY = Size(eva="ViT-Tiny-8", vitg="ViT-Tiny-8", eva_px=32, image_px=32, ratio=0.5, calib_images=32, train_images=64,
-            batch_per_rank=4, steps=30, save_every=15, kill_after_step=18, eva_whole_clip=True)
+            batch_per_rank=4, steps=30, save_every=15, kill_after_step=18, eva_whole_clip=True,
+            data_workers=1)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -178,7 +182,7 @@ def kill_tree(root: int) -> None:
             pass
 
 
-MIN_AVAILABLE = {"bytes": 1 * GIB}
+MIN_AVAILABLE = {"bytes": GIB // 2}
 """The memory guard also stops a run when the machine's MemAvailable falls below this (full size only: a tiny
 run cannot be what exhausts the machine)."""
 
@@ -189,6 +193,14 @@ def _mem_available() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return 1 << 62
+
+
+def _prefer_for_oom_kill(pid: int) -> None:
+    """Should the kernel run out of memory anyway, it kills the benchmark's processes before anyone else's."""
+    try:
+        Path(f"/proc/{pid}/oom_score_adj").write_text("1000")
+    except OSError:
+        pass
 
 
 def _pss_anon(pid: int) -> int:
@@ -220,6 +232,7 @@ class Watch:
     rank_pids: dict[int, int] = field(default_factory=dict)
     tree_peak: int = 0
     guard_tripped: bool = False
+    adjusted: set[int] = field(default_factory=set)
 
 
 def _poll(root: int, torchrun: bool, watch: Watch, stop: threading.Event, limit: int) -> None:
@@ -227,6 +240,9 @@ def _poll(root: int, torchrun: bool, watch: Watch, stop: threading.Event, limit:
         now = time.time()
         tree, seen = 0, _tree(root)
         for pid in seen:
+            if pid not in watch.adjusted:
+                _prefer_for_oom_kill(pid)
+                watch.adjusted.add(pid)
             try:
                 anon = int(_status(pid).get("RssAnon", "0 kB").split()[0]) * 1024
                 tree += _pss_anon(pid)
@@ -340,7 +356,7 @@ def train_args(size: Size, model: str, ckpt: Path, run_dir: Path, engine: str, s
     return [f"run.dir={run_dir}", f"run.steps={steps}", "run.log_every_steps=1", "model.family=open_clip",
             f"model.name={model}", f"model.pretrained={ckpt}", "prune.in_engine=true", f"prune.ratio={size.ratio}",
             *ENGINES[engine], "engine.precision=bf16", "data.kind=webdataset", f"data.shards={shards}",
-            "data.num_workers=1", "data.shuffle_buffer=0", f"optim.batch_size_per_rank={size.batch_per_rank}",
+            f"data.num_workers={size.data_workers}", "data.shuffle_buffer=0", f"optim.batch_size_per_rank={size.batch_per_rank}",
             "checkpoint.every_minutes=0", f"checkpoint.every_steps={size.save_every}", *extra]
 
 
@@ -470,13 +486,17 @@ def compare(export: Path, run_dir: Path, offline: Path, *, exact: bool) -> dict:
 
 # ---------------------------------------------------------------------------------------------- ViT-g part
 
-def tb_losses(run_dir: Path) -> dict[int, float]:
-    """loss/total by step from the run's TensorBoard events (a resumed run's purge applied)."""
+def tb_scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    """``tag`` by step from the run's TensorBoard events (a resumed run's purge applied)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
-    return {e.step: e.value for e in acc.Scalars("loss/total")}
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def tb_losses(run_dir: Path) -> dict[int, float]:
+    return tb_scalars(run_dir, "loss/total")
 
 
 def vitg_part(size: Size, tmp: Path, engines: list[str], limit: int) -> dict:
@@ -491,7 +511,7 @@ def vitg_part(size: Size, tmp: Path, engines: list[str], limit: int) -> dict:
         straight = {**base, "run": "uninterrupted"}
         args = train_args(size, size.vitg, ckpt, straight_dir, engine, shards_txt, size.steps, ["optim.warmup_steps=2"])
         straight.update(train_row(args, tmp / f"{straight_dir.name}.log", limit))
-        straight.update(step_figures(tmp / f"{straight_dir.name}.log", size))
+        straight.update(step_figures(tmp / f"{straight_dir.name}.log", size, straight_dir))
         print_row(straight)
         # The same command, rank 1 killed (SIGKILL) once rank 0 logged kill_after_step, then run again.
         args = train_args(size, size.vitg, ckpt, broken_dir, engine, shards_txt, size.steps, ["optim.warmup_steps=2"])
@@ -500,7 +520,7 @@ def vitg_part(size: Size, tmp: Path, engines: list[str], limit: int) -> dict:
         print_row(killed)
         resumed = {**base, "run": "resumed"}
         resumed.update(train_row(args, tmp / f"{broken_dir.name}.log", limit))
-        resumed.update(step_figures(tmp / f"{broken_dir.name}.log", size))
+        resumed.update(step_figures(tmp / f"{broken_dir.name}.log", size, broken_dir))
         text = (tmp / f"{broken_dir.name}.log").read_text(errors="replace")
         resumed["resumed_from_step"] = size.save_every if f"at step {size.save_every}" in text else None
         if straight["exit_code"] == 0 and resumed["exit_code"] == 0:
@@ -521,12 +541,12 @@ def vitg_part(size: Size, tmp: Path, engines: list[str], limit: int) -> dict:
     return {"checkpoint": written, "rows": rows}
 
 
-def step_figures(log: Path, size: Size) -> dict:
+def step_figures(log: Path, size: Size, run_dir: Path) -> dict:
     steps = STEP.findall(log.read_text(errors="replace"))
     if not steps:
         return {}
-    global_batch = 2 * size.batch_per_rank
-    per_step = [global_batch / float(s[3]) for s in steps]
+    times = tb_scalars(run_dir, "perf/step_time_s")  # the progress line rounds img/s to 0.1
+    per_step = [times[int(s[0])] for s in steps if int(s[0]) in times]
     # The first step of a launch carries warm-up (allocations, first gathers); saves land in their steps.
     steady = per_step[1:] or per_step
     return {"seconds_per_step_median": round(float(np.median(steady)), 2), "seconds_per_step": [round(s, 2) for s in per_step],
@@ -603,7 +623,7 @@ def markdown_table(results: dict) -> str:
                 plan.setdefault("peak_other_ranks", plan["peak_gib"])
             planned = f"{plan['peak_gib']:.2f} / {plan['peak_other_ranks']:.2f}" if plan else "-"
             for name, ph in (row.get("phases") or {}).items():
-                if "#" in name or name in ("init", "resume"):
+                if "#" in name or name in ("init", "resume") or (name == "train" and run.startswith("steps=0")):
                     continue
                 lines.append(f"| {row['model']} | {row['engine']} | {run} | {name} | {ph['seconds']:.1f} | "
                              f"{pair(ph['peak_rss_anon_gib'])} | | |")
