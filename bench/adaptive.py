@@ -66,12 +66,14 @@ def row(ratio: float, kind: str, draw: int, model: torch.nn.Module, evaluate: Ev
             **evaluate(model)}
 
 
-def mean_sd(values: list[float]) -> str:
-    return f"{statistics.mean(values):.4f} +- {statistics.stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+def mean_sd(values: list[float], digits: int = 4) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}"
 
 
 def markdown(rows: list[dict], teacher: dict) -> str:
-    lines = ["| budget r | widths | params | CLS cos | patch cos | kNN top-1 % | draws |", "|---|---|---|---|---|---|---|"]
+    lines = ["| budget r | widths (draw 0) | params | CLS cos | patch cos | kNN top-1 % | draws |", "|---|---|---|---|---|---|---|"]
     lines.append(f"| teacher | 1536 x 12 | {teacher['params']:,} | 1 | 1 | {teacher['knn_top1']:.1f} | |")
     for ratio in sorted({r["ratio"] for r in rows}):
         for kind in ("uniform", "adaptive"):
@@ -79,7 +81,7 @@ def markdown(rows: list[dict], teacher: dict) -> str:
             widths = group[0]["widths"] if kind == "adaptive" else f"{group[0]['widths'][0]} x 12"
             lines.append(f"| {ratio:g} {kind} | {widths} | {group[0]['params']:,} | "
                          f"{mean_sd([r['cls_cosine'] for r in group])} | {mean_sd([r['patch_cosine'] for r in group])} | "
-                         f"{mean_sd([r['knn_top1'] for r in group]).replace('0000', '')} | {len(group)} |")
+                         f"{mean_sd([r['knn_top1'] for r in group], 1)} | {len(group)} |")
     return "\n".join(lines)
 
 
@@ -145,6 +147,28 @@ def distill(teacher: torch.nn.Module, pool: torch.Tensor, evaluate: Evaluator, a
     return result
 
 
+def write_report(rows: list[dict], teacher_row: dict, plans: dict, notes: dict, args: argparse.Namespace) -> int:
+    """Paired differences at the noise ratio into ``notes``, the markdown table and the plots beside ``args.out``."""
+    pairs = [(a, u) for a in rows if a["kind"] == "adaptive" for u in rows
+             if u["kind"] == "uniform" and (u["ratio"], u["draw"]) == (a["ratio"], a["draw"])]
+    noisy = [(a, u) for a, u in pairs if a["ratio"] == args.noise_ratio]
+    metrics = ("cls_cosine", "patch_cosine", "knn_top1")
+    notes["paired_difference_at_noise_ratio"] = {m: mean_sd([a[m] - u[m] for a, u in noisy]) for m in metrics}
+    notes["draw_sd_uniform"] = {m: mean_sd([u[m] for _, u in noisy]) for m in metrics}
+    table = markdown(rows, teacher_row)
+    args.out.with_suffix(".md").write_text(table + "\n\npaired adaptive - uniform at r=" + f"{args.noise_ratio:g} over "
+                                           f"{len(noisy)} draws: {notes['paired_difference_at_noise_ratio']}\n")
+    try:
+        plot(rows, teacher_row["params"], args.out.with_suffix(".png"))
+        width_chart(plans[f"{args.noise_ratio:g}/0"], args.out.with_name(args.out.stem + "_widths.png"))
+    except ImportError:
+        log("matplotlib is not installed (pip install -e '.[bench]'): no plots")
+    print(table)
+    print(f"paired adaptive - uniform at r={args.noise_ratio:g} over {len(noisy)} draws: "
+          f"{notes['paired_difference_at_noise_ratio']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.adaptive", description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0])
@@ -162,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="also distil the uniform and the adaptive student of --noise-ratio (draw 0) this many "
                              "steps each with the demo's trainer recipe, and evaluate both")
     parser.add_argument("--out", type=Path, default=RESULTS / "adaptive.json")
+    parser.add_argument("--report-only", action="store_true", help="redo the table and plots from --out's rows")
     args = parser.parse_args(argv)
+    if args.report_only:
+        saved = json.loads(args.out.read_text())
+        return write_report(saved["rows"], saved["teacher"], saved["plans"], saved["notes"], args)
 
     from tools.demo import FASHION_MNIST, FULL, fashion_subset, param_count
     from trainer.models.dinov2_onnx import load_dinov2_vits14
@@ -205,23 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.distill_steps:
         notes["distill"] = distill(teacher, pool, evaluate, args)
         save()
-    pairs = [(a, u) for a in rows if a["kind"] == "adaptive" for u in rows
-             if u["kind"] == "uniform" and (u["ratio"], u["draw"]) == (a["ratio"], a["draw"])]
-    noisy = [(a, u) for a, u in pairs if a["ratio"] == args.noise_ratio]
-    notes["paired_difference_at_noise_ratio"] = {
-        m: mean_sd([a[m] - u[m] for a, u in noisy]) for m in ("cls_cosine", "patch_cosine", "knn_top1")}
-    notes["draw_sd_uniform"] = {m: mean_sd([u[m] for _, u in noisy]) for m in ("cls_cosine", "patch_cosine", "knn_top1")}
+    write_report(rows, teacher_row, plans, notes, args)
     save()
-    table = markdown(rows, teacher_row)
-    args.out.with_suffix(".md").write_text(table + "\n")
-    try:
-        plot(rows, teacher_row["params"], args.out.with_suffix(".png"))
-        width_chart(plans[f"{args.noise_ratio:g}/0"], args.out.with_name(args.out.stem + "_widths.png"))
-    except ImportError:
-        log("matplotlib is not installed (pip install -e '.[bench]'): no plots")
-    print(table)
-    print(f"paired adaptive - uniform at r={args.noise_ratio:g} over {len(noisy)} draws: "
-          f"{notes['paired_difference_at_noise_ratio']}")
     print(f"\nelapsed {time.perf_counter() - t0:.0f} s; wrote {args.out}")
     return 0
 
