@@ -559,7 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(result["teacher"], result["rows"], args.steps, args.batch_size, args.train_image_size))
     print()
     print(markdown_summary(result["summary"]))
-    print(f"\n{len(args.rows)} rows in {time.perf_counter() - t0:.0f} s; results: {args.results}")
+    print(f"\n{len(runs)} runs ({len(args.rows)} rows x {len(args.seeds)} seeds) in {time.perf_counter() - t0:.0f} s; "
+          f"results: {args.results}")
     return 0
 
 
