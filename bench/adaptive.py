@@ -29,6 +29,7 @@ import pruning
 from bench.compensation import Evaluator, forward_features, load_images
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO_CACHE = Path(__file__).resolve().parents[1] / ".cache"
 SEED = 0
 
 
@@ -130,7 +131,7 @@ def distill(teacher: torch.nn.Module, pool: torch.Tensor, evaluate: Evaluator, a
     shards, 2 ranks): both students evaluated after ``--distill-steps`` steps."""
     from tools.demo import FULL, OPENCLIPART, build_shards, launch_training, load_recovered, save_student
 
-    work = args.out.with_name("adaptive_distill")
+    work = REPO_CACHE / "adaptive_distill"  # shards and runs: large, never in bench/results
     train_list, _ = build_shards(work, OPENCLIPART, FULL, 1_000_000)
     pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(SEED))[: args.calib]
     models, _ = students(teacher, args.noise_ratio, list(pool[pick].split(args.batch_size)), args.grid)
@@ -141,7 +142,7 @@ def distill(teacher: torch.nn.Module, pool: torch.Tensor, evaluate: Evaluator, a
         run_dir = work / f"run_{kind}"
         seconds = launch_training(run_dir, train_list, args.distill_steps, 2, FULL.batch_size_per_rank, init,
                                   overrides=[f"prune.widths={json.dumps(widths)}"])
-        trained = load_recovered(model, run_dir / "student.safetensors")
+        trained = load_recovered(model, run_dir)
         result["rows"].append({"kind": kind, "widths": widths, "train_s": round(seconds), **evaluate(trained)})
         log(f"distilled {kind}: {result['rows'][-1]}")
     return result
