@@ -124,7 +124,7 @@ def student_init_file(cfg: TrainConfig) -> Path:
     if budget is None and record["mlp_hidden"] != want:
         raise ValueError(f"prune.student_init: {path} has MLP widths {sorted(set(record['mlp_hidden'].values()))}, "
                          f"prune.ratio={cfg.prune.ratio} gives {sorted(set(want.values()))}")
-    if budget is not None and budget != (cfg.prune.budget or cfg.prune.ratio):
+    if budget is not None and budget != cfg.prune.ratio:
         raise ValueError(f"prune.student_init: {path} holds per-block widths at budget r={budget:g} (--budget), "
                          f"prune.ratio is {cfg.prune.ratio:g}: set prune.ratio={budget:g}")
     student_widths(cfg.prune, sites)  # the recorded widths fit this architecture
