@@ -256,6 +256,8 @@ def _poll(root: int, torchrun: bool, watch: Watch, stop: threading.Event, limit:
                         watch.rank_pids[rank] = pid
             else:
                 rank = 0 if pid == root else None
+                if rank == 0:
+                    watch.rank_pids[0] = pid
             if rank is not None:
                 watch.samples.setdefault(rank, []).append((now, anon))
         watch.tree_peak = max(watch.tree_peak, tree)
@@ -263,7 +265,23 @@ def _poll(root: int, torchrun: bool, watch: Watch, stop: threading.Event, limit:
         if (tree > limit or _mem_available() < MIN_AVAILABLE["bytes"]) and not watch.guard_tripped:
             watch.guard_tripped = True
             kill_tree(root)
-        stop.wait(0.2)
+        _sample_ranks(watch, stop, until=time.time() + 0.2)
+
+
+def _sample_ranks(watch: Watch, stop: threading.Event, until: float) -> None:
+    """RssAnon of the known ranks every 5 ms between the full polls: the tree walk and smaps_rollup are slow
+    on a loaded machine, and a short peak (a checkpoint chunk held for 50 ms) would fall between them."""
+    while not stop.is_set() and time.time() < until:
+        now = time.time()
+        for rank, pid in list(watch.rank_pids.items()):
+            try:
+                anon = int(_status(pid).get("RssAnon", "0 kB").split()[0]) * 1024
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                continue
+            samples = watch.samples.setdefault(rank, [])
+            if not samples or samples[-1][1] != anon:  # only changes: hours of sampling stay small
+                samples.append((now, anon))
+        stop.wait(0.005)
 
 
 LIVE: set[int] = set()
@@ -323,7 +341,10 @@ class Launch:
             for name, spans in windows.items():
                 per_rank = {}
                 for rank, samples in sorted(self.watch.samples.items()):
-                    inside = [v for t, v in samples if any(a - 0.25 <= t <= b + 0.25 for a, b in spans)]
+                    # Samples are kept when the value changes: the one in effect at a window's start counts too.
+                    inside = [v for i, (t, v) in enumerate(samples)
+                              if any(a - 0.25 <= t <= b + 0.25
+                                     or (t < a and (i + 1 == len(samples) or samples[i + 1][0] > a)) for a, b in spans)]
                     per_rank[rank] = round(max(inside) / GIB, 3) if inside else None
                 out["phases"][name] = {"seconds": round(sum(b - a for a, b in spans), 1), "times": len(spans),
                                        "peak_rss_anon_gib": per_rank}
