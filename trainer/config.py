@@ -98,14 +98,11 @@ class PruneConfig:
     """compensate: batches of the training stream (per rank) used for calibration."""
     ridge: float = Calibration.ridge
     """compensate: ridge lambda relative to the mean variance of the fit's inputs (0: plain least squares)."""
-    calib_mode: str = Calibration.mode
-    """compensate: ``output`` (default, recommended), ``sequential``, ``corrected`` or ``teacher``
-    (``pruning.Calibration.mode``)."""
     calib_holdout: float = Calibration.holdout_fraction
     """compensate: fraction of each block's calibration tokens, spread evenly, held out of the fit for the
     reported errors."""
     balance_prefix: bool = Calibration.balance_prefix
-    """compensate, calib_mode output: class / register tokens weigh as much as an image's patch tokens."""
+    """compensate: class / register tokens weigh as much as an image's patch tokens."""
     budget: float | None = None
     """in_engine with compensate: per-block widths with the parameters of ratio ``budget`` (replaces prune.ratio),
     planned from each block's measured error on the calibration batches (``pruning.plan_widths``, the prune
@@ -120,8 +117,7 @@ class PruneConfig:
         """The compensation settings, None without ``compensate``."""
         if not self.compensate:
             return None
-        return Calibration(mode=self.calib_mode, ridge=self.ridge, holdout_fraction=self.calib_holdout,
-                           balance_prefix=self.balance_prefix)
+        return Calibration(ridge=self.ridge, holdout_fraction=self.calib_holdout, balance_prefix=self.balance_prefix)
 
     def __post_init__(self) -> None:
         _check(self.ratio > 0, "prune.ratio", f"must be > 0, got {self.ratio}")
@@ -136,10 +132,9 @@ class PruneConfig:
                f"must be one of {PRUNE_METHODS}, got {self.method!r}")
         _check(self.calib_batches >= 1, "prune.calib_batches", f"must be >= 1, got {self.calib_batches}")
         try:
-            Calibration(mode=self.calib_mode, ridge=self.ridge, holdout_fraction=self.calib_holdout,
-                        balance_prefix=self.balance_prefix)
+            Calibration(ridge=self.ridge, holdout_fraction=self.calib_holdout, balance_prefix=self.balance_prefix)
         except ValueError as err:
-            raise ValueError(f"prune.calib_mode / ridge / calib_holdout / balance_prefix: {err}") from None
+            raise ValueError(f"prune.ridge / calib_holdout / balance_prefix: {err}") from None
         _check(not self.compensate or self.in_engine, "prune.compensate",
                "needs prune.in_engine=true (on the host path load a compensated student with prune.student_init)")
         _check(self.budget is None or (self.in_engine and self.compensate), "prune.budget",
@@ -331,6 +326,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
+REMOVED_KEYS = {"prune.calib_mode": "output-mode compensation is the only one (the others lost every measured "
+                                    "row, docs/compensation.md); delete the key"}
+"""Keys that older configs (and older runs' saved config.yaml) may hold, with what to do instead."""
+
+
 def from_dict(data: dict[str, Any]) -> TrainConfig:
     """Build a validated TrainConfig; unknown keys and wrong types are ValueErrors naming the key."""
     return _build(TrainConfig, data, "")
@@ -342,6 +342,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    for key in unknown:
+        if f"{prefix}{key}" in REMOVED_KEYS:
+            raise ValueError(f"config key {prefix}{key} was removed: {REMOVED_KEYS[prefix + key]}")
     if unknown:
         keys = ", ".join(f"{prefix}{k}" for k in unknown)
         raise ValueError(f"unknown config key(s): {keys} (known in {prefix or 'top level'}: {sorted(names)})")
