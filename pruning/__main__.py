@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .blockwise import MODES, Calibration
+from .blockwise import Calibration
 from .budget import Budget
 
 
@@ -45,21 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--model-config", type=Path, action="append", default=[],
                        help="extra open_clip model config JSON to register first (name = file stem)")
     prune.add_argument("--quiet", action="store_true", help="no per-block progress lines")
-    calib = prune.add_argument_group("closed-form compensation (docs/compensation.md)")
+    calib = prune.add_argument_group("closed-form compensation: each pruned block refitted to reproduce the original block's output (docs/compensation.md)")
     calib.add_argument("--calibration", default=None,
                        help="calibration images: a folder (searched recursively), webdataset tar shards "
                             "(a.tar, dir/{00000..00009}.tar, a.tar::b.tar) or a .pt/.safetensors tensor of "
                             "normalised images [N, 3, S, S]; turns compensation on")
     calib.add_argument("--num-calib", type=int, default=Calibration.num_images,
                        help=f"calibration images to use (default {Calibration.num_images})")
-    calib.add_argument("--calib-mode", default=Calibration.mode, choices=MODES,
-                       help="refit fc2 so each pruned block's output matches the original block's (output, "
-                            "default; best on DINOv2 in bench/compensation.py; post-norm blocks are fitted "
-                            "through their norm), fit each block on the pruned model's hidden states "
-                            "(sequential), on the original model's (teacher), or the pruned model's kept "
-                            "units onto the original model's units (corrected)")
     calib.add_argument("--balance-prefix", action="store_true",
-                       help="with --calib-mode output: class/register tokens weigh as much as the patch tokens "
+                       help="class/register tokens weigh as much as the patch tokens "
                             "of their image (CLS cosine 0.870 -> 0.900 on DINOv2, bench/compensation.py)")
     calib.add_argument("--ridge", type=float, default=Calibration.ridge,
                        help=f"ridge penalty relative to the mean variance of the fit's inputs (default {Calibration.ridge})")
@@ -96,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         num_keep = _num_keep_from_json(args.num_keep_json) if args.num_keep_json else args.num_keep
         calibration = None
         if args.calibration is not None:
-            calibration = Calibration(mode=args.calib_mode, ridge=args.ridge, holdout_fraction=args.calib_holdout,
+            calibration = Calibration(ridge=args.ridge, holdout_fraction=args.calib_holdout,
                                       balance_prefix=args.balance_prefix, num_images=args.num_calib,
                                       batch_size=args.calib_batch_size)
         budget = None

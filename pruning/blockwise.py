@@ -30,32 +30,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from .fit import (
-    ActivationStats,
-    collect_out_inputs,
-    compensate_site,
-    corrected_compensation,
-    fit_output_from_stats,
-    holdout_mask,
-    output_fit_error,
-    site_record,
-)
+from .fit import ActivationStats, fit_output_from_stats, holdout_mask, output_fit_error
 from .select import METHODS, select_mlp_channels
 from .sites import MlpSite, find_mlp_sites, prefix_token_count
 from .surgery import PruneReport, SiteReport, install_site, keep_counts, prune_site, prune_site_tensors
 
 Forward = Callable[[nn.Module, torch.Tensor], Any]
-MODES = ("teacher", "sequential", "corrected", "output")
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """Closed-form compensation settings: one value for the prune CLI, the trainer and the demo."""
+    """Closed-form compensation settings: one value for the prune CLI, the trainer and the demo.
 
-    mode: str = "output"
-    """``output`` (refit fc2 so each pruned block reproduces the original block's output; best in
-    docs/compensation.md), ``sequential`` (fit on the pruned model's hidden states), ``corrected`` (the pruned
-    model's kept units onto the original's units) or ``teacher`` (fit on the original model's states)."""
+    Every pruned block's output Linear is refitted so that the block reproduces the original block's
+    output on the carried hidden states (``BlockCalibration``). Three other fits (on the original or the
+    pruned model's states, or kept units onto original units) lost on every measured row and were removed
+    (docs/compensation.md).
+    """
     ridge: float = 1e-3
     """Ridge penalty relative to the mean variance of the fit's inputs (0: plain least squares)."""
     holdout_fraction: float = 0.2
@@ -68,14 +59,10 @@ class Calibration:
     """Images per calibration forward."""
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"calibration mode must be one of {MODES}, got {self.mode!r}")
         if not self.ridge >= 0:
             raise ValueError(f"ridge must be >= 0, got {self.ridge}")
         if not 0 <= self.holdout_fraction < 1:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
-        if self.balance_prefix and self.mode != "output":
-            raise ValueError(f"balance_prefix needs mode 'output', got {self.mode!r}")
         if self.num_images < 1 or self.batch_size < 1:
             raise ValueError(f"num_images and batch_size must be >= 1, got {self.num_images}, {self.batch_size}")
 
@@ -250,7 +237,7 @@ class BlockState:
     args: tuple
     kwargs: dict
     weight: float = 1.0
-    """How much each of the batch's tokens counts in the fits (mode ``output``): e.g. to balance
+    """How much each of the batch's tokens counts in the fits: e.g. to balance
     calibration images of two input sizes, whose token counts differ."""
 
     def run(self, block: nn.Module) -> BlockState:
@@ -412,74 +399,41 @@ def materialize_outside(meta_tower: nn.Module, container: str, get: Callable[[st
 class BlockCalibration:
     """Calibration hidden states carried block to block; ``step`` prunes and compensates one block in place.
 
-    Modes (``Calibration.mode``): ``teacher`` carries the original blocks' outputs and fits
-    each block on them; ``sequential`` carries the pruned-and-compensated blocks' outputs and fits
-    block i on them, targeting the block's own unpruned units; ``corrected`` carries both and fits
-    the pruned model's kept units onto the original model's units (see ``corrected_compensation``);
-    ``output`` carries both and refits the output Linear so that the pruned block's output matches
-    the original block's output (see ``_output_refit``).
+    Two streams are carried: the original blocks' outputs (the targets) and the pruned-and-compensated
+    blocks' outputs (the inputs the pruned tower really sees); ``_output_refit`` fits each pruned block
+    so that its output on the second matches the first.
     """
 
     def __init__(self, states: list[BlockState], calibration: Calibration, *, prefix_tokens: int = 0,
                  reduce: Callable[[ActivationStats], None] | None = None) -> None:
-        """``prefix_tokens`` > 0 (mode ``output`` only): the first that many tokens of every sequence
-        (class / register tokens) weigh together as much as its patch tokens in the fit, instead of 1 of T.
-        ``reduce``: applied to every fit and held-out statistics before they are used, e.g. an all-reduce
-        when each process holds its own share of the calibration images (in-engine pruning)."""
-        mode = calibration.mode
-        if prefix_tokens < 0 or (prefix_tokens and mode != "output"):
-            raise ValueError(f"prefix token weighting needs mode 'output' and a count >= 0, got mode {mode!r} "
-                             f"and {prefix_tokens}")
+        """``prefix_tokens`` > 0: the first that many tokens of every sequence (class / register tokens) weigh
+        together as much as its patch tokens in the fit, instead of 1 of T. ``reduce``: applied to every fit
+        and held-out statistics before they are used, e.g. an all-reduce when each process holds its own
+        share of the calibration images (in-engine pruning)."""
+        if prefix_tokens < 0:
+            raise ValueError(f"prefix token count must be >= 0, got {prefix_tokens}")
         states = [s for s in states if s.hidden.shape[0] > 0]  # an empty batch adds nothing to any fit
         if not states:
             raise ValueError("calibration: no batch with any image")
-        if mode != "output" and any(s.weight != 1 for s in states):
-            raise ValueError(f"calibration: batch weights need mode 'output', got mode {mode!r}")
         if any(not s.weight > 0 for s in states):
             raise ValueError("calibration: batch weights must be > 0")
-        self.mode, self.ridge, self.holdout_fraction = mode, calibration.ridge, calibration.holdout_fraction
+        self.ridge, self.holdout_fraction = calibration.ridge, calibration.holdout_fraction
         self.prefix_tokens = prefix_tokens
         self.reduce = reduce
         self.states = states
-        self.teacher_states = list(states) if mode in ("corrected", "output") else None
+        self.teacher_states = list(states)
         self.peak_bytes = self.hidden_state_bytes()
 
     def hidden_state_bytes(self) -> int:
-        """Bytes of carried calibration states (both streams in ``corrected`` and ``output`` modes)."""
-        total = sum(s.nbytes() for s in self.states)
-        if self.teacher_states is not None:
-            total += sum(s.nbytes() for s in self.teacher_states)
-        return total
+        """Bytes of the carried calibration states (both streams)."""
+        return sum(s.nbytes() for s in self.states) + sum(s.nbytes() for s in self.teacher_states)
 
     def step(self, block: nn.Module, site: MlpSite, keep: torch.Tensor, report_path: str) -> SiteReport:
         """Prune ``site`` (relative to ``block``) to ``keep`` with compensation and advance the states."""
         params_before = _site_numel(block, site)
-        out = getattr(site.module(block), site.out_name)
-        weight = out.weight.detach().clone()
-        bias = None if out.bias is None else out.bias.detach().clone()
-        if self.mode == "corrected":
-            fit, held = self._joint_stats(block, site, keep)
-            errors = corrected_compensation(block, site, keep, fit, held, self.ridge)
-            new_site = MlpSite(**{**vars(site), "hidden": keep.numel()})
-        elif self.mode == "output":
-            new_site, errors = self._output_refit(block, site, keep, report_path)
-        else:
-            outputs: list[BlockState] = []
-
-            def run(module: nn.Module, state: BlockState) -> None:
-                outputs.append(state.run(module))
-
-            collected = collect_out_inputs(block, [site], self.states, run, self.holdout_fraction)
-            fit, held = self._reduced(*collected[site.path])
-            if fit.count == 0:
-                raise ValueError(f"{report_path}: no calibration token reached this MLP")
-            new_site = compensate_site(block, site, keep, fit, self.ridge)
-            errors = site_record(block, new_site, weight, bias, keep, held)
-            if self.mode == "teacher":
-                self.states = outputs
+        new_site, errors = self._output_refit(block, site, keep, report_path)
         with torch.no_grad():
-            if self.mode != "teacher":
-                self.states = [s.run(block) for s in self.states]
+            self.states = [s.run(block) for s in self.states]
         self.peak_bytes = max(self.peak_bytes, self.hidden_state_bytes())
         return SiteReport(report_path, site.hidden, new_site.hidden, params_before,
                           _site_numel(block, new_site), keep.tolist(), *errors)
@@ -500,7 +454,6 @@ class BlockCalibration:
         kept units can express it. Errors: ``output_fit_error`` of the plain pruned and the refitted
         Linear on held-out tokens.
         """
-        assert self.teacher_states is not None
         post_norm = _post_norm(block, site, self.teacher_states[0], report_path)
         teacher_y: list[torch.Tensor] = []
         norm_input = post_norm.register_forward_pre_hook(lambda _m, args: teacher_y.append(args[0].detach())) \
@@ -591,40 +544,6 @@ class BlockCalibration:
         weights[:, :self.prefix_tokens] *= (tokens - self.prefix_tokens) / self.prefix_tokens
         return weights.reshape(-1)
 
-    def _joint_stats(self, block: nn.Module, site: MlpSite, keep: torch.Tensor
-                     ) -> tuple[ActivationStats, ActivationStats | None]:
-        """Stats of [original units on original inputs, kept units on pruned-model inputs], token-aligned."""
-        assert self.teacher_states is not None
-        order = keep.sort().values
-        size = site.hidden + order.numel()
-        fit = ActivationStats(size)
-        held = ActivationStats(size) if self.holdout_fraction > 0 else None
-        out = getattr(site.module(block), site.out_name)
-        captured: list[torch.Tensor] = []
-        handle = out.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
-        seen = 0
-        next_teacher = []
-        try:
-            with torch.no_grad():
-                for teacher, student in zip(self.teacher_states, self.states, strict=True):
-                    next_teacher.append(teacher.run(block))
-                    student.run(block)
-                    a_t, a_s = (c.reshape(-1, site.hidden) for c in captured)
-                    captured.clear()
-                    joint = torch.cat([a_t, a_s[:, order.to(a_s.device)]], dim=1)
-                    mask = holdout_mask(seen, joint.shape[0], self.holdout_fraction).to(joint.device)
-                    seen += joint.shape[0]
-                    fit.update(joint[~mask])
-                    if held is not None:
-                        held.update(joint[mask])
-        finally:
-            handle.remove()
-        fit, held = self._reduced(fit, held)
-        if fit.count == 0 or (held is not None and held.count == 0):
-            raise ValueError(f"{site.path}: not enough calibration tokens for the fit and the held-out split")
-        self.teacher_states = next_teacher
-        return fit, held
-
 
 def _post_norm(block: nn.Module, site: MlpSite, state: BlockState, label: str) -> nn.LayerNorm | None:
     """The LayerNorm of ``block`` that reads the MLP's output (post-norm blocks), or None (pre-norm).
@@ -655,7 +574,7 @@ def _post_norm(block: nn.Module, site: MlpSite, state: BlockState, label: str) -
         return None
     if not torch.equal(seen["linear"], seen["mlp"]):
         raise ValueError(f"{label}: {reads[0]} normalises the MLP's output, which is not the output Linear's "
-                         "output: calibration mode 'output' cannot place its target; use mode 'sequential'")
+                         "output: compensation cannot place its target (prune this tower without it)")
     norm = norms[reads[0]]
     if len(norm.normalized_shape) != 1:
         raise ValueError(f"{label}: {reads[0]} normalises over {tuple(norm.normalized_shape)}, not the channels")
@@ -696,9 +615,9 @@ def _branch_scale(scale: torch.Tensor, output: torch.Tensor, label: str) -> torc
     factor = flat.mean(0)
     slack = 1e-3 * float(factor.abs().max()) + 1e-5 * (1 + float(output.abs().max()))
     if float((flat - factor).abs().max()) > slack:
-        raise ValueError(f"{label}: calibration mode 'output' needs the block's output to be its input plus a "
-                         "per-channel multiple of the MLP's output; here it is not (a norm after the MLP, as "
-                         "in post-norm blocks?): use mode 'sequential'")
+        raise ValueError(f"{label}: compensation needs the block's output to be its input plus a per-channel "
+                         "multiple of the MLP's output (or its LayerNorm, post-norm); here it is not: prune this "
+                         "tower without compensation")
     tiny = 1e-6 * float(factor.abs().max())
     return torch.where(factor.abs() > tiny, factor, torch.full_like(factor, torch.inf))
 

@@ -28,8 +28,8 @@ class SiteReport:
     params_after: int
     kept: list[int] = field(repr=False)
     recon_error_before: float | None = None
-    """Relative error on held-out calibration tokens, pruned without compensation (``Calibration.mode``
-    says of what: fc2's output, or with mode ``output`` the block's)."""
+    """Relative error of the block's output (its MLP branch) on held-out calibration tokens, pruned without
+    compensation."""
     recon_error_after: float | None = None
     """The same error after closed-form compensation; None without it."""
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import hashlib
 import json
 import math
@@ -53,10 +52,10 @@ OPENCLIPART = Path("/usr/share/openclipart/png")
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 APT_HINT = "apt-get install -y openclipart-png dataset-fashion-mnist (as root)"
 RATIO, METHOD, SEED = 1.0, "diversity", 0
-CALIBRATION = Calibration(mode="output", balance_prefix=True, batch_size=16)
+CALIBRATION = Calibration(balance_prefix=True, batch_size=16)
 """Block-wise output mode (each pruned block refitted to the original block's output, bench.compensation), the
 class token weighing as much as the patch tokens (CLS cosine 0.87 -> 0.90, bench)."""
-RIDGE, CALIB_MODE, BALANCE_PREFIX = CALIBRATION.ridge, CALIBRATION.mode, CALIBRATION.balance_prefix
+RIDGE, BALANCE_PREFIX = CALIBRATION.ridge, CALIBRATION.balance_prefix
 STUDENT_FILE = "student.safetensors"
 WARMUP_FRACTION = 0.2
 """Linear warm-up over this share of the run (``warmup_steps``): the recipe for compensated starts (docs/demo.md)."""
@@ -323,10 +322,10 @@ def calibration_images(train_list: Path, count: int) -> torch.Tensor:
 
 
 def pruned_copy(teacher: nn.Module, ratio: float, method: str, *, compensate_on: torch.Tensor | None = None,
-                scores: dict[str, torch.Tensor] | None = None, mode: str = CALIB_MODE, seed: int = SEED) -> nn.Module:
+                scores: dict[str, torch.Tensor] | None = None, seed: int = SEED) -> nn.Module:
     """A pruned copy of ``teacher`` (``method`` at ``ratio``, seeded as the trainer does), through
     ``pruning.prune_blocks``. ``compensate_on``: uint8 calibration pictures; given, each block is compensated
-    in closed form (``CALIBRATION`` in ``mode``). ``scores``: Taylor importances. ``seed``: the draw of ``random``."""
+    in closed form (``CALIBRATION``). ``scores``: Taylor importances. ``seed``: the draw of ``random``."""
     model = copy.deepcopy(teacher).eval()
     source = ModelSource(model, forward=lambda m, x: m.forward_features(x))
     widths = keep_counts(source.sites, ratio)
@@ -334,7 +333,7 @@ def pruned_copy(teacher: nn.Module, ratio: float, method: str, *, compensate_on:
     if compensate_on is None:
         prune_blocks(source, widths, method, generator=generator, scores=scores)
         return model
-    calibration = dataclasses.replace(CALIBRATION, mode=mode, balance_prefix=BALANCE_PREFIX and mode == "output")
+    calibration = CALIBRATION
     with torch.no_grad():
         prune_blocks(source, widths, method, calibration=calibration, generator=generator, scores=scores,
                      calib_inputs=list(normalised_batches(compensate_on, calibration.batch_size)))
@@ -606,7 +605,7 @@ def run_demo(args: argparse.Namespace) -> Path:
         start = time.perf_counter()
         compensated = pruned_copy(teacher, RATIO, METHOD, compensate_on=calib)
         calib_note = (f"{len(calib)} pictures of the training stream ({len(calib) - len(calib) // 2} clip art, "
-                      f"{len(calib) // 2} Fashion-MNIST), {CALIB_MODE} mode (class token balanced), ridge {RIDGE:g}, "
+                      f"{len(calib) // 2} Fashion-MNIST), output mode (class token balanced), ridge {RIDGE:g}, "
                       f"{time.perf_counter() - start:.0f} s")
         rows.append(evaluate("compensated", compensated, heldout, fmnist, teacher_feats, sizes)[0])
         # Distillation starts from the compensated student (same ratio, method and seed: same shapes).

@@ -19,7 +19,7 @@ from trainer.models.names import FAMILIES
 
 PRECISIONS = ("fp32", "bf16")
 PRUNE_METHODS = ("diversity", "l2", "random", "taylor")
-"""pruning.compensate.MODES, named here so that reading a config does not import the pruning package."""
+"""pruning.METHODS, named here so that validating a config reads no selection code."""
 LOSS_OBJECTIVES = ("mse", "mse_postnorm", "cosine", "mse_standardized")
 VALIDATION_METRICS = ("cos_cls", "cos_patch", "knn_top1")
 
