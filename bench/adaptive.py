@@ -40,7 +40,7 @@ def log(message: str) -> None:
 def students(teacher: torch.nn.Module, ratio: float, batches: list[torch.Tensor], grid: int
              ) -> tuple[dict[str, torch.nn.Module], dict]:
     """Uniform and adaptive compensated copies of ``teacher`` at the parameters of ``ratio``, and the plan."""
-    calibration = pruning.Calibration(mode="output", balance_prefix=True)
+    calibration = pruning.Calibration(balance_prefix=True)
     out, plan_summary = {}, {}
     for kind in ("uniform", "adaptive"):
         model = copy.deepcopy(teacher).eval()

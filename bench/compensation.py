@@ -1,17 +1,15 @@
 """Closed-form compensation on the demo's real teacher: DINOv2 ViT-S/14 at r=1 (MLP 1536 -> 384), no training.
 
-For every selection method, plain pruning against compensation (teacher / sequential / corrected /
-output modes), and for diversity the number of calibration images and the ridge: mean CLS and patch-token
+For every selection method, plain pruning against output-mode compensation (each pruned block refitted to
+the original block's output), and for diversity the number of calibration images and the ridge: mean CLS and patch-token
 cosine to the teacher (tokens after the final norm) on held-out openclipart pictures at 224 px (and the
 same pictures at the kNN input size), and Fashion-MNIST kNN top-1 (k=20, CLS token, images upsampled to
 112 px, as the demo measures it).
 
 Calibration pictures: an evenly spread openclipart subset (Debian ``openclipart-png``), disjoint
 from the held-out ones, shuffled with a fixed seed so that the first 64 / 256 are random subsets of
-the 512. Teacher-mode statistics do not depend on the kept units: they are collected once (with
-snapshots after 64, 128 and 256 images) and shared by every teacher-mode row; sequential and corrected
-rows run ``pruning.prune_blocks`` (the driver every path uses) on
-the first ``--blockwise-calib`` (128) pictures.
+the 512. The teacher / sequential / corrected fits this bench once compared lost every row and were removed
+(their figures stay in bench/results/compensation*.json).
 
 ``--fmnist-calib N`` adds rows whose block-wise calibration mixes the first ``--mixed-clipart``
 pictures with N unlabeled Fashion-MNIST training images at the kNN input size (their own stem, the
@@ -67,15 +65,14 @@ def forward_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.forward_features(x)
 
 
-def prune(teacher: nn.Module, method: str, scores: dict | None, *, mode: str | None = None,
-          inputs: list | None = None, ridge: float = 1e-3, balance: bool = False
-          ) -> tuple[nn.Module, pruning.PruneReport]:
-    """A pruned copy of ``teacher`` through ``pruning.prune_blocks``: plain (``mode`` None), or compensated in
-    ``mode`` on ``inputs`` (image batches or recorded stem states)."""
+def prune(teacher: nn.Module, method: str, scores: dict | None, *, inputs: list | None = None, ridge: float = 1e-3,
+          balance: bool = False) -> tuple[nn.Module, pruning.PruneReport]:
+    """A pruned copy of ``teacher`` through ``pruning.prune_blocks``: plain (no ``inputs``), or compensated on
+    ``inputs`` (image batches or recorded stem states)."""
     model = copy.deepcopy(teacher)
     source = pruning.ModelSource(model, forward_features)
-    calibration = None if mode is None else pruning.Calibration(mode=mode, ridge=ridge, holdout_fraction=HOLDOUT,
-                                                                 balance_prefix=balance)
+    calibration = None if not inputs else pruning.Calibration(ridge=ridge, holdout_fraction=HOLDOUT,
+                                                               balance_prefix=balance)
     report = pruning.prune_blocks(source, pruning.keep_counts(source.sites, RATIO), method, calibration=calibration,
                                   calib_inputs=inputs or [], generator=torch.Generator().manual_seed(SEED),
                                   scores=scores if method == "taylor" else None)
@@ -175,23 +172,20 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compensation", description=__doc__.splitlines()[0])
     parser.add_argument("--calib", type=int, nargs="+", default=[64, 128, 256, 512],
-                        help="calibration image counts for diversity/teacher (the largest for other methods)")
+                        help="calibration image counts of the diversity rows")
     parser.add_argument("--blockwise-calib", type=int, default=128,
-                        help="calibration images of the block-wise (sequential / corrected) rows")
+                        help="calibration images of the other methods' rows")
     parser.add_argument("--heldout", type=int, default=64)
     parser.add_argument("--knn-train", type=int, default=1000)
     parser.add_argument("--knn-test", type=int, default=300)
     parser.add_argument("--knn-size", type=int, default=112)
     parser.add_argument("--ridges", type=float, nargs="*", default=[1e-2, 1e-1],
-                        help="extra ridge values for diversity/teacher at the largest image count")
+                        help="extra ridge values for diversity at the largest image count")
     parser.add_argument("--fmnist-calib", type=int, default=0,
                         help="Fashion-MNIST images added to the mixed-calibration rows (0: no such rows)")
     parser.add_argument("--mixed-clipart", type=int, default=256, help="clip-art pictures of the mixed rows")
-    parser.add_argument("--mixed-modes", nargs="*", default=["sequential", "output"])
     parser.add_argument("--balance-prefix", action="store_true",
                         help="output-mode rows weigh the class token as much as an image's patch tokens")
-    parser.add_argument("--modes", nargs="*", default=["sequential", "corrected", "output"],
-                        help="block-wise modes run for every method")
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -235,17 +229,18 @@ def main(argv: list[str] | None = None) -> int:
         scores = taylor_scores(teacher, calib[:32], 8)
         notes["taylor"] = f"scores from 32 calibration pictures, {time.perf_counter() - start:.0f} s"
     ridge = 1e-3
-    n_block = args.blockwise_calib
 
-    def blockwise(method: str, mode: str) -> None:
-        balance = args.balance_prefix and mode == "output"
+    mode = "output, balanced" if args.balance_prefix else "output"
+
+    def compensated(method: str, n: int, r: float) -> None:
         start = time.perf_counter()
-        model, report = prune(teacher, method, scores, mode=mode, inputs=list(calib[:n_block].split(args.batch_size)),
-                              ridge=ridge, balance=balance)
-        add({"method": method, "mode": f"{mode}{', balanced' if balance else ''}", "calib_images": n_block, "ridge": ridge,
+        s = scores if method == "taylor" else None
+        model, report = prune(teacher, method, s, inputs=list(calib[:n].split(args.batch_size)), ridge=r,
+                              balance=args.balance_prefix)
+        add({"method": method, "mode": mode, "calib_images": n, "ridge": r,
              "fit_s": round(time.perf_counter() - start, 1), **mean_errors(report), **evaluate(model)})
 
-    def mixed(method: str, mode: str, fm_images: torch.Tensor) -> None:
+    def mixed(method: str, fm_images: torch.Tensor) -> None:
         from tools.demo import knn_eval_model
 
         start = time.perf_counter()
@@ -254,9 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                                      forward_features)
         states += pruning.stem_states(knn_eval_model(teacher, args.knn_size), first, fm_images.split(args.batch_size),
                                       forward_features)
-        balance = args.balance_prefix and mode == "output"
-        model, report = prune(teacher, method, scores, mode=mode, inputs=states, ridge=ridge, balance=balance)
-        add({"method": method, "mode": f"{mode}{', balanced' if balance else ''}, mixed", "calib_images": f"{args.mixed_clipart} + {len(fm_images)}",
+        model, report = prune(teacher, method, scores, inputs=states, ridge=ridge, balance=args.balance_prefix)
+        add({"method": method, "mode": f"{mode}, mixed", "calib_images": f"{args.mixed_clipart} + {len(fm_images)}",
              "ridge": ridge, "fit_s": round(time.perf_counter() - start, 1), **mean_errors(report),
              **evaluate(model)})
 
@@ -268,34 +262,15 @@ def main(argv: list[str] | None = None) -> int:
         notes["mixed"] = (f"{args.mixed_clipart} clip-art pictures (224 px) + {len(fm_images)} Fashion-MNIST training "
                           f"images at {args.knn_size} px, none in the kNN sample, labels unused")
         for method in args.methods:
-            for mode in args.mixed_modes:
-                mixed(method, mode, fm_images)
+            mixed(method, fm_images)
 
-    # Diversity first, block-wise modes included: the rows the issue's target is about.
+    # Diversity first, with every image count and ridge: the rows the issue's target is about.
     for method in args.methods:
-        s = scores if method == "taylor" else None
-        add({"method": method, "mode": "none", **evaluate(prune(teacher, method, s)[0])})
-        counts = sorted(args.calib, reverse=True) if method == "diversity" else [n_max]
-        for n in counts:
-            start = time.perf_counter()
-            batches = list(calib[:n].split(args.batch_size))
-            model, report = prune(teacher, method, s, mode="teacher", inputs=batches, ridge=ridge)
-            fit_s = round(time.perf_counter() - start, 1)
-            add({"method": method, "mode": "teacher", "calib_images": n, "ridge": ridge, "fit_s": fit_s,
-                 **mean_errors(report), **evaluate(model)})
-        if method == "diversity":
-            for r in args.ridges:
-                start = time.perf_counter()
-                batches = list(calib[:n_max].split(args.batch_size))
-                model, report = prune(teacher, method, s, mode="teacher", inputs=batches, ridge=r)
-                add({"method": method, "mode": "teacher", "calib_images": n_max, "ridge": r,
-                     "fit_s": round(time.perf_counter() - start, 1), **mean_errors(report), **evaluate(model)})
-            for mode in args.modes:
-                blockwise(method, mode)
-    for mode in args.modes:
-        for method in args.methods:
-            if method != "diversity":
-                blockwise(method, mode)
+        add({"method": method, "mode": "none", **evaluate(prune(teacher, method, scores)[0])})
+        for n in (sorted(args.calib, reverse=True) if method == "diversity" else [args.blockwise_calib]):
+            compensated(method, n, ridge)
+        for r in (args.ridges if method == "diversity" else []):
+            compensated(method, n_max, r)
     save()
     print(markdown(rows))
     print(f"\nelapsed {time.perf_counter() - t0:.0f} s; wrote {args.out}")

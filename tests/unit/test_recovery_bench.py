@@ -15,12 +15,12 @@ pytestmark = pytest.mark.unit
 
 
 def test_a_row_string_names_method_ratio_compensation_and_repeated_trainer_overrides() -> None:
-    row = parse_row("name=cos-comp method=diversity ratio=1 compensate=teacher "
+    row = parse_row("name=cos-comp method=diversity ratio=1 compensate=output "
                     "set=loss.patch_objective=cosine set=optim.betas=[0.9,0.99]", common=("optim.base_lr=1e-3",))
-    assert row == RowSpec("cos-comp", "diversity", 1.0, "teacher",
+    assert row == RowSpec("cos-comp", "diversity", 1.0, "output",
                           ("optim.base_lr=1e-3", "loss.patch_objective=cosine", "optim.betas=[0.9,0.99]"))
     assert parse_row("method=taylor ratio=2") == RowSpec("taylor-r2", "taylor", 2.0, "none", ())
-    assert parse_row("method=l2 ratio=0.5 compensate=teacher").name == "l2-r0.5-comp"
+    assert parse_row("method=l2 ratio=0.5 compensate=output").name == "l2-r0.5-comp"
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -41,10 +41,10 @@ def test_the_default_grid_is_four_methods_at_r1_then_r2(capsys: pytest.CaptureFi
     rows = parse_args([]).rows
     assert [r.name for r in rows] == ["diversity-r1", "l2-r1", "random-r1", "taylor-r1",
                                       "diversity-r2", "l2-r2", "random-r2", "taylor-r2"]
-    grid = parse_args(["--methods", "l2", "--ratios", "1", "--compensate", "none", "teacher",
+    grid = parse_args(["--methods", "l2", "--ratios", "1", "--compensate", "none", "output",
                        "--set", "optim.base_lr=1e-3"]).rows
     assert grid == [RowSpec("l2-r1", "l2", 1.0, "none", ("optim.base_lr=1e-3",)),
-                    RowSpec("l2-r1-comp", "l2", 1.0, "teacher", ("optim.base_lr=1e-3",))]
+                    RowSpec("l2-r1-comp", "l2", 1.0, "output", ("optim.base_lr=1e-3",))]
     with pytest.raises(SystemExit):
         parse_args(["--row", "method=l2 ratio=1", "--row", "method=l2 ratio=1"])
     assert "row names must be unique" in capsys.readouterr().err
@@ -88,7 +88,7 @@ def _row(name: str, seed: int = 0, knn: float = 0.5) -> dict:
                 **scores}
     method, _, rest = name.partition("-r")
     ratio, _, comp = rest.partition("-")
-    return {"name": name, "method": method, "ratio": float(ratio), "compensate": "teacher" if comp else "none",
+    return {"name": name, "method": method, "ratio": float(ratio), "compensate": "output" if comp else "none",
             "overrides": [], **scores}
 
 
