@@ -8,8 +8,8 @@ of its export at the end.
 
 Arguments: steps, a tag (``<out>/run_<tag>``, ``<out>/export_<tag>``, ``<out>/recovered_<tag>.json``) and trainer
 overrides applied after the demo's own. Everything else is the demo's: the mixed training stream
-(``tools.demo.launch_training``, 2 ranks x 4 images at 224 px, warm-up ``WARMUP_FRACTION`` of the run), the
-trainer's validation on the 64 held-out clip-art pictures every 20 steps (CLS / patch cosine, read from its
+(``tools.demo.launch_training``, 2 ranks x 4 images at 224 px, the trainer's warm-up for compensated starts:
+20 % of the run), the trainer's validation on the 64 held-out clip-art pictures every 20 steps (CLS / patch cosine, read from its
 log and TensorBoard), ``python -m trainer export`` and ``tools.demo.evaluate`` (3,000 / 1,500 probe).
 """
 
@@ -34,7 +34,7 @@ from tools.demo import (
     normalised_batches,
     read_curves,
     read_shard_images,
-    warmup_steps,
+    run_warmup_steps,
 )
 
 
@@ -79,9 +79,10 @@ def main(argv: list[str]) -> int:
     export = export_student(run_dir, out / f"export_{tag}")
     row = evaluate("recovered", load_export(export), heldout, fmnist, teacher_feats, sizes)[0]
     loss = read_curves(run_dir)["loss/total"][1]
-    record = {"steps": steps, "warmup_steps": warmup_steps(steps), "overrides": overrides, "train_s": train_s,
+    warmup = run_warmup_steps(run_dir)
+    record = {"steps": steps, "warmup_steps": warmup, "overrides": overrides, "train_s": train_s,
               "row": row.__dict__, "validation": validation_trace(run_dir),
-              "loss": {"first": loss[0], "max_during_warmup": max(loss[: max(1, warmup_steps(steps))]),
+              "loss": {"first": loss[0], "max_during_warmup": max(loss[: max(1, warmup)]),
                        "last": loss[-1]}}
     (out / f"recovered_{tag}.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(record))

@@ -57,8 +57,6 @@ CALIBRATION = Calibration(balance_prefix=True, batch_size=16)
 class token weighing as much as the patch tokens (CLS cosine 0.87 -> 0.90, bench)."""
 RIDGE, BALANCE_PREFIX = CALIBRATION.ridge, CALIBRATION.balance_prefix
 STUDENT_FILE = "student.safetensors"
-WARMUP_FRACTION = 0.2
-"""Linear warm-up over this share of the run (``warmup_steps``): the recipe for compensated starts (docs/demo.md)."""
 
 
 @dataclass(frozen=True)
@@ -366,9 +364,10 @@ def launch_training(run_dir: Path, train_data: Path | list[tuple[Path, float]], 
     The run's checkpoints land under ``run_dir/checkpoints`` (read them with ``load_recovered`` or
     ``export_student``). ``train_data``: one shard list (``data.shards``), or ``(shard list, weight)`` pairs
     mixed as ``data.sources`` (resampled). ``student_init``: the student's starting weights (compensated, or
-    pruned another way) instead of plain pruning. The warm-up is ``WARMUP_FRACTION`` of the steps (the recipe
-    for compensated starts, docs/demo.md). ``overrides``: extra ``key=value`` trainer overrides, applied after
-    the demo's own. ``threads``: OMP threads per process (default: the cores shared out over the ranks).
+    pruned another way) instead of plain pruning; the trainer then warms up over 20 % of the run by itself
+    (its default for compensated starts, ``TrainConfig.warmup_steps``). ``overrides``: extra ``key=value``
+    trainer overrides, applied after the demo's own. ``threads``: OMP threads per process (default: the cores
+    shared out over the ranks).
     """
     from trainer.models.dinov2_onnx import CACHE_NAME, default_cache_dir
 
@@ -376,8 +375,7 @@ def launch_training(run_dir: Path, train_data: Path | list[tuple[Path, float]], 
     shutil.rmtree(run_dir, ignore_errors=True)
     args = [f"run.dir={run_dir}", f"run.steps={steps}", *data_overrides(train_data),
             f"model.pretrained={default_cache_dir() / CACHE_NAME}",
-            f"optim.batch_size_per_rank={batch_size_per_rank}",
-            f"optim.warmup_steps={warmup_steps(steps)}"]
+            f"optim.batch_size_per_rank={batch_size_per_rank}"]
     if student_init is not None:
         args.append(f"prune.student_init={student_init}")
     if ranks == 1:
@@ -398,9 +396,13 @@ def launch_training(run_dir: Path, train_data: Path | list[tuple[Path, float]], 
     return time.perf_counter() - start
 
 
-def warmup_steps(steps: int) -> int:
-    """The recipe's linear warm-up: ``WARMUP_FRACTION`` of the run, at least 1 step and fewer than ``steps``."""
-    return max(0, min(steps - 1, max(1, round(WARMUP_FRACTION * steps))))
+def run_warmup_steps(run_dir: Path) -> int:
+    """The warm-up the run used: its saved, resolved config's ``TrainConfig.warmup_steps``."""
+    import yaml
+
+    from trainer.config import from_dict
+
+    return from_dict(yaml.safe_load((run_dir / "config.yaml").read_text())).warmup_steps()
 
 
 def data_overrides(train_data: Path | list[tuple[Path, float]]) -> list[str]:
@@ -629,7 +631,7 @@ def run_demo(args: argparse.Namespace) -> Path:
     n_test, q_test = len(fmnist["test_y"]), min(sizes.quick_test, len(fmnist["test_y"]))
     notes = {
         "steps": steps,
-        "warmup_steps": warmup_steps(steps),
+        "warmup_steps": run_warmup_steps(run_dir),
         "train": f"{ranks} rank(s) on CPU, {global_batch} images per step, {steps * global_batch} images, "
                  f"{train_s:.0f} s wall including start-up",
         "data": (f"unlabeled, resampled: {sizes.train_images} openclipart pictures ({train_list}, weight "
@@ -652,7 +654,7 @@ def run_demo(args: argparse.Namespace) -> Path:
     loss = curves.get("loss/total", ([], []))[1]
     if loss:
         # Whether the first steps undo the compensation: the loss should not climb above its step-1 value.
-        early = loss[: max(1, warmup_steps(steps))]
+        early = loss[: max(1, notes["warmup_steps"])]
         notes["loss"] = {"first": loss[0], "max_during_warmup": max(early), "last": loss[-1]}
     return write_report(out, rows, curves, notes)
 

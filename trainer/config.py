@@ -16,6 +16,7 @@ from pruning import Calibration
 from trainer.data.config import DataConfig
 from trainer.engines.names import ENGINES
 from trainer.models.names import FAMILIES
+from trainer.schedule import warmup_steps_for
 
 PRECISIONS = ("fp32", "bf16")
 PRUNE_METHODS = ("diversity", "l2", "random", "taylor")
@@ -182,7 +183,12 @@ class OptimConfig:
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step; global batch = batch_size_per_rank * world * this."""
     warmup_steps: int = 0
-    """Linear lr warmup from 0 to the peak over this many steps, then cosine to min_lr_ratio * peak."""
+    """Linear lr warmup from 0 to the peak over this many steps, then cosine to min_lr_ratio * peak. 0 with a
+    compensated start (prune.student_init or prune.compensate) and no warmup_fraction: 20 % of the run
+    (``TrainConfig.warmup_steps``)."""
+    warmup_fraction: float | None = None
+    """The warm-up as a share of run.steps (rounded, at least one step), instead of warmup_steps; 0 turns the
+    compensated start's default warm-up off. None: warmup_steps decides."""
     min_lr_ratio: float = 0.0
     """Final lr of the cosine as a fraction of the peak."""
     weight_decay_start: float = 0.04
@@ -201,6 +207,10 @@ class OptimConfig:
         _check(self.batch_size_per_rank >= 1, "optim.batch_size_per_rank", f"must be >= 1, got {self.batch_size_per_rank}")
         _check(self.grad_accum_steps >= 1, "optim.grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(self.warmup_fraction is None or 0 <= self.warmup_fraction < 1, "optim.warmup_fraction",
+               f"must be in [0, 1), got {self.warmup_fraction}")
+        _check(self.warmup_fraction is None or self.warmup_steps == 0, "optim.warmup_fraction",
+               f"set either optim.warmup_steps ({self.warmup_steps}) or optim.warmup_fraction, not both")
         _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         _check(self.weight_decay_start >= 0, "optim.weight_decay_start", f"must be >= 0, got {self.weight_decay_start}")
         _check(self.weight_decay_end >= 0, "optim.weight_decay_end", f"must be >= 0, got {self.weight_decay_end}")
@@ -312,6 +322,17 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    @property
+    def compensated_start(self) -> bool:
+        """Whether the student starts from closed-form compensated (or otherwise given) weights."""
+        return self.prune.enabled and bool(self.prune.student_init or self.prune.compensate)
+
+    def warmup_steps(self) -> int:
+        """The run's linear warm-up in optimizer steps (``trainer.schedule.warmup_steps_for``): the recipe for
+        compensated starts when neither optim.warmup_steps nor optim.warmup_fraction is set."""
+        return warmup_steps_for(warmup_steps=self.optim.warmup_steps, warmup_fraction=self.optim.warmup_fraction,
+                                total_steps=self.run.steps, compensated_start=self.compensated_start)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (tuples as lists) for YAML, TensorBoard text and hparams."""

@@ -116,6 +116,7 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None, stop: StopSign
     optim, steps, accum = cfg.optim, cfg.run.steps, cfg.optim.grad_accum_steps
     global_batch = optim.batch_size_per_rank * env.world_size * accum
     peak = peak_lr(optim.base_lr, global_batch)
+    warmup = cfg.warmup_steps()
     if stream is None:
         stream = build_stream(cfg.data, adapter.input_spec(teacher), batch_size=optim.batch_size_per_rank,
                               rank=env.rank, world_size=env.world_size, seed=cfg.run.seed)
@@ -138,6 +139,10 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None, stop: StopSign
         (run_dir / "prune_report.json").write_text(json.dumps({**prune_report.to_dict(), **prune_extra}))
         log_prune_report(metrics, prune_report)
         metrics.log_config(cfg.to_dict(), flat_hparams(cfg.to_dict()))
+        if warmup != optim.warmup_steps:
+            why = ("optim.warmup_fraction" if optim.warmup_fraction is not None
+                   else "the default for a compensated start, prune.student_init / prune.compensate")
+            print(f"warm-up: {warmup} of {steps} steps ({why})", file=sys.stderr, flush=True)
 
     result = TrainResult(engine)
 
@@ -161,7 +166,7 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None, stop: StopSign
                       every_minutes=cfg.checkpoint.every_minutes)
     batches = iter(stream)
     for step in range(state.step, steps):
-        lr = lr_at(step, peak=peak, warmup_steps=optim.warmup_steps, total_steps=steps,
+        lr = lr_at(step, peak=peak, warmup_steps=warmup, total_steps=steps,
                    min_lr_ratio=optim.min_lr_ratio)
         wd = weight_decay_at(step, start=optim.weight_decay_start, end=optim.weight_decay_end, total_steps=steps)
         engine.set_hparams(lr=lr, weight_decay=wd)

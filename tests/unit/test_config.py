@@ -87,3 +87,18 @@ def test_resolved_config_round_trips_through_yaml() -> None:
 def test_cli_accepts_the_deepspeed_launcher_flag() -> None:
     cfg = parse_args([str(CONFIGS / "experiments" / "tiny_timm.yaml"), "--local_rank=1", "run.seed=3"])
     assert cfg.run.seed == 3
+
+
+def test_warmup_of_a_compensated_start() -> None:
+    tiny = CONFIGS / "experiments" / "tiny_timm.yaml"
+    init = "prune.student_init=compensated.safetensors"
+    assert load_config(tiny, ["run.steps=50"]).warmup_steps() == 0  # base.yaml: warmup_steps 0
+    assert load_config(tiny, ["run.steps=50", init]).warmup_steps() == 10
+    assert load_config(tiny, ["run.steps=50", "prune.in_engine=true", "prune.compensate=true"]).warmup_steps() == 10
+    assert load_config(tiny, ["run.steps=50", init, "optim.warmup_steps=3"]).warmup_steps() == 3
+    assert load_config(tiny, ["run.steps=50", init, "optim.warmup_fraction=0"]).warmup_steps() == 0
+    assert load_config(tiny, ["run.steps=50", "optim.warmup_fraction=0.5"]).warmup_steps() == 25
+    with pytest.raises(ValueError, match="optim.warmup_fraction: set either"):
+        load_config(tiny, ["optim.warmup_steps=3", "optim.warmup_fraction=0.1"])
+    with pytest.raises(ValueError, match=r"optim.warmup_fraction: must be in \[0, 1\)"):
+        load_config(tiny, ["optim.warmup_fraction=1"])

@@ -14,10 +14,8 @@ from PIL import Image
 
 from tools.demo import (
     CONFIG,
-    WARMUP_FRACTION,
     data_overrides,
     fashion_stream_indices,
-    warmup_steps,
     write_image_shards,
 )
 from trainer.cli import load_config
@@ -89,6 +87,7 @@ def test_sources_on_the_command_line_give_the_configs_weighted_mix(tmp_path: Pat
     assert one.data.shards == str(a) and one.data.sources == ()
 
 
-def test_the_warmup_is_a_share_of_the_run_and_leaves_steps_to_train() -> None:
-    assert warmup_steps(2) == 1 and warmup_steps(1) == 0
-    assert 1 <= warmup_steps(10) < 10 and warmup_steps(200) == round(200 * WARMUP_FRACTION)
+def test_the_demo_config_leaves_the_warmup_to_the_trainers_default() -> None:
+    cfg = load_config(CONFIG, ["run.steps=120", "prune.student_init=compensated.safetensors"])
+    assert cfg.warmup_steps() == 24  # 20 % of the run: the recipe for compensated starts
+    assert load_config(CONFIG, ["run.steps=120"]).warmup_steps() == 0  # --tiny: no compensated start
