@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         calib = report.calibration
         errors = [(s.recon_error_before, s.recon_error_after) for s in report.sites]
         mean = [sum(e[i] for e in errors) / len(errors) for i in (0, 1)] if errors[0][0] is not None else None
-        print(f"compensated ({calib['mode']}, ridge {calib['ridge']}) on {calib['num_images']} images; carried hidden "
+        print(f"compensated (ridge {calib['ridge']}) on {calib['num_images']} images; carried hidden "
               f"states {calib['hidden_state_bytes']:,} bytes"
               + (f"; mean held-out error {mean[0]:.4f} plain -> {mean[1]:.4f} compensated" if mean else ""))
         if budget is not None:

@@ -608,12 +608,13 @@ def _branch_scale(scale: torch.Tensor, output: torch.Tensor, label: str) -> torc
     """The per-channel factor between the output Linear's output and the block's output, from one probe.
 
     ``scale``: [..., D] change of the block output per unit of offset, per token. It must be the same
-    on every token (up to fp32 rounding of the output's magnitude); channels with a zero factor
+    on every token (up to rounding in the output's dtype); channels with a zero factor
     return inf, so their target is the current output (they cannot change the block's output).
     """
     flat = scale.reshape(-1, scale.shape[-1])
     factor = flat.mean(0)
-    slack = 1e-3 * float(factor.abs().max()) + 1e-5 * (1 + float(output.abs().max()))
+    rounding = max(1e-5, 4 * torch.finfo(output.dtype).eps)  # two roundings of the output (bf16: ~3e-2)
+    slack = 1e-3 * float(factor.abs().max()) + rounding * (1 + float(output.abs().max()))
     if float((flat - factor).abs().max()) > slack:
         raise ValueError(f"{label}: compensation needs the block's output to be its input plus a per-channel "
                          "multiple of the MLP's output (or its LayerNorm, post-norm); here it is not: prune this "

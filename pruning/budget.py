@@ -5,7 +5,7 @@ chooses each block's width on a grid (multiples of 64 by default) so that the su
 
 The error of block ``b`` at width ``w`` is the relative change of the block's output on held-out calibration
 tokens when its MLP keeps the first ``w`` units of its selection order and the output Linear is refitted in
-closed form (mode ``output``), on the original model's hidden states:
+closed form (``BlockCalibration``), on the original model's hidden states:
 ``E ||s * (y_w - y)||^2 / E ||h_out||^2``, ``y`` the MLP's output, ``s`` the per-channel factor between it and
 the block's output (LayerScale, or 1), ``h_out`` the block's output (``Budget.weighting``): the relative change
 of the residual stream, which later blocks carry on (measured on DINOv2: errors in residual-stream units, or over
@@ -168,7 +168,7 @@ def _block_curve(block: nn.Module, site: MlpSite, states: list[BlockState], orde
     ``weighting``: see ``Budget.weighting``.
 
     One extra run of the first batch, with a known offset on the branch's output, measures the factor ``s``
-    between the output Linear's output and the block's output (as mode ``output`` does); behind a post-norm,
+    between the output Linear's output and the block's output (as ``BlockCalibration`` does); behind a post-norm,
     the norm's gain over the token's scale, to first order.
     """
     out = getattr(site.module(block), site.out_name)

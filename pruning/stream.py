@@ -370,7 +370,7 @@ def _markdown(summary: dict, report: PruneReport) -> str:
     ]
     calib = report.calibration
     if calib:
-        lines.append(f"- compensation: {calib['mode']} mode, ridge {calib['ridge']}, {calib['num_images']} "
+        lines.append(f"- compensation: each block refitted to the original block's output, ridge {calib['ridge']}, {calib['num_images']} "
                      f"calibration images from {calib['source']} (batches of {calib['batch_size']}; "
                      f"{calib['holdout_fraction']:.0%} of tokens held out for the errors); carried hidden states "
                      f"{calib['hidden_state_bytes'] / 2**20:.1f} MiB; {calib['seconds']:.1f} s")
@@ -387,10 +387,8 @@ def _markdown(summary: dict, report: PruneReport) -> str:
         lines.append(f"| {i} | `{s.path}` | {s.hidden_before} | {s.hidden_after} | {s.params_before:,} | "
                      f"{s.params_after:,} |{cells} {head} |")
     if calib:
-        measured = ("fc2's output against the one that reproduces the original block's output (mode output)"
-                    if calib["mode"] == "output" else "fc2's output against the original fc2's")
-        lines += ["", f"held-out error: ||y' - y|| / ||y|| of {measured} on held-out calibration tokens, pruned "
-                      "without and with compensation."]
+        lines += ["", "held-out error: ||y' - y|| / ||y|| of fc2's output against the one that reproduces the "
+                      "original block's output, on held-out calibration tokens, pruned without and with compensation."]
     if calib and calib.get("budget"):
         lines += _budget_markdown(calib["budget"], report)
     lines += ["", f"Full kept index lists (selection order) are in `{REPORT_JSON}`.", ""]

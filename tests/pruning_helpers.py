@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from pruning import (
-    ActivationStats,
     BlockState,
     Calibration,
     ModelSource,
@@ -20,7 +19,6 @@ from pruning import (
     keep_counts,
     prune_blocks,
 )
-from pruning.fit import fit_compensation_from_stats
 
 
 def prune_model(model: nn.Module, *, ratio: float | None = None, num_keep: int | Mapping[str, int] | None = None,
@@ -34,14 +32,13 @@ def prune_model(model: nn.Module, *, ratio: float | None = None, num_keep: int |
 
 def prune_and_compensate(model: nn.Module, batches: Iterable, forward: Callable | None = None, *,
                          ratio: float | None = None, num_keep: int | Mapping[str, int] | None = None,
-                         method: str = "diversity", mode: str = "teacher", ridge: float = 1e-3,
+                         method: str = "diversity", ridge: float = 1e-3,
                          holdout_fraction: float = 0.2, generator: torch.Generator | None = None,
                          scores: dict[str, torch.Tensor] | None = None, balance_prefix: bool = False) -> PruneReport:
     """Prune and compensate every MLP of a tower of blocks in place, on calibration image batches
     (or recorded ``BlockState``s); ``forward(model, images)`` runs the tower (default ``model(images)``)."""
     source = ModelSource(model, forward)
-    calibration = Calibration(mode=mode, ridge=ridge, holdout_fraction=holdout_fraction,
-                              balance_prefix=balance_prefix)
+    calibration = Calibration(ridge=ridge, holdout_fraction=holdout_fraction, balance_prefix=balance_prefix)
     inputs: list[torch.Tensor | BlockState] = list(batches)
     return prune_blocks(source, keep_counts(source.sites, ratio, num_keep), method, calibration=calibration,
                         calib_inputs=inputs, generator=generator, scores=scores)
@@ -51,22 +48,13 @@ def prune_and_compensate(model: nn.Module, batches: Iterable, forward: Callable 
 calibrate_blocks = prune_and_compensate_blocks = prune_and_compensate
 
 
-def prune_checkpoint(model: str, out_dir, *, calibration=None, num_calib: int = 256, calib_mode: str = "sequential",
-                     ridge: float = 1e-3, calib_batch_size: int = 16, holdout_fraction: float = 0.2,
+def prune_checkpoint(model: str, out_dir, *, calibration=None, num_calib: int = 256, ridge: float = 1e-3, calib_batch_size: int = 16, holdout_fraction: float = 0.2,
                      balance_prefix: bool = False, **kwargs) -> PruneReport:
     """``pruning.prune_checkpoint`` with the calibration settings as keywords (``calibration``: the images)."""
     import pruning
 
     settings = None
     if calibration is not None:
-        settings = Calibration(mode=calib_mode, ridge=ridge, holdout_fraction=holdout_fraction,
+        settings = Calibration(ridge=ridge, holdout_fraction=holdout_fraction,
                                balance_prefix=balance_prefix, num_images=num_calib, batch_size=calib_batch_size)
     return pruning.prune_checkpoint(model, out_dir, calibration=settings, images=calibration, **kwargs)
-
-
-def fit_compensation(acts: torch.Tensor, kept: torch.Tensor, ridge: float = 1e-3,
-                     intercept: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """``fit_compensation_from_stats`` on one in-memory [tokens, units] activation tensor."""
-    stats = ActivationStats(acts.shape[-1])
-    stats.update(acts)
-    return fit_compensation_from_stats(stats, kept, ridge, intercept)

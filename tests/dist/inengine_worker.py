@@ -2,7 +2,7 @@
 
 Usage: torchrun --nproc_per_node 2 tests/dist/inengine_worker.py OUT_DIR JOB_JSON [JOB_JSON ...]
 Each job is a JSON object: name, family, model, pretrained, engine, zero_stage, in_engine, ratio,
-method, student_init, compensate, calib_batches, ridge, calib_mode, calib_holdout, stream ("synthetic": batch i of rank r's
+method, student_init, compensate, calib_batches, ridge, calib_holdout, stream ("synthetic": batch i of rank r's
 SyntheticStream instead of one fixed batch), train (false: the pruning pass only) (all optional). An in-engine job first prunes alone (engine set up, sharded build,
 in-engine pruning, optimizer; no step): rank 0 writes OUT_DIR/<name>.pruned.safetensors (the gathered
 student) and every rank OUT_DIR/<name>.prune.rank<r>.json (report, memory). Then every job trains
@@ -54,7 +54,7 @@ def config(out_dir: Path, job: dict, steps: int, lr: float) -> TrainConfig:
              "in_engine": job["in_engine"],
              "student_init": job.get("student_init", ""), "taylor_batches": 2,
              "compensate": job.get("compensate", False), "calib_batches": job.get("calib_batches", 8),
-             "ridge": job.get("ridge", 1e-3), "calib_mode": job.get("calib_mode", "output"),
+             "ridge": job.get("ridge", 1e-3),
              "calib_holdout": job.get("calib_holdout", 0.2), "budget": job.get("budget"),
              "budget_grid": job.get("budget_grid", 64)}
     return from_dict({

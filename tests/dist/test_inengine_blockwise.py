@@ -1,4 +1,4 @@
-"""Calibration inside in-engine pruning (prune.compensate, every prune.calib_mode) on 2 gloo ranks.
+"""Calibration inside in-engine pruning (prune.compensate) on 2 gloo ranks.
 
 Each rank carries the hidden states of its own calibration batches through whole teacher blocks gathered
 from the shards, and the fit statistics are all-reduced: the student must equal
@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import trainer.models.open_clip_family  # noqa: F401  registers ViT-Tiny-8 (configs/open_clip)
+from pruning import Calibration
 from pruning.blockwise import block_layout, stem_states
 from pruning_helpers import calibrate_blocks
 
@@ -30,14 +31,11 @@ CALIB = 2  # batches per rank
 RIDGE = 1e-3
 CLIP = {"family": "open_clip", "model": "ViT-Tiny-8"}
 EVA = {"family": "timm", "model": inengine_worker.TINY_EVA}
-JOBS = {"fsdp_output": {**CLIP, "engine": "fsdp", "calib_mode": "output", "calib_holdout": 0.0},
-        "zero3_output": {**CLIP, "engine": "deepspeed", "zero_stage": 3, "calib_mode": "output", "calib_holdout": 0.0},
-        "fsdp_output_eva": {**EVA, "engine": "fsdp", "calib_mode": "output", "calib_holdout": 0.0},
-        "zero2_sequential": {**CLIP, "engine": "deepspeed", "zero_stage": 2, "calib_mode": "sequential",
-                             "calib_holdout": 0.25},
-        "fsdp_teacher": {**CLIP, "engine": "fsdp", "calib_mode": "teacher", "calib_holdout": 0.25, "train": True},
-        "zero3_teacher": {**CLIP, "engine": "deepspeed", "zero_stage": 3, "calib_mode": "teacher",
-                          "calib_holdout": 0.25}}
+JOBS = {"fsdp": {**CLIP, "engine": "fsdp", "calib_holdout": 0.0},
+        "zero3": {**CLIP, "engine": "deepspeed", "zero_stage": 3, "calib_holdout": 0.25},
+        "fsdp_eva": {**EVA, "engine": "fsdp", "calib_holdout": 0.0},
+        "zero2": {**CLIP, "engine": "deepspeed", "zero_stage": 2, "calib_holdout": 0.25},
+        "fsdp_train": {**CLIP, "engine": "fsdp", "calib_holdout": 0.25, "train": True}}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +51,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
             if name.endswith("bias"):
                 p.normal_(0, 0.1)  # stock inits zero them: make the intercepts and the norm shifts count
     save_file({k: v.contiguous() for k, v in eva.state_dict().items()}, out / "eva.safetensors")
-    jobs = [{**spec, "name": name, "pretrained": str(out / ("eva" if spec is JOBS["fsdp_output_eva"] else "clip")
+    jobs = [{**spec, "name": name, "pretrained": str(out / ("eva" if spec is JOBS["fsdp_eva"] else "clip")
                                                        ) + ".safetensors",
              "ratio": RATIO, "method": "diversity", "in_engine": True, "compensate": True, "calib_batches": CALIB,
              "ridge": RIDGE, "stream": "synthetic", "train": spec.get("train", False)} for name, spec in JOBS.items()]
@@ -74,8 +72,8 @@ def host(out: Path, name: str) -> tuple[dict, list]:
     adapter.strip_head(teacher)
     images = [inengine_worker.stream(job, rank).batch_at(i).model_input() for rank in range(2) for i in range(CALIB)]
     states = stem_states(teacher, block_layout(teacher).blocks[0], images)
-    report = calibrate_blocks(teacher, states, ratio=RATIO, method="diversity", mode=spec["calib_mode"],
-                              ridge=RIDGE, holdout_fraction=spec["calib_holdout"])
+    report = calibrate_blocks(teacher, states, ratio=RATIO, method="diversity", ridge=RIDGE,
+                              holdout_fraction=spec["calib_holdout"])
     return teacher.state_dict(), report.sites
 
 
@@ -114,37 +112,36 @@ def test_blockwise_student_equals_calibrate_blocks_on_the_full_teacher(out: Path
 
 
 def test_blockwise_reports_held_out_errors_alike_on_every_rank(out: Path) -> None:
-    records = ranks(out, "zero2_sequential")
+    records = ranks(out, "zero2")
     errors = [[(s["recon_error_before"], s["recon_error_after"]) for s in r["report"]["sites"]] for r in records]
     assert errors[0] == errors[1]
     assert all(before is not None and after is not None and after < before for before, after in errors[0])
 
 
 def test_training_run_writes_the_compensated_report(out: Path) -> None:
-    records = [json.loads(p.read_text()) for p in sorted(out.glob("fsdp_teacher.rank*.json"))]
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("fsdp_train.rank*.json"))]
     assert len(records) == 2
     assert all(len(r["losses"]) == 3 and all(loss == loss for loss in r["losses"]) for r in records)
     report = json.loads((Path(records[0]["run_dir"]) / "prune_report.json").read_text())
-    pruned = ranks(out, "fsdp_teacher")[0]["report"]
+    pruned = ranks(out, "fsdp_train")[0]["report"]
     assert [s["recon_error_after"] for s in report["sites"]] == [s["recon_error_after"] for s in pruned["sites"]]
-    assert report["calibration"]["mode"] == "teacher"
+    assert (report["calibration"]["ridge"], report["calibration"]["holdout_fraction"]) == (RIDGE, 0.25)
 
 
 def test_calibration_config_keys_are_validated() -> None:
     from trainer.config import from_dict
 
     cfg = from_dict({"prune": {"in_engine": True, "compensate": True}})
-    assert cfg.prune.calibration().mode == "output"  # one default, the CLI's and the demo's
+    assert cfg.prune.calibration() == Calibration()  # one default, the CLI's and the demo's
     assert (cfg.prune.calib_batches, cfg.prune.ridge) == (8, 1e-3)
     assert from_dict({"prune": {"in_engine": True}}).prune.calibration() is None
     with pytest.raises(ValueError, match="prune.compensate: needs prune.in_engine=true"):
         from_dict({"prune": {"compensate": True}})
     with pytest.raises(ValueError, match="prune.calib_batches: must be >= 1"):
         from_dict({"prune": {"in_engine": True, "compensate": True, "calib_batches": 0}})
-    bad = [({"calib_mode": "blockwise"}, "calibration mode must be one of"),
+    bad = [({"calib_mode": "output"}, "config key prune.calib_mode was removed: output-mode compensation is the only"),
            ({"calib_holdout": 1.0}, r"holdout_fraction must be in \[0, 1\)"),
-           ({"ridge": -1.0}, "ridge must be >= 0"),
-           ({"calib_mode": "teacher", "balance_prefix": True}, "balance_prefix needs mode 'output'")]
+           ({"ridge": -1.0}, "ridge must be >= 0")]
     for keys, message in bad:
         with pytest.raises(ValueError, match=message):
             from_dict({"prune": {"in_engine": True, "compensate": True, **keys}})

@@ -37,7 +37,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     jobs = [{**spec, "name": name, "family": "open_clip", "model": "ViT-Tiny-8",
              "pretrained": str(out / "clip.safetensors"), "ratio": 1.0, "budget": BUDGET, "budget_grid": GRID,
              "method": "diversity", "in_engine": True, "compensate": True, "calib_batches": CALIB, "ridge": RIDGE,
-             "calib_mode": "output", "calib_holdout": HOLDOUT, "stream": "synthetic", "train": False}
+             "calib_holdout": HOLDOUT, "stream": "synthetic", "train": False}
             for name, spec in JOBS.items()]
     inengine_worker.launch(out, jobs)
     return out

@@ -97,16 +97,15 @@ def test_cli_compensates_from_an_image_folder_like_in_memory(tmp_path):
 
     done = run_cli("--model", NAME, "--model-config", str(config), "--checkpoint", str(ckpt), "--ratio", "0.5",
                    "--out", str(out), "--calibration", str(tmp_path / "images"), "--num-calib", "8",
-                   "--calib-batch-size", "3", "--calib-mode", "sequential", "--ridge", "0.01")
+                   "--calib-batch-size", "3", "--ridge", "0.01")
     assert done.returncode == 0, done.stderr
-    # 8 images x 17 tokens x width 64 x 4 bytes
-    assert "compensated (sequential, ridge 0.01) on 8 images; carried hidden states 34,816 bytes" in done.stdout
+    # 2 streams x 8 images x 17 tokens x width 64 x 4 bytes
+    assert "compensated (ridge 0.01) on 8 images; carried hidden states 69,632 bytes" in done.stdout
     assert "held-out error" in done.stderr  # per-block progress lines carry the errors
 
     images = load_calibration_images(tmp_path / "images", 8, input_spec(model, "open_clip"))
     expected = copy.deepcopy(model.visual)
-    want = prune_and_compensate(expected, list(images.split(3)), lambda m, x: m(x), ratio=0.5, mode="sequential",
-                                ridge=0.01)
+    want = prune_and_compensate(expected, list(images.split(3)), lambda m, x: m(x), ratio=0.5, ridge=0.01)
     got = load_file(out / "open_clip_visual.safetensors")
     for key, value in expected.state_dict().items():
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)

@@ -91,7 +91,7 @@ def test_budget_spends_the_uniform_parameters_on_every_layout(kind):
     uniform = pruning.keep_counts(source.sites, 0.5 if kind == "dinov2_w12" else 1.0)
     budget = pruning.Budget(ratio=0.5 if kind == "dinov2_w12" else 1.0, grid=8)
     before = source.params_before
-    calibration = pruning.Calibration(mode="output")
+    calibration = pruning.Calibration()
     plan = pruning.plan_widths(source, budget, calibration=calibration, calib_inputs=_images(shape))
     assert all(w % 8 == 0 for w in plan.widths)
     assert sum(plan.widths) == sum(uniform.values()) // 8 * 8

@@ -42,7 +42,7 @@ def test_compensated_copy_is_the_block_wise_output_fit():
     got = pruned_copy(teacher, 1.0, "diversity", compensate_on=pictures)
     want = copy.deepcopy(teacher)
     prune_and_compensate_blocks(want, list(normalised_batches(pictures, 16)), forward=lambda m, x: m.forward_features(x),
-                                ratio=1.0, mode="output", ridge=RIDGE, generator=torch.Generator().manual_seed(0),
+                                ratio=1.0, ridge=RIDGE, generator=torch.Generator().manual_seed(0),
                                 balance_prefix=True)
     for (name, a), (_, b) in zip(got.state_dict().items(), want.state_dict().items(), strict=True):
         assert torch.equal(a, b), name

@@ -1,4 +1,4 @@
-"""Calibration mode ``output``: each pruned block's output Linear is refitted so that the block's output
+"""Compensation: each pruned block's output Linear is refitted so that the block's output
 matches the original block's output (``pruning.blockwise``); exact cases, the fit's algebra, refusals."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def test_removed_units_repeating_kept_ones_give_back_the_original_tower():
                 block.mlp.fc1.bias[copy_start:copy_start + 64] = block.mlp.fc1.bias[:64]
     pruned = copy.deepcopy(model)
     report = prune_and_compensate_blocks(pruned, images(64).split(16), forward=lambda m, x: m.forward_features(x),
-                                         num_keep=64, mode="output", ridge=0.0)
+                                         num_keep=64, ridge=0.0)
     probe = images(4, seed=7)
     with torch.no_grad():
         torch.testing.assert_close(pruned.forward_features(probe), model.forward_features(probe),
@@ -60,23 +60,35 @@ def test_removed_units_repeating_kept_ones_give_back_the_original_tower():
 def test_keeping_every_unit_keeps_the_tower():
     model = tiny_dinov2(hidden=128)
     pruned = copy.deepcopy(model)
-    prune_and_compensate_blocks(pruned, images(64).split(16), num_keep=128, mode="output", ridge=0.0)
+    prune_and_compensate_blocks(pruned, images(64).split(16), num_keep=128, ridge=0.0)
     probe = images(4, seed=7)
     with torch.no_grad():
         torch.testing.assert_close(pruned(probe), model(probe), rtol=1e-4, atol=1e-4)
 
 
-def test_first_block_equals_the_teacher_mode_fit():
-    # Same inputs in both streams at block 0: the block-output target is the unpruned fc2 output, and the
-    # ridge anchored at the plain pruned weights is the teacher-mode ridge on the removed units.
-    output, teacher = tiny_dinov2(), tiny_dinov2()
+def test_first_block_target_is_the_unpruned_fc2_output():
+    # Both streams are equal at block 0: the target of the refit is the original fc2's output (LayerScale
+    # divided out), so the refitted fc2 is the ridge regression of it on the kept units, anchored at the
+    # plain pruned weights.
+    model = tiny_dinov2()
     batches = images(24).split(8)
-    prune_and_compensate_blocks(output, batches, num_keep=40, mode="output", ridge=1e-2)
-    prune_and_compensate_blocks(teacher, batches, num_keep=40, mode="teacher", ridge=1e-2)
-    fc2_out, fc2_teacher = output.blocks[0].mlp.fc2, teacher.blocks[0].mlp.fc2
-    torch.testing.assert_close(fc2_out.weight, fc2_teacher.weight, rtol=1e-3, atol=1e-5)
-    torch.testing.assert_close(fc2_out.bias, fc2_teacher.bias, rtol=1e-3, atol=1e-5)
-    assert not torch.allclose(output.blocks[2].mlp.fc2.weight, teacher.blocks[2].mlp.fc2.weight, atol=1e-4)
+    fc2 = model.blocks[0].mlp.fc2
+    seen: list[torch.Tensor] = []
+    handle = fc2.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().reshape(-1, 256)))
+    with torch.no_grad():
+        for batch in batches:
+            model.forward_features(batch)
+    handle.remove()
+    acts = torch.cat(seen).double()
+    pruned = copy.deepcopy(model)
+    report = prune_and_compensate_blocks(pruned, batches, num_keep=40, ridge=1e-2, holdout_fraction=0.0)
+    kept = torch.tensor(report.sites[0].kept).sort().values
+    stats = ActivationStats(40 + fc2.out_features)
+    stats.update(torch.cat([acts[:, kept], acts @ fc2.weight.double().T + fc2.bias.double()], 1))
+    weight, bias = fit_output_from_stats(stats, fc2.weight[:, kept], fc2.bias, ridge=1e-2)
+    new = pruned.blocks[0].mlp.fc2
+    torch.testing.assert_close(new.weight.double(), weight, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(new.bias.double(), bias, rtol=1e-3, atol=1e-5)
 
 
 def test_states_from_two_input_sizes_calibrate_one_tower():
@@ -87,7 +99,7 @@ def test_states_from_two_input_sizes_calibrate_one_tower():
     states = (stem_states(tower, "blocks.0", images(16).split(8), lambda m, x: m.forward_features(x))
               + stem_states(small_stem, "blocks.0", images(16, size=42).split(8), lambda m, x: m.forward_features(x)))
     assert {s.hidden.shape[1] for s in states} == {5, 10}
-    report = calibrate_blocks(tower, states, num_keep=40, mode="output", ridge=1e-2)
+    report = calibrate_blocks(tower, states, num_keep=40, ridge=1e-2)
     assert report.widths == [40, 40, 40]
     assert all(s.recon_error_after < s.recon_error_before for s in report.sites)
 
@@ -144,7 +156,7 @@ def test_post_norm_tower_with_repeated_units_is_given_back():
                 block.mlp.fc1.weight[copy_start:copy_start + hidden] = block.mlp.fc1.weight[:hidden]
                 block.mlp.fc1.bias[copy_start:copy_start + hidden] = block.mlp.fc1.bias[:hidden]
     pruned = copy.deepcopy(model)
-    report = prune_and_compensate_blocks(pruned, images(64, size=32).split(16), num_keep=64, mode="output",
+    report = prune_and_compensate_blocks(pruned, images(64, size=32).split(16), num_keep=64,
                                          ridge=0.0)
     probe = images(4, size=32, seed=7)
     with torch.no_grad():
@@ -154,21 +166,23 @@ def test_post_norm_tower_with_repeated_units_is_given_back():
         assert site.recon_error_before > 0.1 and site.recon_error_after < 1e-4
 
 
-def test_post_norm_keep_all_is_identity_and_pruning_beats_sequential_mode():
+def test_post_norm_keep_all_is_identity_and_compensation_beats_plain_pruning():
     model = tiny_post_norm_eva()
     kept_all = copy.deepcopy(model)
-    prune_and_compensate_blocks(kept_all, images(64, size=32).split(16), num_keep=256, mode="output", ridge=0.0)
+    prune_and_compensate_blocks(kept_all, images(64, size=32).split(16), num_keep=256, ridge=0.0)
     probe = images(32, size=32, seed=7)
     with torch.no_grad():
         torch.testing.assert_close(kept_all(probe), model(probe), rtol=1e-4, atol=1e-4)
         reference = model.forward_features(probe)
-    errors = {}
-    for mode in ("sequential", "output"):
-        pruned = copy.deepcopy(model)
-        prune_and_compensate_blocks(pruned, images(128, size=32).split(32), num_keep=64, mode=mode)
-        with torch.no_grad():
-            errors[mode] = float((pruned.forward_features(probe) - reference).norm() / reference.norm())
-    assert errors["output"] < errors["sequential"], errors
+    from pruning_helpers import prune_model
+
+    plain, compensated = copy.deepcopy(model), copy.deepcopy(model)
+    prune_model(plain, num_keep=64)
+    prune_and_compensate_blocks(compensated, images(128, size=32).split(32), num_keep=64)
+    with torch.no_grad():
+        errors = {name: float((m.forward_features(probe) - reference).norm() / reference.norm())
+                  for name, m in (("plain", plain), ("compensated", compensated))}
+    assert errors["compensated"] < 0.8 * errors["plain"], errors
 
 
 def test_norm_pullback_is_a_gauss_newton_step_through_the_norm():
@@ -197,16 +211,16 @@ def test_post_norm_that_is_not_a_layernorm_is_refused_naming_the_block():
 
     tower = tiny_post_norm_eva(norm_layer=RmsNorm)
     with pytest.raises(ValueError, match=r"blocks\.0\.mlp.*post-norm"):
-        prune_and_compensate_blocks(tower, images(8, size=32).split(4), num_keep=40, mode="output")
+        prune_and_compensate_blocks(tower, images(8, size=32).split(4), num_keep=40)
 
 
-def test_output_mode_carries_both_streams():
+def test_calibration_carries_both_streams():
     from pruning.blockwise import BlockCalibration
 
     model, shape, _ = tiny_model("timm_vit")
     states = stem_states(model, "blocks.0", [torch.randn(shape)])
-    assert (BlockCalibration(states, Calibration(mode="output")).hidden_state_bytes()
-            == 2 * BlockCalibration(states, Calibration(mode="sequential")).hidden_state_bytes())
+    one_stream = sum(s.hidden.numel() * s.hidden.element_size() for s in states)
+    assert one_stream > 0 and BlockCalibration(states, Calibration()).hidden_state_bytes() == 2 * one_stream
 
 
 @pytest.mark.parametrize("kind", ["open_clip", "timm_vit", "eva_plain", "eva_swiglu", "eva_glu_fused"])
@@ -221,12 +235,12 @@ def test_every_block_layout_keeps_all_as_identity_and_prunes_to_plain_shapes(kin
                                                                                   "fc1_g.weight")))
     hidden = hidden // 2 if kind == "eva_glu_fused" else hidden
     everything = copy.deepcopy(model)
-    prune_and_compensate_blocks(everything, batches, num_keep=hidden, mode="output", ridge=0.0)
+    prune_and_compensate_blocks(everything, batches, num_keep=hidden, ridge=0.0)
     probe = torch.randn(shape, generator=torch.Generator().manual_seed(99))
     with torch.no_grad():
         torch.testing.assert_close(everything(probe), model(probe), rtol=1e-3, atol=1e-4)
     pruned, plain = copy.deepcopy(model), copy.deepcopy(model)
-    prune_and_compensate_blocks(pruned, batches[:4], num_keep=24, mode="output")
+    prune_and_compensate_blocks(pruned, batches[:4], num_keep=24)
     prune_model(plain, num_keep=24)
     assert {k: v.shape for k, v in pruned.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
 
@@ -281,10 +295,10 @@ def test_balanced_prefix_tokens_count_like_repeated_class_tokens():
     batches = [torch.randn(3, 6, 16) for _ in range(8)]
     repeated = [torch.cat([b[:, :1].repeat(1, 5, 1), b[:, 1:]], 1) for b in batches]
     balanced_tower, repeated_tower, plain_tower = copy.deepcopy(tower), copy.deepcopy(tower), copy.deepcopy(tower)
-    prune_and_compensate_blocks(balanced_tower, batches, num_keep=12, mode="output", holdout_fraction=0.0,
+    prune_and_compensate_blocks(balanced_tower, batches, num_keep=12, holdout_fraction=0.0,
                                 balance_prefix=True)
-    prune_and_compensate_blocks(repeated_tower, repeated, num_keep=12, mode="output", holdout_fraction=0.0)
-    prune_and_compensate_blocks(plain_tower, batches, num_keep=12, mode="output", holdout_fraction=0.0)
+    prune_and_compensate_blocks(repeated_tower, repeated, num_keep=12, holdout_fraction=0.0)
+    prune_and_compensate_blocks(plain_tower, batches, num_keep=12, holdout_fraction=0.0)
     for name, value in repeated_tower.state_dict().items():
         torch.testing.assert_close(balanced_tower.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
     assert not torch.allclose(plain_tower.blocks[1].mlp.fc2.weight, balanced_tower.blocks[1].mlp.fc2.weight)
@@ -303,22 +317,20 @@ def test_prefix_counts_and_refusals():
     with pytest.raises(ValueError, match="cannot tell"):
         prefix_token_count(torch.nn.Sequential())
     states = stem_states(model, "transformer.resblocks.0", [torch.randn(shape)])
-    with pytest.raises(ValueError, match="needs mode 'output'"):
-        BlockCalibration(states, Calibration(mode="sequential"), prefix_tokens=1)
+    with pytest.raises(ValueError, match="prefix token count must be >= 0"):
+        BlockCalibration(states, Calibration(), prefix_tokens=-1)
 
 
 def test_empty_calibration_batches_add_nothing_and_none_at_all_is_refused():
     model = tiny_dinov2(hidden=128)
     batches = images(16).split(8)
     with_empty, plain = copy.deepcopy(model), copy.deepcopy(model)
-    calibrate_blocks(with_empty, stem_states(with_empty, "blocks.0", [images(0), *batches]), num_keep=40,
-                     mode="output")
-    calibrate_blocks(plain, stem_states(plain, "blocks.0", batches), num_keep=40, mode="output")
+    calibrate_blocks(with_empty, stem_states(with_empty, "blocks.0", [images(0), *batches]), num_keep=40)
+    calibrate_blocks(plain, stem_states(plain, "blocks.0", batches), num_keep=40)
     for key, value in plain.state_dict().items():
         torch.testing.assert_close(with_empty.state_dict()[key], value, rtol=0, atol=0, msg=key)
     with pytest.raises(ValueError, match="no batch with any image"):
-        calibrate_blocks(copy.deepcopy(model), stem_states(model, "blocks.0", [images(0)]), num_keep=40,
-                         mode="output")
+        calibrate_blocks(copy.deepcopy(model), stem_states(model, "blocks.0", [images(0)]), num_keep=40)
 
 
 def test_stats_rebased_onto_one_shift_add_up_to_the_stats_of_all_tokens():
@@ -344,7 +356,7 @@ def test_stats_rebased_onto_one_shift_add_up_to_the_stats_of_all_tokens():
         total.rebase(torch.zeros(4))
 
 
-def test_batch_weight_counts_like_repeating_the_batch_and_needs_output_mode():
+def test_batch_weight_counts_like_repeating_the_batch():
     from dataclasses import replace
 
     model = tiny_dinov2(hidden=128)
@@ -352,12 +364,10 @@ def test_batch_weight_counts_like_repeating_the_batch_and_needs_output_mode():
     weighted, repeated = copy.deepcopy(model), copy.deepcopy(model)
     states = stem_states(weighted, "blocks.0", [first, second])
     states[1] = replace(states[1], weight=2.0)
-    calibrate_blocks(weighted, states, num_keep=40, mode="output", holdout_fraction=0)
+    calibrate_blocks(weighted, states, num_keep=40, holdout_fraction=0)
     calibrate_blocks(repeated, stem_states(repeated, "blocks.0", [first, second, second]), num_keep=40,
-                     mode="output", holdout_fraction=0)
+                     holdout_fraction=0)
     for key, value in repeated.state_dict().items():
         torch.testing.assert_close(weighted.state_dict()[key], value, rtol=1e-4, atol=1e-6, msg=key)
-    with pytest.raises(ValueError, match="batch weights need mode 'output'"):
-        calibrate_blocks(copy.deepcopy(model), states, num_keep=40, mode="sequential")
     with pytest.raises(ValueError, match="batch weights must be > 0"):
-        calibrate_blocks(copy.deepcopy(model), [replace(states[0], weight=0.0)], num_keep=40, mode="output")
+        calibrate_blocks(copy.deepcopy(model), [replace(states[0], weight=0.0)], num_keep=40)

@@ -108,20 +108,19 @@ def written(out, kind: str) -> dict[str, torch.Tensor]:
     return {k[len("visual."):]: v for k, v in load_file(out / OPEN_CLIP_WEIGHTS).items() if k.startswith("visual.")}
 
 
-@pytest.mark.parametrize("mode", ["teacher", "sequential"])
 @pytest.mark.parametrize("kind", ["timm_vit", "dinov2", "open_clip"])
-def test_streamed_compensation_equals_in_memory(tmp_path, kind, mode):
+def test_streamed_compensation_equals_in_memory(tmp_path, kind):
     name, model, tower, size = tiny(kind)
     ckpt = tmp_path / "ckpt.safetensors"
     save_file(model.state_dict(), ckpt)
     images = torch.randn(6, 3, size, size, generator=torch.Generator().manual_seed(1))
     out = tmp_path / "out"
-    report = prune_checkpoint(name, out, checkpoint=ckpt, ratio=0.5, calibration=images, calib_mode=mode,
-                              ridge=1e-2, calib_batch_size=2, holdout_fraction=0.25)
+    report = prune_checkpoint(name, out, checkpoint=ckpt, ratio=0.5, calibration=images, ridge=1e-2,
+                              calib_batch_size=2, holdout_fraction=0.25)
 
     expected_tower = copy.deepcopy(tower)
     expected = prune_and_compensate(expected_tower, list(images.split(2)), in_memory_forward(kind), ratio=0.5,
-                                    mode=mode, ridge=1e-2, holdout_fraction=0.25)
+                                    ridge=1e-2, holdout_fraction=0.25)
     got = written(out, kind)
     want = expected_tower.state_dict()
     assert got.keys() == want.keys()
@@ -143,13 +142,13 @@ def test_streamed_compensation_equals_in_memory(tmp_path, kind, mode):
     summary = json.loads((out / REPORT_JSON).read_text())
     assert summary["stock_loadable"] is True
     calib = summary["calibration"]
-    assert (calib["mode"], calib["ridge"], calib["num_images"], calib["batch_size"]) == (mode, 1e-2, 6, 2)
+    assert (calib["ridge"], calib["num_images"], calib["batch_size"]) == (1e-2, 6, 2)
     tokens = (size // (8 if kind != "dinov2" else 14)) ** 2 + 1
-    assert calib["hidden_state_bytes"] == 6 * tokens * 64 * 4
+    assert calib["hidden_state_bytes"] == 2 * 6 * tokens * 64 * 4  # both streams carried
     assert [(s["recon_error_before"], s["recon_error_after"]) for s in summary["sites"]] == \
         [(s.recon_error_before, s.recon_error_after) for s in report.sites]
     md = (out / REPORT_MD).read_text()
-    assert f"compensation: {mode} mode" in md
+    assert "compensation: each block refitted to the original block's output, ridge 0.01" in md
     assert f"{report.sites[0].recon_error_before:.4f} | {report.sites[0].recon_error_after:.4f} |" in md
 
     # The export builds from its stock config (uniform widths) and computes what the in-memory model computes.
@@ -160,27 +159,20 @@ def test_streamed_compensation_equals_in_memory(tmp_path, kind, mode):
         torch.testing.assert_close(loaded.eval()(x), expected_tower(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["corrected", "output"])
-def test_two_stream_modes_stream_like_in_memory_and_start_as_teacher_mode(tmp_path, mode):
+def test_a_torch_checkpoint_streams_like_in_memory(tmp_path):
     name, model, tower, size = tiny("dinov2")
     ckpt = tmp_path / "ckpt.pt"
     torch.save(model.state_dict(), ckpt)
     images = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1))
     out = tmp_path / "out"
-    report = prune_checkpoint(name, out, checkpoint=ckpt, num_keep=40, calibration=images, calib_mode=mode,
-                              calib_batch_size=3)
-    expected_tower, teacher_tower = copy.deepcopy(tower), copy.deepcopy(tower)
-    expected = prune_and_compensate_blocks(expected_tower, images.split(3), num_keep=40, mode=mode)
-    prune_and_compensate_blocks(teacher_tower, images.split(3), num_keep=40, mode="teacher")
+    report = prune_checkpoint(name, out, checkpoint=ckpt, num_keep=40, calibration=images, calib_batch_size=3)
+    expected_tower = copy.deepcopy(tower)
+    expected = prune_and_compensate_blocks(expected_tower, images.split(3), num_keep=40)
     got = written(out, "dinov2")
     for key, value in expected_tower.state_dict().items():
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
     assert [e for s in report.sites for e in (s.recon_error_before, s.recon_error_after)] == pytest.approx(
         [e for s in expected.sites for e in (s.recon_error_before, s.recon_error_after)], rel=1e-5)
-    # Block 0 sees the same inputs in both streams: the anchored fit is the teacher-mode fit.
-    torch.testing.assert_close(got["blocks.0.mlp.fc2.weight"], teacher_tower.blocks[0].mlp.fc2.weight,
-                               rtol=1e-4, atol=1e-6)
-    assert not torch.allclose(got["blocks.2.mlp.fc2.weight"], teacher_tower.blocks[2].mlp.fc2.weight, atol=1e-4)
     calib = json.loads((out / REPORT_JSON).read_text())["calibration"]
     assert calib["hidden_state_bytes"] == 2 * 4 * 5 * 64 * 4  # both streams carried
 
@@ -196,9 +188,9 @@ def test_output_mode_streams_post_norm_blocks_like_in_memory(tmp_path, name):
     images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     out = tmp_path / "out"
     report = prune_checkpoint(f"timm:{name}", out, checkpoint=ckpt, num_keep=40, calibration=images,
-                              calib_mode="output", calib_batch_size=2)
+                              calib_batch_size=2)
     expected = copy.deepcopy(model)
-    prune_and_compensate_blocks(expected, images.split(2), num_keep=40, mode="output",
+    prune_and_compensate_blocks(expected, images.split(2), num_keep=40,
                                 forward=lambda m, x: m.forward_features(x))
     got = written(out, "timm_vit")
     for key, value in expected.state_dict().items():
@@ -211,16 +203,12 @@ def test_balanced_prefix_streams_like_in_memory(tmp_path):
     ckpt = tmp_path / "ckpt.safetensors"
     save_file(model.state_dict(), ckpt)
     images = torch.randn(6, 3, size, size, generator=torch.Generator().manual_seed(1))
-    with pytest.raises(ValueError, match="balance_prefix needs mode 'output'"):
-        prune_checkpoint(name, tmp_path / "bad", checkpoint=ckpt, num_keep=40, calibration=images,
-                         calib_mode="sequential", balance_prefix=True)
-    assert not (tmp_path / "bad").exists()
     out = tmp_path / "out"
-    prune_checkpoint(name, out, checkpoint=ckpt, num_keep=40, calibration=images, calib_mode="output",
+    prune_checkpoint(name, out, checkpoint=ckpt, num_keep=40, calibration=images,
                      calib_batch_size=2, balance_prefix=True)
     expected_tower, unbalanced = copy.deepcopy(tower), copy.deepcopy(tower)
-    prune_and_compensate_blocks(expected_tower, images.split(2), num_keep=40, mode="output", balance_prefix=True)
-    prune_and_compensate_blocks(unbalanced, images.split(2), num_keep=40, mode="output")
+    prune_and_compensate_blocks(expected_tower, images.split(2), num_keep=40, balance_prefix=True)
+    prune_and_compensate_blocks(unbalanced, images.split(2), num_keep=40)
     got = written(out, "dinov2")
     for key, value in expected_tower.state_dict().items():
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
@@ -228,16 +216,15 @@ def test_balanced_prefix_streams_like_in_memory(tmp_path):
     assert json.loads((out / REPORT_JSON).read_text())["calibration"]["prefix_tokens_balanced"] == 1
 
 
-@pytest.mark.parametrize("mode", ["teacher", "sequential"])
-def test_images_and_recorded_stem_states_calibrate_alike_with_rope_kwargs(mode):
+def test_images_and_recorded_stem_states_calibrate_alike_with_rope_kwargs():
     # Eva passes its rotary embedding to every block as a keyword: the recorded block-0 arguments carry it.
     torch.manual_seed(0)
     model = _randomise_biases(Eva(img_size=28, patch_size=7, embed_dim=64, depth=2, num_heads=2, num_classes=0,
                                   use_rot_pos_emb=True, ref_feat_shape=(4, 4)))
     images = list(torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(1)).split(2))
     a, b = copy.deepcopy(model), copy.deepcopy(model)
-    want = prune_and_compensate(a, images, lambda m, x: m.forward_features(x), num_keep=70, mode=mode)
-    got = prune_and_compensate_blocks(b, stem_states(b, "blocks.0", images), num_keep=70, mode=mode)
+    want = prune_and_compensate(a, images, lambda m, x: m.forward_features(x), num_keep=70)
+    got = prune_and_compensate_blocks(b, stem_states(b, "blocks.0", images), num_keep=70)
     assert [vars(s) for s in got.sites] == [vars(s) for s in want.sites]
     for key, value in a.state_dict().items():
         assert torch.equal(b.state_dict()[key], value), key
@@ -325,11 +312,10 @@ def test_calibrated_cli_errors_leave_nothing(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"expected normalised images \[N, 3, 32, 32\]"):
         prune_checkpoint(name, out, checkpoint=ckpt, ratio=0.5, calibration=torch.zeros(2, 3, 28, 28))
-    with pytest.raises(ValueError, match="calibration mode must be one of"):
-        prune_checkpoint(name, out, checkpoint=ckpt, ratio=0.5, calibration=torch.zeros(2, 3, 32, 32),
-                         calib_mode="student")
+    with pytest.raises(ValueError, match="ridge must be >= 0"):
+        prune_checkpoint(name, out, checkpoint=ckpt, ratio=0.5, calibration=torch.zeros(2, 3, 32, 32), ridge=-1.0)
     with pytest.raises(ValueError, match="not enough calibration tokens|no held-out token"):
         prune_checkpoint(name, out, checkpoint=ckpt, ratio=0.5, calibration=torch.zeros(1, 3, 32, 32),
-                         holdout_fraction=0.01, calib_mode="corrected")
+                         holdout_fraction=0.01)
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
