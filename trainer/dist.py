@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -41,9 +42,35 @@ def read_env() -> DistEnv:
     return DistEnv(rank, local_rank, world_size, device)
 
 
+HOST_MMAP_THRESHOLD_BYTES = 1 << 20
+"""CPU ranks: tensors of at least this size get their own mapping (``host_allocator_for_cpu_ranks``)."""
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def host_allocator_for_cpu_ranks(env: DistEnv) -> bool:
+    """On a CPU rank, serve tensors of 1 MiB and more from mmap instead of the heap (glibc ``mallopt``).
+
+    glibc raises its mmap threshold to the largest block it has freed (up to 32 MiB), so after the first
+    checkpoint read every gathered block, gradient shard and optimizer temporary comes from the heap,
+    where the small activations a step keeps land in the holes of the freed blocks and the next block's
+    buffer goes to the top: a ViT-B-32 FSDP2 rank held 0.4-0.5 GiB of free heap pages beside 0.52-0.62
+    GiB in use (peak RssAnon 1.36-1.50 GiB, planned 0.93), a ViT-g rank 1.5-2 GiB. A fixed threshold
+    hands every freed large tensor back at once: 1.00 GiB, at the price of page faults (measured on
+    ViT-B-32 at batch 2: +1 s of system time per step over 2 ranks; docs/results.md). A GPU rank's
+    tensors are not on this heap: unchanged. Returns whether the setting was applied.
+    """
+    if env.device.type != "cpu":
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def init_process_group(env: DistEnv, timeout_s: int) -> None:
     """nccl on GPU, gloo on CPU; needs MASTER_ADDR/MASTER_PORT from the launcher."""
     global _STARTED
+    host_allocator_for_cpu_ranks(env)
     if torch_dist.is_initialized():
         _STARTED = True
         return
