@@ -34,7 +34,9 @@ from trainer.models.meta import TowerShape, tower_shapes
 GIB = 1024**3
 ADAMW_MOMENT_BYTES = 8  # exp_avg + exp_avg_sq, fp32
 FP32 = 4
-DS_REDUCE_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's zero_optimization.reduce_bucket_size default
+DS_REDUCE_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's zero_optimization.reduce_bucket_size default (ZeRO-2)
+DS_ZERO3_BUCKET_BLOCKS = 2
+"""ZeRO-3 student: reduce_bucket_size = 2 blocks (trainer.engines.deepspeed.ds_config), allocated whole."""
 GATHERED_BLOCKS = 2  # the block being computed and the one prefetched (FSDP2 / ZeRO-3)
 DEFAULT_RESERVE_GIB = 2.0
 SETUPS = (("deepspeed", 2), ("deepspeed", 3), ("fsdp", 0))
@@ -81,10 +83,10 @@ def student_states(shape: TowerShape, engine: str, stage: int, precision: str, w
         # partition at the step, also in fp32 mode.
         grads = _shard(e * p, world) + _shard(FP32 * p, world)
         optimizer = _shard((FP32 + ADAMW_MOMENT_BYTES) * p, world)
-        bucket = e * min(DS_REDUCE_BUCKET_ELEMENTS, p)
         if stage == 2:
-            return ModelStates(e * p, grads, optimizer, bucket)
+            return ModelStates(e * p, grads, optimizer, e * min(DS_REDUCE_BUCKET_ELEMENTS, p))
         if stage == 3:
+            bucket = e * min(DS_ZERO3_BUCKET_BLOCKS * block, p)
             return ModelStates(_shard(e * p, world), grads, optimizer, GATHERED_BLOCKS * e * block + e * block + bucket)
         raise ValueError(f"engine.zero_stage: must be 2 or 3, got {stage}")
     raise ValueError(f"engine.name: unknown engine {engine!r}")

@@ -52,13 +52,37 @@ UNIVERSAL_TAG = "ds_universal"
 FROZEN_CHUNK_BYTES = 128 * 1024**2
 
 
-def ds_config(cfg: EngineConfig, optim: OptimConfig, world_size: int, *, stage: int, train: bool) -> dict[str, Any]:
-    """The DeepSpeed config dict for the student (``train``) or the frozen teacher."""
+def ds_config(cfg: EngineConfig, optim: OptimConfig, world_size: int, *, stage: int, train: bool,
+              block_numel: int = 0) -> dict[str, Any]:
+    """The DeepSpeed config dict for the student (``train``) or the frozen teacher.
+
+    ``block_numel`` (ZeRO-3: the largest transformer block's parameter count) bounds what a rank holds
+    gathered to two blocks, the one computed and the one prefetched. DeepSpeed's defaults keep up to 1e9
+    gathered elements live (``stage3_max_live_parameters``) and reuse them over 1e9 elements of distance:
+    in practice the whole gathered model on every rank at the end of its forward (ViT-g teacher: 2.0 GB
+    in bf16), which no per-rank memory plan of a sharded model can leave room for.
+    """
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 3 and block_numel > 0:
+        zero.update({"stage3_prefetch_bucket_size": block_numel, "stage3_max_live_parameters": 2 * block_numel,
+                     # A block used again within one block's worth of gathers (the last block, forward then
+                     # backward) stays gathered; everything else is released after its module.
+                     "stage3_max_reuse_distance": block_numel if train else 0})
+        if train:
+            # The optimizer steps the fp32 partition in sub-groups of this many local elements (default 1e9:
+            # all of it at once). torch AdamW's step on one flat partition holds two fp32 temporaries of its
+            # size (``exp_avg_sq.sqrt() / bias_correction``) beside the fp32 copy of its gradient: 12 bytes
+            # per parameter and rank (ViT-g r=1 on 2 ranks: 2.7 GiB). One block per sub-group bounds them.
+            # AdamW is elementwise and the clipping norm global: the same update.
+            zero["sub_group_size"] = block_numel
+            # The gradient bucket is allocated whole (default 5e8 elements: a ViT-g student's every gradient,
+            # 0.9 GiB per rank in bf16); two blocks of gradients per reduce-scatter.
+            zero["reduce_bucket_size"] = 2 * block_numel
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": optim.batch_size_per_rank,
         "gradient_accumulation_steps": optim.grad_accum_steps if train else 1,
         "train_batch_size": optim.batch_size_per_rank * world_size * (optim.grad_accum_steps if train else 1),
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -86,14 +110,16 @@ class DeepSpeedEngine:
     def setup(self, models: Models) -> None:
         if self.cfg.activation_checkpointing:
             models.enable_activation_checkpointing(models.student)
-        self._init_teacher(models.teacher)
+        self._init_teacher(models.teacher, _largest_block(models.blocks(models.teacher)))
         self._student_module = models.student
+        self._student_block_numel = _largest_block(models.blocks(models.student))
         self.build_optimizer()
 
-    def _init_teacher(self, teacher: nn.Module) -> None:
+    def _init_teacher(self, teacher: nn.Module, block_numel: int) -> None:
         # A second engine without optimizer only partitions the teacher and gathers it per module.
         self.teacher_engine, _, _, _ = deepspeed.initialize(
-            model=teacher, config=ds_config(self.cfg, self.optim_cfg, self.env.world_size, stage=3, train=False))
+            model=teacher, config=ds_config(self.cfg, self.optim_cfg, self.env.world_size, stage=3, train=False,
+                                            block_numel=block_numel))
         self.teacher_engine.eval()
         self.dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float32
 
@@ -117,7 +143,8 @@ class DeepSpeedEngine:
         optimizer = make_adamw(param_groups(student, 0.0), self.optim_cfg)
         self.student_engine, self.optimizer, _, _ = deepspeed.initialize(
             model=student, optimizer=optimizer,
-            config=ds_config(self.cfg, self.optim_cfg, self.env.world_size, stage=self.cfg.zero_stage, train=True))
+            config=ds_config(self.cfg, self.optim_cfg, self.env.world_size, stage=self.cfg.zero_stage, train=True,
+                             block_numel=self._student_block_numel))
         # Our per-group flags ("decays"), restored after a load: see restore_group_flags.
         self.group_flags = [{"decays": g["decays"]} for g in self.optimizer.param_groups]
 
@@ -172,8 +199,9 @@ class DeepSpeedEngine:
                     param.ds_tensor.copy_(teacher_params[name].ds_tensor)
                 else:
                     param.copy_(models.teacher_rows(name, 0, 2**62))
-        self._init_teacher(teacher)
+        self._init_teacher(teacher, _largest_block(models.blocks(teacher)))
         self._student_module = student
+        self._student_block_numel = _largest_block(models.blocks(student))
 
     def _write_partition(self, param: torch.Tensor, rows: Callable[[int, int], torch.Tensor]) -> None:
         """Fill this rank's flat ZeRO-3 partition of ``param`` from ``rows(start, stop)`` of the full tensor."""
@@ -321,6 +349,11 @@ class DeepSpeedEngine:
         if self.student_engine is not None:
             self.student_engine.destroy()
         self.teacher_engine.destroy()
+
+
+def _largest_block(blocks: list[nn.Module]) -> int:
+    """Parameter count of the largest block, whole (a partitioned parameter's ``ds_numel``)."""
+    return max((sum(getattr(p, "ds_numel", p.numel()) for p in b.parameters()) for b in blocks), default=0)
 
 
 def restore_group_flags(optimizer: torch.optim.Optimizer, flags: list[dict[str, Any]]) -> None:
