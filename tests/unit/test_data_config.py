@@ -19,6 +19,12 @@ def test_defaults_are_synthetic_and_build_a_synthetic_stream():
     assert s.counters()["samples_skipped"] == 0
 
 
+def test_image_size_replaces_the_teachers_size():
+    spec = InputSpec(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    s = build_stream(DataConfig(image_size=4), spec, batch_size=2, rank=0, world_size=1, seed=0)
+    assert next(iter(s)).images.shape == (2, 3, 4, 4)
+
+
 def test_sources_from_yaml_style_dicts_become_typed_and_frozen():
     cfg = DataConfig(
         kind="webdataset",
@@ -44,6 +50,7 @@ def test_sources_from_yaml_style_dicts_become_typed_and_frozen():
         ({"num_workers": -1}, "data.num_workers"),
         ({"shuffle_buffer": 1.5}, "data.shuffle_buffer"),
         ({"prefetch_batches": 0}, "data.prefetch_batches"),
+        ({"image_size": -1}, "data.image_size"),
         ({"kind": "webdataset", "sources": [{"shards": "a.tar", "weight": 0}]}, "weight"),
         ({"kind": "webdataset", "sources": [{"shards": "a.tar", "weight": 2.0}]}, "data.resampled"),
         ({"kind": "webdataset", "sources": [{"shards": "a.tar", "wieght": 2.0}]}, "wieght"),
