@@ -161,9 +161,19 @@ class LossConfig:
     """Objective of the class term: one of LOSS_OBJECTIVES ('mse' = MSE before the final norm, the paper's)."""
     patch_objective: str = "mse"
     """Objective of the patch term: one of LOSS_OBJECTIVES."""
+    block_weight: float = 0.0
+    """Weight of the hidden-state term (intermediate-block distillation): the tokens leaving each of ``blocks``
+    matched to the teacher's same block by relative MSE, mean (s - t)^2 / mean t^2, averaged over the blocks;
+    0: off (trainer/losses.py ``hidden_term``)."""
+    blocks: tuple[int, ...] = ()
+    """Block indices (0-based; negative count from the end) whose outputs the hidden-state term matches."""
 
     def __post_init__(self) -> None:
         _check(self.cls_weight >= 0, "loss.cls_weight", f"must be >= 0, got {self.cls_weight}")
+        _check(self.block_weight >= 0, "loss.block_weight", f"must be >= 0, got {self.block_weight}")
+        _check(bool(self.blocks) == (self.block_weight > 0), "loss.blocks",
+               f"the hidden-state term needs both loss.blocks and loss.block_weight > 0, got blocks {list(self.blocks)} "
+               f"and block_weight {self.block_weight}")
         _check(self.patch_weight >= 0, "loss.patch_weight", f"must be >= 0, got {self.patch_weight}")
         _check(self.cls_weight + self.patch_weight > 0, "loss.cls_weight",
                "cls_weight and patch_weight are both 0: nothing to train")

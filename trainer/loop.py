@@ -34,7 +34,7 @@ from trainer.student import build_models, in_engine_build, prune_in_engine
 from trainer.task import DistillTask, freeze_teacher
 from trainer.validate import FidelityRecord, Validator
 
-LOSS_TERMS = ("loss", "loss_cls", "loss_patch")
+LOSS_TERMS = ("loss", "loss_cls", "loss_patch", "loss_blocks")
 
 
 def release_free_memory() -> None:
@@ -111,7 +111,8 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None, stop: StopSign
             engine.setup(Models(student, teacher, adapter.blocks, adapter.enable_activation_checkpointing))
     task = DistillTask(engine.student, engine.teacher, student_layout=student_layout,
                        teacher_layout=teacher_layout, loss=cfg.loss, student_norm=adapter.final_norm(student_layout),
-                       teacher_norm=adapter.final_norm(teacher_layout), device=env.device)
+                       teacher_norm=adapter.final_norm(teacher_layout), device=env.device,
+                       student_blocks=adapter.blocks(student), teacher_blocks=adapter.blocks(teacher))
 
     optim, steps, accum = cfg.optim, cfg.run.steps, cfg.optim.grad_accum_steps
     global_batch = optim.batch_size_per_rank * env.world_size * accum
@@ -200,10 +201,11 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None, stop: StopSign
             result.losses[step] = float(reduced[0])
             metrics.log(step + 1, {
                 "loss/total": float(reduced[0]), "loss/cls": float(reduced[1]), "loss/patch": float(reduced[2]),
+                **({"loss/blocks": float(reduced[3])} if cfg.loss.block_weight > 0 else {}),
                 "opt/lr": lr, "opt/weight_decay": wd, "opt/grad_norm": float(grad_norm),
                 "perf/images_per_s": global_batch / step_time, "perf/step_time_s": step_time,
                 "perf/samples_seen": state.samples_seen, "perf/memory_bytes": memory_bytes(),
-                "data/samples_skipped": float(reduced[3]) * env.world_size,
+                "data/samples_skipped": float(reduced[4]) * env.world_size,
             })
             last_logged, last_log_time = step + 1, time.perf_counter()
         if stopping:

@@ -10,6 +10,9 @@ taken before the final norm; ``norm_s`` / ``norm_t`` are each model's own final 
   and what validation reports); prefer when only directions matter (retrieval, kNN, zero-shot).
 - ``mse_standardized``: mean ((s - t) / std_t)^2 with std_t the teacher's running per-channel std of its
   pre-norm tokens; prefer when channel scales differ by orders of magnitude but the pre-norm space is wanted.
+
+``hidden_term`` is the optional intermediate-block term (``loss.block_weight``, ``loss.blocks``): the tokens
+leaving chosen blocks, matched to the teacher's by relative MSE.
 """
 
 from __future__ import annotations
@@ -111,6 +114,16 @@ def term(objective: str, student: torch.Tensor, teacher: torch.Tensor, *, norm_s
         raise ValueError(f"loss objective must be one of {LOSS_OBJECTIVES}, got {objective!r}")
     squared = (s - t).square()
     return _per_image(squared) if per_image else squared.mean()
+
+
+def hidden_term(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The hidden-state term of one block: mean (s - t)^2 / mean t^2 over every element (a scalar).
+
+    Relative, so that blocks whose residual streams differ in scale by orders of magnitude weigh alike and one
+    ``loss.block_weight`` fits any tower; the teacher's mean square is a constant of the batch (no gradient).
+    """
+    s, t = student.float(), teacher.float()
+    return (s - t).square().mean() / t.square().mean().clamp_min(STD_FLOOR**2)
 
 
 def _per_image(values: torch.Tensor) -> torch.Tensor:

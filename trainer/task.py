@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import LossConfig
-from trainer.losses import ChannelStd, term
+from trainer.losses import ChannelStd, hidden_term, term
 from trainer.models.base import TokenLayout
 
 
@@ -41,6 +42,47 @@ class _LazyNorm:
         return self.ready(x)
 
 
+class BlockTaps:
+    """Forward hooks that keep the outputs of chosen blocks while armed (the hidden-state term).
+
+    Hooks rather than a second forward: the engines' own hooks (FSDP unsharding, DeepSpeed gathering) and
+    activation checkpointing stay as they are, and disarmed taps (validation, backward recomputation) keep
+    nothing.
+    """
+
+    def __init__(self, blocks: list[nn.Module], indices: tuple[int, ...]) -> None:
+        for i in indices:
+            if not -len(blocks) <= i < len(blocks):
+                raise ValueError(f"loss.blocks: index {i} is outside the model's {len(blocks)} blocks")
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.armed_now = False
+        self.order = [i % len(blocks) for i in indices]
+        for i in sorted(set(self.order)):
+            blocks[i].register_forward_hook(self._keeper(i))
+
+    def _keeper(self, index: int) -> Callable[..., None]:
+        def keep(module: nn.Module, args: Any, output: Any) -> None:
+            if self.armed_now:
+                self.outputs[index] = output[0] if isinstance(output, tuple) else output
+        return keep
+
+    @contextmanager
+    def armed(self) -> Iterator[None]:
+        """Keep the chosen blocks' outputs of the forward run inside this block (earlier ones are dropped)."""
+        self.outputs, self.armed_now = {}, True
+        try:
+            yield
+        finally:
+            self.armed_now = False
+
+    def take(self) -> list[torch.Tensor]:
+        """The kept outputs in ``indices`` order, forgotten here."""
+        missing = [i for i in self.order if i not in self.outputs]
+        assert not missing, f"blocks {missing} did not run in the armed forward"
+        outputs, self.outputs = [self.outputs[i] for i in self.order], {}
+        return outputs
+
+
 class DistillTask:
     """Runs teacher then student on the same images and returns the loss terms.
 
@@ -48,18 +90,29 @@ class DistillTask:
     (sharded or not): both return [B, L, D] tokens from the last block, before the final norm.
     ``student_norm`` / ``teacher_norm`` are each model's own final norm (``adapter.final_norm``),
     used by the post-norm objectives and by ``evaluate``; missing ones are identities.
+    ``student_blocks`` / ``teacher_blocks``: each model's transformer blocks (``adapter.blocks``), needed for
+    the hidden-state term (``loss.block_weight`` > 0).
     """
 
     def __init__(self, student: Callable[[torch.Tensor], torch.Tensor],
                  teacher: Callable[[torch.Tensor], torch.Tensor], *, student_layout: TokenLayout,
                  teacher_layout: TokenLayout, loss: LossConfig, student_norm: nn.Module | None = None,
-                 teacher_norm: nn.Module | None = None, device: torch.device | str | None = None) -> None:
+                 teacher_norm: nn.Module | None = None, device: torch.device | str | None = None,
+                 student_blocks: list[nn.Module] | None = None, teacher_blocks: list[nn.Module] | None = None) -> None:
         self.student, self.teacher = student, teacher
         self.student_layout, self.teacher_layout = student_layout, teacher_layout
         self.cfg = loss
         self.student_norm, self.teacher_norm = _LazyNorm(student_norm, device), _LazyNorm(teacher_norm, device)
         self.teacher_std = ChannelStd()
         self.uses_std = "mse_standardized" in (loss.cls_objective, loss.patch_objective)
+        self.taps: tuple[BlockTaps, BlockTaps] | None = None
+        if loss.block_weight > 0:
+            if student_blocks is None or teacher_blocks is None:
+                raise ValueError("loss.block_weight: the task was given no blocks to match")
+            if len(student_blocks) != len(teacher_blocks):
+                raise ValueError(f"loss.blocks: the student has {len(student_blocks)} blocks, the teacher "
+                                 f"{len(teacher_blocks)}: block outputs cannot be paired")
+            self.taps = (BlockTaps(student_blocks, loss.blocks), BlockTaps(teacher_blocks, loss.blocks))
 
     def _terms(self, cls: torch.Tensor, patch: torch.Tensor, target_cls: torch.Tensor, target_patch: torch.Tensor,
                per_image: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,16 +122,33 @@ class DistillTask:
                 term(self.cfg.patch_objective, patch, target_patch, **norms))
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{'loss': weighted sum (with graph), 'loss_cls', 'loss_patch': detached terms}."""
-        with torch.no_grad():
+        """{'loss': weighted sum (with graph), 'loss_cls', 'loss_patch', 'loss_blocks': detached terms}
+        ('loss_blocks' is 0 without the hidden-state term)."""
+        with torch.no_grad(), self._tapping(1):
             target = self.teacher(images)
             if self.uses_std:  # before the loss: the first batch already has a std to divide by
                 self.teacher_std.update(target)
             target_cls, target_patch = self.teacher_layout.split(target)
-        cls, patch = self.student_layout.split(self.student(images))
+        with self._tapping(0):
+            cls, patch = self.student_layout.split(self.student(images))
         loss_cls, loss_patch = self._terms(cls, patch, target_cls, target_patch, per_image=False)
         loss = self.cfg.cls_weight * loss_cls + self.cfg.patch_weight * loss_patch
-        return {"loss": loss, "loss_cls": loss_cls.detach(), "loss_patch": loss_patch.detach()}
+        loss_blocks = torch.zeros((), device=loss.device)
+        if self.taps is not None:
+            pairs = zip(self.taps[0].take(), self.taps[1].take(), strict=True)
+            loss_blocks = torch.stack([hidden_term(s, t) for s, t in pairs]).mean()
+            loss = loss + self.cfg.block_weight * loss_blocks
+        return {"loss": loss, "loss_cls": loss_cls.detach(), "loss_patch": loss_patch.detach(),
+                "loss_blocks": loss_blocks.detach()}
+
+    @contextmanager
+    def _tapping(self, which: int) -> Iterator[None]:
+        """Arm the student's (0) or the teacher's (1) block taps for one forward, if there are any."""
+        if self.taps is None:
+            yield
+            return
+        with self.taps[which].armed():
+            yield
 
     @torch.no_grad()
     def evaluate(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

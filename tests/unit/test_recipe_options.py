@@ -1,4 +1,5 @@
-"""A run from a compensated start (prune.student_init) warms up over a fifth of the run by default."""
+"""Trainer-level recipe knobs on real tiny runs: the compensated start's warm-up, the training image size, the
+hidden-state term."""
 
 from __future__ import annotations
 
@@ -40,3 +41,28 @@ def test_student_init_run_warms_up_over_a_fifth(tiny_timm_yaml: Path, tmp_path: 
     # A plain pruned start keeps base.yaml's schedule: the peak from the first step.
     plain = lr_trace(tiny_timm_yaml, tmp_path / "plain")
     assert plain[0] == pytest.approx(peak)
+
+
+def test_training_at_a_smaller_image_size_with_dynamic_position_embeddings(tiny_timm_yaml: Path,
+                                                                             tmp_path: Path) -> None:
+    cfg = load_config(tiny_timm_yaml, ["engine.name=single", f"run.dir={tmp_path / 'run'}", "run.steps=2",
+                                       "run.log_every_steps=1", "data.image_size=16",
+                                       "model.kwargs.dynamic_img_size=true"])
+    losses = train(cfg).losses
+    assert sorted(losses) == [0, 1] and all(v == v and v > 0 for v in losses.values())
+    # The same run at the model's fixed size refuses 16 px inputs: the option is what makes it work.
+    fixed = load_config(tiny_timm_yaml, ["engine.name=single", f"run.dir={tmp_path / 'fixed'}", "run.steps=1",
+                                         "data.image_size=16"])
+    with pytest.raises(AssertionError, match="Input height"):
+        train(fixed)
+
+
+def test_a_run_with_the_hidden_state_term_logs_it(tiny_timm_yaml: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cfg = load_config(tiny_timm_yaml, ["engine.name=single", f"run.dir={run_dir}", "run.steps=2",
+                                       "run.log_every_steps=1", "loss.block_weight=1", "loss.blocks=[0, 1]"])
+    train(cfg)
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    blocks = [e.value for e in events.Scalars("loss/blocks")]
+    assert len(blocks) == 2 and all(v > 0 for v in blocks)
+    assert "data/samples_skipped" in events.Tags()["scalars"]

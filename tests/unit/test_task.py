@@ -10,6 +10,7 @@ from trainer.cli import load_config
 from trainer.config import EngineConfig, OptimConfig
 from trainer.dist import DistEnv, read_env
 from trainer.engines.base import Models, build_engine
+from trainer.losses import hidden_term
 from trainer.models.registry import get_adapter
 from trainer.student import build_models
 from trainer.task import DistillTask, freeze_teacher
@@ -26,7 +27,8 @@ def make_task(yaml_path, overrides=()):
     engine = build_engine(cfg.engine, cfg.optim, read_env())
     engine.setup(Models(student, teacher, adapter.blocks, adapter.enable_activation_checkpointing))
     task = DistillTask(engine.student, engine.teacher, student_layout=student_layout,
-                       teacher_layout=teacher_layout, loss=cfg.loss)
+                       teacher_layout=teacher_layout, loss=cfg.loss, student_blocks=adapter.blocks(student),
+                       teacher_blocks=adapter.blocks(teacher))
     return task, engine, student, teacher
 
 
@@ -70,3 +72,50 @@ def test_set_hparams_reaches_the_optimizer(tiny_timm_yaml) -> None:
 def test_single_engine_refuses_a_multi_rank_launch() -> None:
     with pytest.raises(ValueError, match="engine.name"):
         build_engine(EngineConfig(name="single"), OptimConfig(), DistEnv(0, 0, 2, torch.device("cpu")))
+
+
+def _timm_block_outputs(model: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """Every block's output, by running the timm ViT's stem and blocks by hand (no hooks)."""
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    outputs = []
+    for block in model.blocks:
+        x = block(x)
+        outputs.append(x)
+    return outputs
+
+
+def test_hidden_state_term_matches_the_chosen_blocks(tiny_timm_yaml) -> None:
+    task, engine, student, teacher = make_task(tiny_timm_yaml, ["loss.block_weight=0.5", "loss.blocks=[0]"])
+    images = torch.randn(3, 3, 32, 32)
+    out = task(images)
+    with torch.no_grad():
+        s, t = _timm_block_outputs(student, images), _timm_block_outputs(teacher, images)
+    expected = float((s[0] - t[0]).square().mean() / t[0].square().mean())
+    assert out["loss_blocks"].item() == pytest.approx(expected, rel=1e-5) and expected > 0
+    assert out["loss"].item() == pytest.approx(out["loss_cls"].item() + out["loss_patch"].item() + 0.5 * expected,
+                                               rel=1e-6)
+    # Block 0's term reaches block 0 only: with the other terms off, the last block gets no gradient.
+    task.cfg = type(task.cfg)(cls_weight=0.0, patch_weight=1e-30, block_weight=1.0, blocks=(0,))
+    student.zero_grad()
+    engine.backward(task(images)["loss"], last_micro_batch=True)
+    assert student.blocks[0].mlp.fc1.weight.grad.abs().sum() > 0
+    assert student.blocks[-1].mlp.fc1.weight.grad.abs().max() < 1e-20
+    # Validation forwards leave nothing behind in the taps.
+    task.evaluate(images)
+    assert task.taps is not None and task.taps[0].outputs == {} and task.taps[1].outputs == {}
+
+
+def test_hidden_state_term_of_an_unchanged_student_is_zero(tiny_open_clip_yaml) -> None:
+    task, _, _, _ = make_task(tiny_open_clip_yaml, ["prune.enabled=false", "loss.block_weight=1",
+                                                    "loss.blocks=[0, -1]"])
+    assert task(torch.randn(2, 3, 32, 32))["loss_blocks"].item() < 1e-12  # kernels with and without grad differ in ulps
+
+
+def test_hidden_term_is_relative_and_block_indices_are_checked(tiny_timm_yaml) -> None:
+    t = torch.randn(2, 5, 8)
+    assert hidden_term(t, t).item() == 0.0 and hidden_term(2 * t, t).item() == pytest.approx(1.0)
+    assert hidden_term(1e3 * 2 * t, 1e3 * t).item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="loss.blocks: index 5 is outside the model's 2 blocks"):
+        make_task(tiny_timm_yaml, ["loss.block_weight=1", "loss.blocks=[5]"])
+    with pytest.raises(ValueError, match="loss.blocks: the hidden-state term needs both"):
+        load_config(tiny_timm_yaml, ["loss.block_weight=1"])
