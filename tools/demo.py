@@ -1,6 +1,6 @@
 """``make demo``: prune a real DINOv2 ViT-S/14 at r=1, recover it by distillation on CPU, evaluate, report.
 
-    python -m tools.demo [--out demo_out] [--train-seconds 240] [--ranks 2] [--tiny]
+    python -m tools.demo [--out demo_out] [--steps 240 | --train-seconds S] [--ranks 2] [--tiny]
 
 1. Shards, the training stream a user would have: an evenly spread subset of Debian's openclipart PNGs (giant
    files skipped, duplicates dropped) -> ``<out>/shards/train`` and a held-out shard ``<out>/shards/heldout``,
@@ -12,7 +12,8 @@
    saved and used as the student's starting weights (``prune.student_init``).
 4. Recovered: the compensated student (plain pruned with --no-compensation or --tiny) trained by the real
    trainer, ``python -m trainer`` (under ``torchrun --nproc_per_node <ranks>``: FSDP2 on gloo) with the recipe
-   for compensated starts, steps chosen from the time budget; its latest checkpoint exported by
+   for compensated starts (20 % warm-up, peak lr 5e-6, 240 steps of 8 images at 112 px: the probe's size, the
+   224 px position embedding resampled per batch); its latest checkpoint exported by
    ``python -m trainer export <run> --out <out>/export`` and evaluated as ``pruning.export.load_pruned`` loads it.
 5. Evaluation: kNN (k=20) and a linear probe on the CLS features of a 3,000 / 1,500 Fashion-MNIST sample
    (and the quick 1,000 / 300 prefix), and token cosine to the teacher on the held-out shard;
@@ -77,16 +78,19 @@ class Sizes:
     quick_test: int
     knn_image_size: int
     batch_size_per_rank: int
+    steps: int
+    """Distillation steps by default (``--steps`` / ``--train-seconds`` change it)."""
     min_steps: int
     max_steps: int
+    """Bounds of the step count that ``--train-seconds`` picks."""
 
 
 FULL = Sizes(train_images=2000, heldout_images=64, shard_size=250, calib_images=512, fmnist_train_images=2000,
              knn_train=3000, knn_test=1500, quick_train=1000, quick_test=300, knn_image_size=112,
-             batch_size_per_rank=4, min_steps=4, max_steps=400)
+             batch_size_per_rank=4, steps=240, min_steps=4, max_steps=1000)
 TINY = Sizes(train_images=56, heldout_images=8, shard_size=16, calib_images=4, fmnist_train_images=32,
              knn_train=100, knn_test=40, quick_train=50, quick_test=20, knn_image_size=56,
-             batch_size_per_rank=1, min_steps=2, max_steps=2)
+             batch_size_per_rank=1, steps=2, min_steps=2, max_steps=2)
 MIX_WEIGHTS = {"clipart": 1.0, "fashion": 1.0}
 """Relative draw probabilities of the two training sources (data.sources, resampled)."""
 
@@ -396,6 +400,31 @@ def launch_training(run_dir: Path, train_data: Path | list[tuple[Path, float]], 
     return time.perf_counter() - start
 
 
+def training_image_size() -> int:
+    """The size the demo's config trains at (``data.image_size``, or the teacher's 224 px)."""
+    from trainer.cli import load_config
+
+    return load_config(CONFIG).data.image_size or 224
+
+
+def tokens(size: int, patch: int = 14) -> int:
+    """Tokens per image of the ViT/14 at ``size`` px (patches and the class token)."""
+    return (size // patch) ** 2 + 1
+
+
+def run_objective(run_dir: Path) -> str:
+    """The run's distillation loss in words, from its saved config."""
+    import yaml
+
+    loss = yaml.safe_load((run_dir / "config.yaml").read_text())["loss"]
+    text = (f"{loss['cls_weight']:g} x {loss['cls_objective']} (class token) + {loss['patch_weight']:g} x "
+            f"{loss['patch_objective']} (patch tokens), before the final norm")
+    if loss.get("block_weight", 0) > 0:
+        blocks = ", ".join(str(b) for b in loss["blocks"])
+        text += f", + {loss['block_weight']:g} x relative MSE of the outputs of blocks {blocks}"
+    return text
+
+
 def run_warmup_steps(run_dir: Path) -> int:
     """The warm-up the run used: its saved, resolved config's ``TrainConfig.warmup_steps``."""
     import yaml
@@ -545,7 +574,7 @@ def write_report(out: Path, rows: list, curves: dict, notes: dict) -> Path:
 - Pruned: DGMR diversity at r=1, MLP 1536 -> 384 in every block, no retraining.
 {compensated}- Recovered: after {notes['steps']} distillation steps ({notes['train']}; linear warm-up over
   {notes['warmup_steps']} steps), exported by `python -m trainer export` to `{notes['export']}` and evaluated as
-  loaded by `pruning.export.load_pruned`.
+  loaded by `pruning.export.load_pruned`. Loss: {notes['objective']}.
 - Training stream: {notes['data']}.
 - Seeds: {notes['seeds']}.
 - kNN and linear probe: {notes['knn']}; the probe is softmax regression on standardised features
@@ -613,16 +642,18 @@ def run_demo(args: argparse.Namespace) -> Path:
         # Distillation starts from the compensated student (same ratio, method and seed: same shapes).
         student_init = save_student(compensated, out / "compensated_student.safetensors")
 
-    # Step time ~ one teacher forward + a student forward and a backward (~2 forwards) per image.
     ranks = 1 if args.tiny else args.ranks
     global_batch = sizes.batch_size_per_rank * ranks
-    step_s = global_batch * (1 / teacher_ips + 3 / pruned_ips)
-    if args.steps:
-        steps = args.steps
-        log(f"{steps} steps, as asked (--steps)")
-    else:
+    train_size = training_image_size()
+    if args.train_seconds:
+        # Step time ~ one teacher forward + a student forward and a backward (~2 forwards) per image, measured
+        # at 224 px above and scaled by the tokens per image at the training size.
+        step_s = global_batch * (1 / teacher_ips + 3 / pruned_ips) * tokens(train_size) / tokens(224)
         steps = min(sizes.max_steps, max(sizes.min_steps, int(args.train_seconds / step_s)))
-        log(f"estimated {step_s:.1f} s per step of {global_batch} images -> {steps} steps")
+        log(f"estimated {step_s:.1f} s per step of {global_batch} images at {train_size} px -> {steps} steps")
+    else:
+        steps = args.steps or sizes.steps
+        log(f"{steps} steps of {global_batch} images at {train_size} px")
     run_dir = out / "run"
     train_s = launch_training(run_dir, sources, steps, ranks, sizes.batch_size_per_rank, student_init)
     export = export_student(run_dir, out / "export")
@@ -632,8 +663,10 @@ def run_demo(args: argparse.Namespace) -> Path:
     notes = {
         "steps": steps,
         "warmup_steps": run_warmup_steps(run_dir),
-        "train": f"{ranks} rank(s) on CPU, {global_batch} images per step, {steps * global_batch} images, "
-                 f"{train_s:.0f} s wall including start-up",
+        "objective": run_objective(run_dir),
+        "train": f"{ranks} rank(s) on CPU, {global_batch} images per step at {train_size} px (position "
+                 f"embedding resampled per batch), {steps * global_batch} images, {train_s:.0f} s wall including "
+                 "start-up",
         "data": (f"unlabeled, resampled: {sizes.train_images} openclipart pictures ({train_list}, weight "
                  f"{MIX_WEIGHTS['clipart']:g}) and {sizes.fmnist_train_images} Fashion-MNIST training images as PNG "
                  f"shards ({fashion_list}, weight {MIX_WEIGHTS['fashion']:g}), drawn at random (seed {SEED + 1}) "
@@ -662,9 +695,10 @@ def run_demo(args: argparse.Namespace) -> Path:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "demo_out", help="output folder (shards, run, report)")
-    parser.add_argument("--train-seconds", type=float, default=240.0, help="time budget for distillation steps")
     parser.add_argument("--steps", type=int, default=0,
-                        help="distillation steps, instead of the time budget (reproducible figures)")
+                        help=f"distillation steps (default {FULL.steps}; --tiny {TINY.steps})")
+    parser.add_argument("--train-seconds", type=float, default=0.0,
+                        help="pick the steps from this time budget instead (estimated from the evaluation speed)")
     parser.add_argument("--ranks", type=int, default=2, help="trainer processes (torchrun); 1 runs 'single'")
     parser.add_argument("--tiny", action="store_true", help="smoke-test sizes: 64 pictures, 2 steps, 1 rank, no compensated row")
     parser.add_argument("--no-compensation", action="store_true", help="skip the compensated row")

@@ -16,6 +16,8 @@ from tools.demo import (
     CONFIG,
     data_overrides,
     fashion_stream_indices,
+    tokens,
+    training_image_size,
     write_image_shards,
 )
 from trainer.cli import load_config
@@ -91,3 +93,10 @@ def test_the_demo_config_leaves_the_warmup_to_the_trainers_default() -> None:
     cfg = load_config(CONFIG, ["run.steps=120", "prune.student_init=compensated.safetensors"])
     assert cfg.warmup_steps() == 24  # 20 % of the run: the recipe for compensated starts
     assert load_config(CONFIG, ["run.steps=120"]).warmup_steps() == 0  # --tiny: no compensated start
+
+
+def test_the_demo_trains_at_the_probes_size_with_the_224_px_weights() -> None:
+    cfg = load_config(CONFIG)
+    assert cfg.data.image_size == training_image_size() == 112
+    assert cfg.model.kwargs == {"img_size": 224, "dynamic_img_size": True}  # validation and export stay at 224
+    assert tokens(224) == 257 and tokens(112) == 65
