@@ -470,29 +470,23 @@ class BlockCalibration:
         width, rows = out.weight.shape[1], out.weight.shape[0]
         fit = ActivationStats(width + rows)
         held = ActivationStats(width + rows) if self.holdout_fraction > 0 else None
-        # Unequal offsets per channel: a LayerNorm after the MLP would absorb an equal one unnoticed.
-        probe = 1 + torch.arange(rows, dtype=out.weight.dtype, device=out.weight.device) / rows
+        scale = branch_scale(block, end, self.states[0], report_path)
         captured: dict[str, torch.Tensor] = {}
-        offset: list[torch.Tensor] = []
 
         def before(_m: nn.Module, args: tuple) -> None:
             captured["a"] = args[0].detach()
 
-        def shift_end(_m: nn.Module, _args: tuple, e: torch.Tensor) -> torch.Tensor | None:
+        def keep_end(_m: nn.Module, _args: tuple, e: torch.Tensor) -> None:
             captured["e"] = e.detach()
-            return e + offset[0] if offset else None
 
-        handles = [out.register_forward_pre_hook(before), end.register_forward_hook(shift_end)]
+        handles = [out.register_forward_pre_hook(before), end.register_forward_hook(keep_end)]
         seen = 0
         try:
             with torch.no_grad():
                 for i, (student, teacher) in enumerate(zip(self.states, teacher_out, strict=True)):
-                    offset.clear()
                     o = student.run(block).hidden
                     a, e = captured["a"], captured["e"]
-                    offset.append(probe)
-                    scale = (student.run(block).hidden - o) / probe
-                    wanted = e + (teacher.hidden - o) / _branch_scale(scale, o, report_path)
+                    wanted = e + (teacher.hidden - o) / scale
                     if post_norm is None:
                         target = wanted
                     else:
@@ -604,13 +598,24 @@ def norm_pullback(norm: nn.LayerNorm, y_ref: torch.Tensor, e_wanted: torch.Tenso
     return (y + sigma * delta).to(y_ref.dtype)
 
 
-def _branch_scale(scale: torch.Tensor, output: torch.Tensor, label: str) -> torch.Tensor:
-    """The per-channel factor between the output Linear's output and the block's output, from one probe.
+def branch_scale(block: nn.Module, end: nn.Module, state: BlockState, label: str) -> torch.Tensor:
+    """The per-channel factor ``s`` in ``block output = base + s * (output of end)``, ``end`` the MLP branch's
+    last module (the output Linear, or a post-norm), from two runs of ``state``: as is, and with known offsets
+    added to ``end``'s output (unequal per channel: a LayerNorm after the MLP would absorb an equal one).
 
-    ``scale``: [..., D] change of the block output per unit of offset, per token. It must be the same
-    on every token (up to rounding in the output's dtype); channels with a zero factor
-    return inf, so their target is the current output (they cannot change the block's output).
+    The factor must be the same on every token (up to rounding in the output's dtype), or the block is
+    refused; channels with a zero factor return inf, so their target is the current output (they cannot
+    change the block's output).
     """
+    with torch.no_grad():
+        output = state.run(block).hidden
+        rows = output.shape[-1]
+        probe = 1 + torch.arange(rows, dtype=output.dtype, device=output.device) / rows
+        handle = end.register_forward_hook(lambda _m, _args, e: e + probe)
+        try:
+            scale = (state.run(block).hidden - output) / probe
+        finally:
+            handle.remove()
     flat = scale.reshape(-1, scale.shape[-1])
     factor = flat.mean(0)
     rounding = max(1e-5, 4 * torch.finfo(output.dtype).eps)  # two roundings of the output (bf16: ~3e-2)

@@ -7,7 +7,7 @@ The error of block ``b`` at width ``w`` is the relative change of the block's ou
 tokens when its MLP keeps the first ``w`` units of its selection order and the output Linear is refitted in
 closed form (``BlockCalibration``), on the original model's hidden states:
 ``E ||s * (y_w - y)||^2 / E ||h_out||^2``, ``y`` the MLP's output, ``s`` the per-channel factor between it and
-the block's output (LayerScale, or 1), ``h_out`` the block's output (``Budget.weighting``): the relative change
+the block's output (LayerScale, or 1), ``h_out`` the block's output: the relative change
 of the residual stream, which later blocks carry on (measured on DINOv2: errors in residual-stream units, or over
 each token's norm at the last block, starve the early blocks and lose 0.05-0.09 of cosine). Every selection method returns a nested order (the first ``w`` of a
 longer selection are the selection for ``w``), and in the order's Cholesky basis the refit for ``w`` units is
@@ -33,8 +33,8 @@ from .blockwise import (
     BlockState,
     Calibration,
     Selection,
-    _branch_scale,
     _post_norm,
+    branch_scale,
     calibration_states,
     materialize,
     prune_blocks,
@@ -43,8 +43,6 @@ from .blockwise import (
 from .fit import ActivationStats, holdout_mask
 from .sites import MlpSite
 from .surgery import PruneReport, keep_counts, prune_site_tensors
-
-WEIGHTINGS = ("block", "token", "none")
 
 
 @dataclass(frozen=True)
@@ -58,9 +56,6 @@ class Budget:
     """Narrowest block (default: one grid step)."""
     max_width: int | None = None
     """Widest block (default: twice the uniform width, at most every unit): the statistics grow with its square."""
-    weighting: str = "block"
-    """How errors compare across blocks: ``block`` (over the block's mean squared output), ``token`` (each token's
-    over its own squared norm at the block's output) or ``none`` (residual-stream units)."""
 
     def __post_init__(self) -> None:
         if not self.ratio > 0:
@@ -70,8 +65,6 @@ class Budget:
         low = self.grid if self.min_width is None else self.min_width
         if low < 1 or (self.max_width is not None and self.max_width < low):
             raise ValueError(f"budget widths need 1 <= min_width <= max_width, got {self.min_width}, {self.max_width}")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"budget weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
 
     def candidates(self, hidden: int, uniform: int) -> list[int]:
         """The widths a block of ``hidden`` units, ``uniform`` wide at the budget's ratio, may take."""
@@ -129,7 +122,7 @@ def plan_widths(source: BlockSource, budget: Budget, method: str = "diversity", 
                                 device=source.device)
         one, two = (sum(t.numel() for t in prune_site_tensors(site, own, torch.arange(n)).values()) for n in (1, 2))
         errors, states = _block_curve(block, inner, states, orders[site.path], widths, calibration, site.path,
-                                      source.reduce, budget.weighting)
+                                      source.reduce)
         curves.append(WidthCurve(site.path, widths, errors, two - one))
         del block
         if progress is not None:
@@ -161,15 +154,13 @@ def prune_to_budget(source: BlockSource, budget: Budget, method: str = "diversit
 
 
 def _block_curve(block: nn.Module, site: MlpSite, states: list[BlockState], order: torch.Tensor, widths: list[int],
-                 calibration: Calibration, label: str, reduce: Callable[[ActivationStats], None],
-                 weighting: str = "block") -> tuple[list[float], list[BlockState]]:
+                 calibration: Calibration, label: str, reduce: Callable[[ActivationStats], None]
+                 ) -> tuple[list[float], list[BlockState]]:
     """Errors of ``block`` at each width (``pruning.budget``) on ``states``, and the block's outputs (next states).
 
-    ``weighting``: see ``Budget.weighting``.
-
-    One extra run of the first batch, with a known offset on the branch's output, measures the factor ``s``
-    between the output Linear's output and the block's output (as ``BlockCalibration`` does); behind a post-norm,
-    the norm's gain over the token's scale, to first order.
+    ``branch_scale`` (two runs of the first batch) gives the factor ``s`` between the output Linear's output and
+    the block's output, as for the refit; behind a post-norm, times the norm's gain over the token's scale, to
+    first order.
     """
     out = getattr(site.module(block), site.out_name)
     post_norm = _post_norm(block, site, states[0], label)
@@ -180,15 +171,11 @@ def _block_curve(block: nn.Module, site: MlpSite, states: list[BlockState], orde
     order = order.to(out.weight.device)
     fit, held = (ActivationStats(order.numel() + rows, product_dtype=torch.float32) for _ in range(2))
     energy, channel = ActivationStats(1), ActivationStats(rows)
+    scale = branch_scale(block, end, states[0], label)
+    scale2 = torch.where(scale.isfinite(), scale, torch.zeros_like(scale)).square().expand(1, rows)
     captured: dict[str, torch.Tensor] = {}
-    offset: list[torch.Tensor] = []
-
-    def shift_end(_m: nn.Module, _args: tuple, e: torch.Tensor) -> torch.Tensor | None:
-        return e + offset[0] if offset else None
-
     handles = [out.register_forward_pre_hook(lambda _m, args: captured.__setitem__("a", args[0].detach())),
-               out.register_forward_hook(lambda _m, _args, y: captured.__setitem__("y", y.detach())),
-               end.register_forward_hook(shift_end)]
+               out.register_forward_hook(lambda _m, _args, y: captured.__setitem__("y", y.detach()))]
     following, seen = [], 0
     try:
         with torch.no_grad():
@@ -196,9 +183,7 @@ def _block_curve(block: nn.Module, site: MlpSite, states: list[BlockState], orde
                 o = state.run(block)
                 a, y = captured["a"].reshape(-1, hidden), captured["y"].reshape(-1, rows)
                 if not following:
-                    offset.append(1 + torch.arange(rows, dtype=out.weight.dtype, device=out.weight.device) / rows)
-                    scale = _branch_scale((state.run(block).hidden - o.hidden) / offset.pop(), o.hidden, label)
-                    v = torch.where(scale.isfinite(), scale, torch.zeros_like(scale)).square().expand(1, rows)
+                    v = scale2
                     if post_norm is not None:  # d LN(y) ~ gain / sigma_t * dy
                         sigma2 = y.double().var(-1, unbiased=False, keepdim=True) + post_norm.eps
                         v = v * post_norm.weight.detach().square() / sigma2
@@ -210,8 +195,6 @@ def _block_curve(block: nn.Module, site: MlpSite, states: list[BlockState], orde
                 fit.update(joint[~mask], weights[~mask])
                 sq_norm = o.hidden.reshape(joint.shape[0], -1).double().square().sum(1)
                 energy.update(sq_norm[mask, None], weights[mask])
-                if weighting == "token":
-                    weights = weights / sq_norm.clamp_min(1e-30)
                 held.update(joint[mask], weights[mask])
                 following.append(o)
     finally:
@@ -223,7 +206,7 @@ def _block_curve(block: nn.Module, site: MlpSite, states: list[BlockState], orde
         raise ValueError(f"{label}: not enough calibration tokens for the fit and the held-out split")
     errors = width_errors(fit, held, torch.arange(order.numel()), out.weight[:, order], out.bias, calibration.ridge,
                           widths, channel.mean())
-    norm = float(energy.mean()) if weighting == "block" else 1.0
+    norm = float(energy.mean())
     return [e / norm for e in errors], following
 
 

@@ -17,7 +17,6 @@ Sources:
 from __future__ import annotations
 
 import io
-import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -57,25 +56,11 @@ def input_spec(model: torch.nn.Module, family: str) -> ImageSpec:
     return ImageSpec(int(size), tuple(cfg["mean"]), tuple(cfg["std"]))
 
 
-def expand_braces(pattern: str) -> list[str]:
-    """``a{0..2}b`` -> a0b a1b a2b (zero padding kept), ``{x,y}`` -> x y; nested and repeated braces."""
-    match = re.search(r"\{([^{}]*)\}", pattern)
-    if match is None:
-        return [pattern]
-    body, head, tail = match.group(1), pattern[: match.start()], pattern[match.end():]
-    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if numeric:
-        lo, hi = numeric.groups()
-        width = len(lo) if lo.startswith("0") else 0
-        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
-    else:
-        options = body.split(",")
-    return [out for option in options for out in expand_braces(head + option + tail)]
-
-
 def shard_paths(source: str) -> list[Path]:
     """Tar shard paths of ``a.tar``, ``dir/{000..009}.tar`` or ``x.tar::y.tar``; FileNotFoundError names a missing one."""
-    paths = [Path(p) for part in source.split("::") for p in expand_braces(part)]
+    from webdataset.shardlists import expand_urls  # the trainer's data.sources read shard specs the same way
+
+    paths = [Path(p) for p in expand_urls(source)]
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"calibration shard not found: {path}")

@@ -155,20 +155,40 @@ def test_budget_refuses_what_it_cannot_measure():
         pruning.prune_to_budget(source, pruning.Budget(ratio=1.0, grid=8), calibration=None, calib_inputs=[])
 
 
-def test_weightings_scale_the_same_curves_and_block_is_the_default():
-    """``block`` is ``none`` over one number per block; ``token`` weighs tokens by their own norm."""
-    model, shape, _ = tiny_model("timm_vit")
-    model.eval()
-    curves = {}
-    for weighting in ("none", "block", "token"):
-        plan = pruning.plan_widths(pruning.ModelSource(model), pruning.Budget(1.0, grid=8, weighting=weighting),
-                                   calibration=pruning.Calibration(), calib_inputs=_images(shape))
-        curves[weighting] = plan.summary["curves"]
-        assert plan.summary["weighting"] == weighting
-    for path, none in curves["none"].items():
-        ratios = [a / b for a, b in zip(none["errors"], curves["block"][path]["errors"], strict=True)]
-        assert max(ratios) == pytest.approx(min(ratios), rel=1e-9) and ratios[0] > 1
-        assert curves["token"][path]["errors"] != pytest.approx(curves["block"][path]["errors"], rel=1e-3)
-    assert pruning.Budget(1.0).weighting == "block"
-    with pytest.raises(ValueError, match="weighting must be one of"):
-        pruning.Budget(1.0, weighting="mean")
+def test_block_curve_is_the_layer_scaled_refit_error_over_the_block_output_energy():
+    """A DINOv2 block (LayerScale gamma on the MLP branch): the plan's error at width w is
+    E_held ||gamma * (y_w - y)||^2 / E_held ||h_out||^2, y_w the least-squares refit on the first w units of the
+    block's order (ridge 0) fitted on the other tokens."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=56, embed_dim=64, depth=2,
+                              num_heads=2, init_values=0.3, mlp_ratio=2, num_classes=0).eval()
+    with torch.no_grad():
+        model.blocks[0].ls2.gamma.uniform_(0.2, 2.0)  # unequal per channel: the probe must find each one
+    # 24 images x 17 tokens: more fit tokens than units, so every width's least squares is determined.
+    batches = list(torch.randn(24, 3, 56, 56, generator=torch.Generator().manual_seed(1)).split(8))
+    plan = pruning.plan_widths(pruning.ModelSource(model), pruning.Budget(1.0, grid=16),
+                               calibration=pruning.Calibration(ridge=0.0, holdout_fraction=0.25),
+                               calib_inputs=batches)
+    block, fc2 = model.blocks[0], model.blocks[0].mlp.fc2
+    seen: dict[str, list[torch.Tensor]] = {"a": [], "y": [], "o": []}
+    hooks = [fc2.register_forward_pre_hook(lambda _m, args: seen["a"].append(args[0].reshape(-1, 128))),
+             fc2.register_forward_hook(lambda _m, _a, y: seen["y"].append(y.reshape(-1, 64))),
+             block.register_forward_hook(lambda _m, _a, o: seen["o"].append(o.reshape(-1, 64)))]
+    with torch.no_grad():
+        for batch in batches:
+            model.forward_features(batch)
+    for h in hooks:
+        h.remove()
+    a, y, o = (torch.cat(seen[k]).double() for k in ("a", "y", "o"))
+    held = pruning.fit.holdout_mask(0, a.shape[0], 0.25)
+    gamma = block.ls2.gamma.detach().double()
+    curve = plan.summary["curves"]["blocks.0.mlp"]
+    order = plan.orders["blocks.0.mlp"]
+    for width, error in zip(curve["widths"], curve["errors"], strict=True):
+        design = torch.cat([a[:, order[:width]], torch.ones(a.shape[0], 1, dtype=torch.float64)], 1)
+        solution = torch.linalg.lstsq(design[~held], y[~held]).solution
+        residual = gamma * (design[held] @ solution - y[held])
+        want = float(residual.square().sum(1).mean() / o[held].square().sum(1).mean())
+        assert error == pytest.approx(want, rel=1e-3, abs=1e-9), width

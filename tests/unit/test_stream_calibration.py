@@ -21,7 +21,7 @@ from timm.models.eva import Eva
 from torch import nn
 
 from pruning.blockwise import block_layout, materialize_outside, stem_states
-from pruning.calib_images import ImageSpec, expand_braces, load_calibration_images
+from pruning.calib_images import ImageSpec, load_calibration_images, shard_paths
 from pruning.export import OPEN_CLIP_VISUAL_WEIGHTS, OPEN_CLIP_WEIGHTS, TIMM_WEIGHTS, load_pruned
 from pruning.skeleton import parameters_on_meta
 from pruning.stream import REPORT_JSON, REPORT_MD
@@ -296,7 +296,10 @@ def test_image_sources_folder_shards_and_tensor_file_agree(tmp_path):
     torch.testing.assert_close(got[0], want_a.view(3, 1, 1).expand(3, 16, 16))
     torch.testing.assert_close(got[1], want_b.view(3, 1, 1).expand(3, 16, 16))
 
-    assert expand_braces("x{8..10}{a,b}") == ["x8a", "x8b", "x9a", "x9b", "x10a", "x10b"]
+    for name in ("x8a", "x8b", "x9a", "x9b", "x10a", "x10b"):
+        (tmp_path / f"{name}.tar").touch()
+    assert shard_paths(f"{tmp_path}/x{{8..10}}{{a,b}}.tar") == [tmp_path / f"{n}.tar" for n in
+                                                             ("x8a", "x8b", "x9a", "x9b", "x10a", "x10b")]
     with pytest.raises(ValueError, match="6 images, 7 requested"):
         load_calibration_images(folder, 7, spec)
     with pytest.raises(FileNotFoundError, match="s-002.tar"):
