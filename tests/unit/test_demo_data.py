@@ -16,6 +16,8 @@ from tools.demo import (
     CONFIG,
     data_overrides,
     fashion_stream_indices,
+    run_objective,
+    run_warmup_steps,
     tokens,
     training_image_size,
     write_image_shards,
@@ -100,3 +102,13 @@ def test_the_demo_trains_at_the_probes_size_with_the_224_px_weights() -> None:
     assert cfg.data.image_size == training_image_size() == 112
     assert cfg.model.kwargs == {"img_size": 224, "dynamic_img_size": True}  # validation and export stay at 224
     assert tokens(224) == 257 and tokens(112) == 65
+
+
+def test_the_report_reads_the_runs_warmup_and_loss_from_its_saved_config(tmp_path: Path) -> None:
+    import yaml
+
+    cfg = load_config(CONFIG, ["run.steps=240", "prune.student_init=compensated.safetensors"])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    assert run_warmup_steps(tmp_path) == 48
+    assert run_objective(tmp_path) == ("1 x mse (class token) + 1 x mse (patch tokens), before the final norm, "
+                                       "+ 5 x relative MSE of the outputs of blocks 2, 5, 8")
