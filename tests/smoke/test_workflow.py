@@ -92,7 +92,7 @@ def test_prune_distill_stop_resume_export_evaluate(tmp_path: Path) -> None:
     pruning = run("-m", "pruning", "prune", "--model", "ViT-Tiny-8", "--model-config", str(MODEL_CONFIG),
                   "--checkpoint", str(teacher), "--ratio", "0.5", "--out", str(pruned), "--calibration",
                   "::".join(tars[:2]), "--num-calib", "16", "--calib-batch-size", "4", "--quiet")
-    assert "compensated (output, ridge 0.001) on 16 images" in pruning.stdout
+    assert "compensated (ridge 0.001) on 16 images" in pruning.stdout
     assert "No pretrained weights loaded" not in pruning.stderr  # weights came from --checkpoint
 
     # 3. Distill on 2 ranks from the prune output directory; Ctrl-C once training runs; the same command resumes.
