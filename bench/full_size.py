@@ -39,13 +39,14 @@ import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
+import resource  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass, field, replace  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -94,7 +95,7 @@ class Size:
 # EVA through open_clip is a timm trunk whose input size open_clip does not pass on (3.3.0): it runs at its
 # native 224 px, with 8 calibration pictures (2056 tokens, as many as 32 pictures at 112 px).
 FULL = Size(eva="EVA02-E-14-plus", vitg="ViT-g-14-112", eva_px=224, image_px=112, ratio=1.0, calib_images=8,
-            train_images=64, batch_per_rank=2, steps=4, save_every=2, kill_after_step=3, eva_whole_clip=False,
+            train_images=64, batch_per_rank=2, steps=10, save_every=5, kill_after_step=7, eva_whole_clip=False,
             data_workers=0)
 TINY = Size(eva="ViT-Tiny-8", vitg="ViT-Tiny-8", eva_px=32, image_px=32, ratio=0.5, calib_images=32, train_images=64,
             batch_per_rank=4, steps=30, save_every=15, kill_after_step=18, eva_whole_clip=True,
@@ -301,6 +302,7 @@ class Launch:
         self.cmd, self.log_path = cmd, log
         self.log = open(log, "w")
         self.start = time.time()
+        self.usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         LIVE.add(self.proc.pid)
@@ -320,6 +322,11 @@ class Launch:
             self.kill()
             code = self.proc.wait(timeout=60)
         self.end = time.time()
+        # CPU seconds of the command and its reaped descendants (torchrun waits for its ranks): on a shared
+        # machine a steadier cost figure than wall time.
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.cpu_seconds = {"user": round(usage.ru_utime - self.usage.ru_utime, 1),
+                            "system": round(usage.ru_stime - self.usage.ru_stime, 1)}
         LIVE.discard(self.proc.pid)
         self.stop.set()
         self.poller.join()
@@ -331,7 +338,8 @@ class Launch:
 
     def peaks(self, windows: dict[str, list[tuple[float, float]]] | None = None) -> dict:
         """Peak RssAnon (GiB) per rank overall and per phase (time summed over a phase's occurrences)."""
-        out: dict = {"peak_rss_anon_gib": {}, "tree_peak_pss_anon_gib": round(self.watch.tree_peak / GIB, 3)}
+        out: dict = {"peak_rss_anon_gib": {}, "tree_peak_pss_anon_gib": round(self.watch.tree_peak / GIB, 3),
+                     "cpu_seconds": getattr(self, "cpu_seconds", None)}
         for rank, samples in sorted(self.watch.samples.items()):
             out["peak_rss_anon_gib"][rank] = round(max(v for _, v in samples) / GIB, 3)
         if windows:
@@ -388,11 +396,14 @@ def predicted(args: list[str]) -> dict:
 
 # ---------------------------------------------------------------------------------------------- EVA part
 
-def eva_part(size: Size, tmp: Path, engines: list[str], limit: int, reuse: Path | None = None) -> dict:
-    """``reuse``: a folder holding eva.safetensors, calib/ and offline-plain/, offline-comp/ of an earlier
+def eva_part(size: Size, tmp: Path, engines: list[str], limit: int, reuse: Path | None = None,
+             modes: tuple[bool, ...] = (False, True)) -> dict:
+    """The EVA part; ``modes``: without (False) and / or with (True) compensation.
+
+    ``reuse``: a folder holding eva.safetensors, calib/ and offline-plain/, offline-comp/ of an earlier
     invocation (hard links of its files): the checkpoint, pictures and offline prunes are not made again."""
     if reuse is not None:
-        for name in ("eva.safetensors", "calib", "offline-plain", "offline-comp"):
+        for name in ("eva.safetensors", "calib", *(f"offline-{'comp' if c else 'plain'}" for c in modes)):
             os.link(reuse / name, tmp / name) if name.endswith(".safetensors") else \
                 shutil.copytree(reuse / name, tmp / name, copy_function=os.link)
     ckpt = tmp / "eva.safetensors"
@@ -406,7 +417,7 @@ def eva_part(size: Size, tmp: Path, engines: list[str], limit: int, reuse: Path 
     per_rank = size.calib_images // 2
     model_config = OPEN_CLIP_CONFIGS / f"{size.eva}.json"  # a repo config (tiny); else open_clip's own
     offline = {}
-    for comp in (False, True):
+    for comp in modes:
         out = tmp / f"offline-{'comp' if comp else 'plain'}"
         if reuse is not None:
             offline[comp] = (out, {"reused_from": str(reuse)})
@@ -425,7 +436,7 @@ def eva_part(size: Size, tmp: Path, engines: list[str], limit: int, reuse: Path 
               f"peak {offline[comp][1]['peak_rss_anon_gib']} GiB", flush=True)
     rows = []
     for engine in engines:
-        for comp in (False, True):
+        for comp in modes:
             name = f"eva-{engine}-{'comp' if comp else 'plain'}"
             run_dir = tmp / name
             extra = ["prune.compensate=true", "prune.calib_batches=1", "prune.calib_holdout=0"] if comp else []
@@ -447,7 +458,7 @@ def eva_part(size: Size, tmp: Path, engines: list[str], limit: int, reuse: Path 
             shutil.rmtree(run_dir, ignore_errors=True)
             print_row(row)
             rows.append(row)
-    for comp in (False, True):
+    for comp in modes:
         shutil.rmtree(offline[comp][0], ignore_errors=True)
     ckpt.unlink()
     return {"checkpoint": written, "offline_prune": {("comp" if c else "plain"): v[1] for c, v in offline.items()},
@@ -674,6 +685,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse-eva", type=Path, default=None,
                         help="folder with eva.safetensors, calib/, offline-plain/, offline-comp/ of an earlier run")
     parser.add_argument("--table", type=Path, default=None, help="print the markdown table of a results file and exit")
+    parser.add_argument("--eva-modes", nargs="+", choices=["plain", "comp"], default=["plain", "comp"],
+                        help="EVA part: the prune without and / or with output-mode compensation")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="ViT-g part: training steps (with --save-every and --kill-after; default the size's)")
+    parser.add_argument("--save-every", type=int, default=None)
+    parser.add_argument("--kill-after", type=int, default=None,
+                        help="rank 1 is killed once this step is logged (after the --save-every checkpoint)")
     parser.add_argument("--max-rss-gib", type=float, default=19.0,
                         help="kill a run whose processes together hold more anonymous memory than this")
     args = parser.parse_args(argv)
@@ -684,6 +702,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tiny needs --out elsewhere than the full-size results")
     out = args.out or RESULTS
     size = TINY if args.tiny else FULL
+    lengths = {"steps": args.steps, "save_every": args.save_every, "kill_after_step": args.kill_after}
+    size = replace(size, **{k: v for k, v in lengths.items() if v is not None})
+    if not 0 < size.save_every < size.kill_after_step < size.steps:
+        parser.error(f"need 0 < --save-every < --kill-after < --steps, got {size.save_every}, "
+                     f"{size.kill_after_step}, {size.steps}")
     if args.tiny:
         MIN_AVAILABLE["bytes"] = 0
     limit = int(args.max_rss_gib * GIB)
@@ -698,7 +721,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     try:
         if "eva" in args.only:
-            results["eva"] = eva_part(size, tmp, args.engines, limit, args.reuse_eva)
+            modes = tuple(mode == "comp" for mode in args.eva_modes)
+            results["eva"] = eva_part(size, tmp, args.engines, limit, args.reuse_eva, modes)
         if "vitg" in args.only:
             results["vitg"] = vitg_part(size, tmp, args.engines, limit)
     finally:
