@@ -95,7 +95,7 @@ def bare() -> float:
     peak = peak_lr(o.base_lr, BATCH)
     for step, batch in zip(range(STEPS), stream, strict=False):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, peak=peak, warmup_steps=o.warmup_steps, total_steps=STEPS)
+            group["lr"] = lr_at(step, peak=peak, warmup_steps=cfg.warmup_steps(), total_steps=STEPS)
         opt.param_groups[0]["weight_decay"] = weight_decay_at(step, start=o.weight_decay_start,
                                                               end=o.weight_decay_end, total_steps=STEPS)
         with torch.no_grad():

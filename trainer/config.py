@@ -192,13 +192,12 @@ class OptimConfig:
     """Images per rank per micro-batch."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step; global batch = batch_size_per_rank * world * this."""
-    warmup_steps: int = 0
-    """Linear lr warmup from 0 to the peak over this many steps, then cosine to min_lr_ratio * peak. 0 with a
-    compensated start (prune.student_init or prune.compensate) and no warmup_fraction: 20 % of the run
-    (``TrainConfig.warmup_steps``)."""
+    warmup_steps: int | None = None
+    """Linear lr warmup from 0 to the peak over this many steps, then cosine to min_lr_ratio * peak. None (not
+    given, and no warmup_fraction): no warm-up, or 20 % of the run for a compensated start (prune.student_init or
+    prune.compensate; ``TrainConfig.warmup_steps``). 0: none, whatever the start."""
     warmup_fraction: float | None = None
-    """The warm-up as a share of run.steps (rounded, at least one step), instead of warmup_steps; 0 turns the
-    compensated start's default warm-up off. None: warmup_steps decides."""
+    """The warm-up as a share of run.steps (rounded, at least one step), instead of warmup_steps."""
     min_lr_ratio: float = 0.0
     """Final lr of the cosine as a fraction of the peak."""
     weight_decay_start: float = 0.04
@@ -216,10 +215,11 @@ class OptimConfig:
         _check(self.base_lr > 0, "optim.base_lr", f"must be > 0, got {self.base_lr}")
         _check(self.batch_size_per_rank >= 1, "optim.batch_size_per_rank", f"must be >= 1, got {self.batch_size_per_rank}")
         _check(self.grad_accum_steps >= 1, "optim.grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
-        _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(self.warmup_steps is None or self.warmup_steps >= 0, "optim.warmup_steps",
+               f"must be >= 0, got {self.warmup_steps}")
         _check(self.warmup_fraction is None or 0 <= self.warmup_fraction < 1, "optim.warmup_fraction",
                f"must be in [0, 1), got {self.warmup_fraction}")
-        _check(self.warmup_fraction is None or self.warmup_steps == 0, "optim.warmup_fraction",
+        _check(self.warmup_fraction is None or self.warmup_steps is None, "optim.warmup_fraction",
                f"set either optim.warmup_steps ({self.warmup_steps}) or optim.warmup_fraction, not both")
         _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         _check(self.weight_decay_start >= 0, "optim.weight_decay_start", f"must be >= 0, got {self.weight_decay_start}")

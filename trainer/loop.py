@@ -140,7 +140,7 @@ def train(cfg: TrainConfig, *, stream: BatchStream | None = None, stop: StopSign
         (run_dir / "prune_report.json").write_text(json.dumps({**prune_report.to_dict(), **prune_extra}))
         log_prune_report(metrics, prune_report)
         metrics.log_config(cfg.to_dict(), flat_hparams(cfg.to_dict()))
-        if warmup != optim.warmup_steps:
+        if optim.warmup_fraction is not None or (optim.warmup_steps is None and warmup > 0):
             why = ("optim.warmup_fraction" if optim.warmup_fraction is not None
                    else "the default for a compensated start, prune.student_init / prune.compensate")
             print(f"warm-up: {warmup} of {steps} steps ({why})", file=sys.stderr, flush=True)

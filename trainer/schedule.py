@@ -37,13 +37,13 @@ def fraction_steps(fraction: float, total_steps: int) -> int:
     return min(total_steps - 1, max(1, round(fraction * total_steps)))
 
 
-def warmup_steps_for(*, warmup_steps: int, warmup_fraction: float | None, total_steps: int,
+def warmup_steps_for(*, warmup_steps: int | None, warmup_fraction: float | None, total_steps: int,
                      compensated_start: bool) -> int:
-    """The run's warm-up in steps: ``warmup_fraction`` of the run when set, else ``warmup_steps`` when positive,
+    """The run's warm-up in steps: ``warmup_fraction`` of the run when set, else ``warmup_steps`` when set,
     else ``COMPENSATED_WARMUP_FRACTION`` of the run for a compensated start (the first steps at the peak lr
     would undo the closed-form compensation), else none."""
     if warmup_fraction is not None:
         return fraction_steps(warmup_fraction, total_steps)
-    if warmup_steps > 0:
+    if warmup_steps is not None:
         return warmup_steps
     return fraction_steps(COMPENSATED_WARMUP_FRACTION, total_steps) if compensated_start else 0

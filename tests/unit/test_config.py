@@ -92,11 +92,12 @@ def test_cli_accepts_the_deepspeed_launcher_flag() -> None:
 def test_warmup_of_a_compensated_start() -> None:
     tiny = CONFIGS / "experiments" / "tiny_timm.yaml"
     init = "prune.student_init=compensated.safetensors"
-    assert load_config(tiny, ["run.steps=50"]).warmup_steps() == 0  # base.yaml: warmup_steps 0
+    assert load_config(tiny, ["run.steps=50"]).warmup_steps() == 0  # base.yaml: warmup_steps null
     assert load_config(tiny, ["run.steps=50", init]).warmup_steps() == 10
     assert load_config(tiny, ["run.steps=50", "prune.in_engine=true", "prune.compensate=true"]).warmup_steps() == 10
     assert load_config(tiny, ["run.steps=50", init, "optim.warmup_steps=3"]).warmup_steps() == 3
     assert load_config(tiny, ["run.steps=50", init, "optim.warmup_fraction=0"]).warmup_steps() == 0
+    assert load_config(tiny, ["run.steps=50", init, "optim.warmup_steps=0"]).warmup_steps() == 0  # said: kept
     assert load_config(tiny, ["run.steps=50", "optim.warmup_fraction=0.5"]).warmup_steps() == 25
     with pytest.raises(ValueError, match="optim.warmup_fraction: set either"):
         load_config(tiny, ["optim.warmup_steps=3", "optim.warmup_fraction=0.1"])

@@ -51,7 +51,7 @@ def test_fraction_steps_rounds_keeps_one_step_and_leaves_the_last() -> None:
 
 
 def test_compensated_start_warms_up_over_a_fifth_unless_told_otherwise() -> None:
-    def warmup(steps: int = 0, fraction: float | None = None, compensated: bool = True) -> int:
+    def warmup(steps: int | None = None, fraction: float | None = None, compensated: bool = True) -> int:
         return warmup_steps_for(warmup_steps=steps, warmup_fraction=fraction, total_steps=100,
                                 compensated_start=compensated)
 
@@ -59,4 +59,4 @@ def test_compensated_start_warms_up_over_a_fifth_unless_told_otherwise() -> None
     assert warmup(compensated=False) == 0  # a plain pruned start keeps the configured schedule
     assert warmup(steps=5) == 5 and warmup(steps=5, compensated=False) == 5  # set by hand: kept
     assert warmup(fraction=0.1) == 10 and warmup(fraction=0.1, compensated=False) == 10
-    assert warmup(fraction=0.0) == 0  # the way to turn the default off
+    assert warmup(fraction=0.0) == 0 and warmup(steps=0) == 0  # the ways to turn the default off
