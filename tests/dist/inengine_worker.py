@@ -61,7 +61,7 @@ def config(out_dir: Path, job: dict, steps: int, lr: float) -> TrainConfig:
         "run": {"dir": str(out_dir / f"run-{job['name']}"), "steps": steps, "log_every_steps": 1, "seed": 0},
         "model": {"family": job["family"], "name": job["model"], "pretrained": job["pretrained"]},
         "prune": prune,
-        "optim": {"base_lr": lr, "batch_size_per_rank": BATCH, "warmup_fraction": 0.0, "grad_clip": 1.0},
+        "optim": {"base_lr": lr, "batch_size_per_rank": BATCH, "warmup_steps": 0, "grad_clip": 1.0},
         "engine": {"name": job["engine"], "zero_stage": job.get("zero_stage", 2), "precision": "fp32"},
         "checkpoint": {"resume": "none", "every_steps": 1000},
     })
