@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from bench.recovery import row_words
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "demo_sweep.json"
 SMALL = ["model.kwargs.dynamic_img_size=true", "data.image_size=112"]
@@ -49,20 +51,15 @@ ROWS: dict[str, tuple[int, list[str]]] = {
 def parse_row(text: str) -> tuple[str, int, list[str]]:
     """``name=.. steps=.. [set=KEY=VALUE ...]`` -> (name, steps, overrides)."""
     name, steps, overrides = "", 0, []
-    for word in shlex.split(text):
-        key, sep, value = word.partition("=")
-        if not sep:
-            raise ValueError(f"--row {text!r}: {word!r} is not key=value")
+    for key, value in row_words(text, ("name", "steps", "set")):
         if key == "name":
             name = value
         elif key == "steps":
             steps = int(value)
-        elif key == "set":
-            if "=" not in value:
-                raise ValueError(f"--row {text!r}: set={value!r} is not set=KEY=VALUE")
-            overrides.append(value)
+        elif "=" not in value:
+            raise ValueError(f"--row {text!r}: set={value!r} is not set=KEY=VALUE")
         else:
-            raise ValueError(f"--row {text!r}: unknown key {key!r} (name, steps, set)")
+            overrides.append(value)
     if not name or steps < 1:
         raise ValueError(f"--row {text!r}: name and steps >= 1 are required")
     return name, steps, overrides

@@ -57,6 +57,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -116,16 +117,22 @@ def make_row(method: str, ratio: float | str, compensate: str = "none", name: st
     return RowSpec(name, method, ratio, compensate, tuple(_check_override(o, name) for o in overrides))
 
 
-def parse_row(text: str, common: tuple[str, ...] = ()) -> RowSpec:
-    """``"name=x method=l2 ratio=2 compensate=output set=a.b=1 set=c.d=2"`` -> RowSpec; ``common`` first."""
-    fields: dict[str, str] = {}
-    sets: list[str] = []
+def row_words(text: str, keys: tuple[str, ...]) -> Iterator[tuple[str, str]]:
+    """The ``key=value`` words of a ``--row`` (shell quoting), each key one of ``keys``; ValueError names the word."""
     for word in shlex.split(text):
         key, sep, value = word.partition("=")
         if not sep:
             raise ValueError(f"--row {text!r}: {word!r} is not key=value")
-        if key not in ROW_KEYS:
-            raise ValueError(f"--row {text!r}: unknown key {key!r} (known: {', '.join(ROW_KEYS)})")
+        if key not in keys:
+            raise ValueError(f"--row {text!r}: unknown key {key!r} (known: {', '.join(keys)})")
+        yield key, value
+
+
+def parse_row(text: str, common: tuple[str, ...] = ()) -> RowSpec:
+    """``"name=x method=l2 ratio=2 compensate=output set=a.b=1 set=c.d=2"`` -> RowSpec; ``common`` first."""
+    fields: dict[str, str] = {}
+    sets: list[str] = []
+    for key, value in row_words(text, ROW_KEYS):
         if key == "set":
             sets.append(_check_override(value, f"--row {text!r}"))
         elif key in fields:
