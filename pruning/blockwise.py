@@ -470,7 +470,6 @@ class BlockCalibration:
         width, rows = out.weight.shape[1], out.weight.shape[0]
         fit = ActivationStats(width + rows)
         held = ActivationStats(width + rows) if self.holdout_fraction > 0 else None
-        scale = branch_scale(block, end, self.states[0], report_path)
         captured: dict[str, torch.Tensor] = {}
 
         def before(_m: nn.Module, args: tuple) -> None:
@@ -486,6 +485,8 @@ class BlockCalibration:
                 for i, (student, teacher) in enumerate(zip(self.states, teacher_out, strict=True)):
                     o = student.run(block).hidden
                     a, e = captured["a"], captured["e"]
+                    if i == 0:  # one probe per block: the factor is the same on every token
+                        scale = branch_scale(block, end, student, report_path, output=o)
                     wanted = e + (teacher.hidden - o) / scale
                     if post_norm is None:
                         target = wanted
@@ -598,17 +599,19 @@ def norm_pullback(norm: nn.LayerNorm, y_ref: torch.Tensor, e_wanted: torch.Tenso
     return (y + sigma * delta).to(y_ref.dtype)
 
 
-def branch_scale(block: nn.Module, end: nn.Module, state: BlockState, label: str) -> torch.Tensor:
+def branch_scale(block: nn.Module, end: nn.Module, state: BlockState, label: str,
+                 output: torch.Tensor | None = None) -> torch.Tensor:
     """The per-channel factor ``s`` in ``block output = base + s * (output of end)``, ``end`` the MLP branch's
-    last module (the output Linear, or a post-norm), from two runs of ``state``: as is, and with known offsets
-    added to ``end``'s output (unequal per channel: a LayerNorm after the MLP would absorb an equal one).
+    last module (the output Linear, or a post-norm), from runs of ``state`` as is (or its ``output`` when the
+    caller has it) and with known offsets added to ``end``'s output (unequal per channel: a LayerNorm after the
+    MLP would absorb an equal one).
 
     The factor must be the same on every token (up to rounding in the output's dtype), or the block is
     refused; channels with a zero factor return inf, so their target is the current output (they cannot
     change the block's output).
     """
     with torch.no_grad():
-        output = state.run(block).hidden
+        output = state.run(block).hidden if output is None else output
         rows = output.shape[-1]
         probe = 1 + torch.arange(rows, dtype=output.dtype, device=output.device) / rows
         handle = end.register_forward_hook(lambda _m, _args, e: e + probe)

@@ -158,7 +158,7 @@ def _block_curve(block: nn.Module, site: MlpSite, states: list[BlockState], orde
                  ) -> tuple[list[float], list[BlockState]]:
     """Errors of ``block`` at each width (``pruning.budget``) on ``states``, and the block's outputs (next states).
 
-    ``branch_scale`` (two runs of the first batch) gives the factor ``s`` between the output Linear's output and
+    ``branch_scale`` (one more run of the first batch) gives the factor ``s`` between the output Linear's output and
     the block's output, as for the refit; behind a post-norm, times the norm's gain over the token's scale, to
     first order.
     """
@@ -171,8 +171,6 @@ def _block_curve(block: nn.Module, site: MlpSite, states: list[BlockState], orde
     order = order.to(out.weight.device)
     fit, held = (ActivationStats(order.numel() + rows, product_dtype=torch.float32) for _ in range(2))
     energy, channel = ActivationStats(1), ActivationStats(rows)
-    scale = branch_scale(block, end, states[0], label)
-    scale2 = torch.where(scale.isfinite(), scale, torch.zeros_like(scale)).square().expand(1, rows)
     captured: dict[str, torch.Tensor] = {}
     handles = [out.register_forward_pre_hook(lambda _m, args: captured.__setitem__("a", args[0].detach())),
                out.register_forward_hook(lambda _m, _args, y: captured.__setitem__("y", y.detach()))]
@@ -182,8 +180,9 @@ def _block_curve(block: nn.Module, site: MlpSite, states: list[BlockState], orde
             for state in states:
                 o = state.run(block)
                 a, y = captured["a"].reshape(-1, hidden), captured["y"].reshape(-1, rows)
-                if not following:
-                    v = scale2
+                if not following:  # one probe per block: the factor is the same on every token
+                    scale = branch_scale(block, end, state, label, output=o.hidden)
+                    v = torch.where(scale.isfinite(), scale, torch.zeros_like(scale)).square().expand(1, rows)
                     if post_norm is not None:  # d LN(y) ~ gain / sigma_t * dy
                         sigma2 = y.double().var(-1, unbiased=False, keepdim=True) + post_norm.eps
                         v = v * post_norm.weight.detach().square() / sigma2
