@@ -1,8 +1,7 @@
 """Build a model with its parameters on the meta device and its buffers real.
 
-Parameters hold the memory and come from checkpoints, so they can stay shapes only; buffers are small
-and some exist in no checkpoint (non-persistent ones computed at build time: rotary tables, EVA's
-zero ``k_bias``), so a later real copy of the model can only get them from the build.
+Parameters come from checkpoints, so shapes suffice; buffers are small and some are in no checkpoint
+(non-persistent ones built at init: rotary tables, EVA's zero ``k_bias``), so they must be real.
 """
 
 from __future__ import annotations
@@ -18,12 +17,10 @@ CAST_REFUSED = "building with parameters on meta: a dtype / precision cast of th
 
 @contextlib.contextmanager
 def parameters_on_meta(cast_error: str = CAST_REFUSED) -> Iterator[None]:
-    """Build models inside this context to get parameters on meta and real buffers.
+    """Models built inside get each parameter moved to meta as it is registered, and real buffers.
 
-    Parameters are created where the library creates them and moved to meta as they are registered
-    (one tensor at a time, never initialised in place). ``Module.to`` is a no-op meanwhile: factories
-    that move the finished model (open_clip) would try to copy meta tensors out; a dtype cast there
-    raises ValueError(``cast_error``), since it would leave the buffers in another dtype than asked.
+    ``Module.to`` is a no-op meanwhile (factories such as open_clip's move the finished model); a dtype cast
+    raises ValueError(``cast_error``), as it would leave the buffers in another dtype than asked.
     """
     register, move = nn.Module.register_parameter, nn.Module.to
 

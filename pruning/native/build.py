@@ -1,9 +1,8 @@
 """Build a C++ source of this folder into a shared library once per (source, compiler, CPU) and load it.
 
-The library goes to ``$DGMR_CACHE`` (default ``~/.cache/dgmr``) under a name hashed from the
-source, the compiler's version and the CPU flags (it is built with ``-march=native``; nodes with
-other CPUs sharing a home directory get their own). Concurrent ranks build into temporary files
-and rename, so they never load a half-written library.
+The library is cached in ``$DGMR_CACHE`` (default ``~/.cache/dgmr``) under a hash of the source, compiler
+version, CPU flags (``-march=native``) and build flags; builds go to a temporary file renamed into place,
+so concurrent ranks never load a half-written library.
 """
 
 from __future__ import annotations
@@ -32,16 +31,10 @@ def enabled() -> bool:
 
 def _cpu_flags() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor()
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("DGMR_CACHE", Path.home() / ".cache" / "dgmr"))
+        lines = []
+    return next((line for line in lines if line.startswith(("flags", "Features"))), platform.processor())
 
 
 @cache
@@ -53,17 +46,18 @@ def load(name: str) -> ctypes.CDLL | None:
     if compiler is None:
         log.info("no C++ compiler on PATH: %s runs in NumPy", name)
         return None
-    source = (HERE / f"{name}.cpp").read_bytes()
+    source = HERE / f"{name}.cpp"
+    code = source.read_bytes()
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256(source + version.encode() + _cpu_flags().encode() + " ".join(FLAGS).encode())
-        target = _cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
+        key = hashlib.sha256(code + f"{version}{_cpu_flags()}{' '.join(FLAGS)}".encode()).hexdigest()[:16]
+        target = Path(os.environ.get("DGMR_CACHE", Path.home() / ".cache" / "dgmr")) / f"{name}-{key}.so"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
             os.close(fd)
             try:
-                subprocess.run([compiler, *FLAGS, "-o", tmp, str(HERE / f"{name}.cpp")],
+                subprocess.run([compiler, *FLAGS, "-o", tmp, str(source)],
                                check=True, capture_output=True, text=True, timeout=300)
                 os.replace(tmp, target)
             finally:
@@ -71,6 +65,5 @@ def load(name: str) -> ctypes.CDLL | None:
                     os.unlink(tmp)
         return ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as exn:
-        detail = getattr(exn, "stderr", "") or exn
-        log.warning("building %s failed, using the NumPy path: %s", name, detail)
+        log.warning("building %s failed, using the NumPy path: %s", name, getattr(exn, "stderr", "") or exn)
         return None
