@@ -1,10 +1,8 @@
 """Read and write safetensors files one tensor at a time, with plain file I/O.
 
-The format is an 8-byte little-endian header length, a JSON header mapping each tensor name to
-its dtype, shape and byte range, then the raw little-endian bytes. Tensors are read with
-``readinto`` rather than mmap so that pages of a multi-gigabyte input never count toward the
-reader's resident memory, and the writer emits the header first (every output shape is known
-in advance) and then appends tensors in header order.
+Format: an 8-byte little-endian header length, a JSON header (name -> dtype, shape, byte range), raw bytes.
+Reads use ``readinto``, not mmap, so pages of a multi-GiB input never count in the reader's RSS; the writer
+writes the header first (every output shape is known in advance) and then appends tensors in header order.
 """
 
 from __future__ import annotations
@@ -64,9 +62,7 @@ class SafetensorsReader:
         if not isinstance(header, dict):
             raise ValueError(f"{self.path}: not a safetensors file (header is not a JSON object)")
         header.pop("__metadata__", None)
-        data_start = 8 + header_len
-        data_size = size - data_start
-        entries = {}
+        data_start, entries = 8 + header_len, {}
         for name, info in header.items():
             try:
                 dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
@@ -74,9 +70,8 @@ class SafetensorsReader:
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{self.path}: malformed header entry for tensor {name!r}: {info!r}") from e
             if end - begin != _nbytes(shape, dtype):
-                raise ValueError(f"{self.path}: tensor {name!r} has {end - begin} bytes for shape "
-                                 f"{shape} {dtype_name}")
-            if end > data_size:
+                raise ValueError(f"{self.path}: tensor {name!r} has {end - begin} bytes for shape {shape} {dtype_name}")
+            if end > size - data_start:
                 raise ValueError(f"{self.path}: truncated: tensor {name!r} ends at byte {data_start + end} "
                                  f"but the file has {size}")
             entries[name] = (dtype_name, shape, begin, end)
@@ -97,8 +92,7 @@ class SafetensorsReader:
         return self._read(name, begin, end).view(DTYPES[dtype_name]).reshape(shape)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``[start, stop)`` of ``name`` along dim 0 (the whole tensor if 0-dim), reading only their bytes:
-        each rank of a sharded build reads its own shard."""
+        """Rows ``[start, stop)`` of ``name`` (the whole tensor if 0-dim), reading only their bytes (a rank's shard)."""
         dtype_name, shape, begin, end = self._entries[name]
         if not shape:
             return self.get(name)
@@ -135,14 +129,12 @@ class SafetensorsWriter:
         self._specs = [(name, tuple(shape), dtype) for name, shape, dtype in specs]
         if len({name for name, _, _ in self._specs}) != len(self._specs):
             raise ValueError(f"{self.path}: duplicate tensor names in the output")
-        header: dict[str, object] = {}
-        if metadata:
-            header["__metadata__"] = dict(metadata)
+        header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
         offset = 0
         for name, shape, dtype in self._specs:
-            n = _nbytes(shape, dtype)
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-            offset += n
+            end = offset + _nbytes(shape, dtype)
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+            offset = end
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % _ALIGN)  # the data section starts 8-byte aligned
         self._file = open(self.path, "wb")  # noqa: SIM115 - closed by close()/__exit__
