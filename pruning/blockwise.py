@@ -1,27 +1,16 @@
 """THE one loop over blocks: ``prune_blocks`` prunes (and optionally compensates) every MLP of a tower.
 
-A *source* hands the driver one block at a time and takes the pruned tensors back, so one loop serves
-the tower in memory (``ModelSource``), a checkpoint streamed from disk (``pruning.stream``) and a
-teacher sharded by an engine (the trainer's). What differs across processes is two hooks the source
-supplies: ``select`` (e.g. one rank selects, then broadcasts) and ``reduce`` (e.g. an all-reduce of the
-fit statistics). Per block::
-
-    read the block's tensors -> select the kept units -> [calibrate: prune + refit on hidden states]
-    -> write the pruned site's tensors
-
-Calibration (``Calibration``) runs the tower one block at a time on carried hidden states. What
-comes before block 0 (patch embedding, class token, positional embedding, the rotary embedding or
-mask a family passes to its blocks) is whatever the tower's own ``forward`` computes before it calls
-block 0: a forward-pre-hook records the block's arguments. The tower must call its blocks one after
-the other, every block with block 0's extra arguments (timm ``blocks``, open_clip ``resblocks``),
-and have real buffers (``pruning.skeleton.parameters_on_meta``): non-persistent ones (rotary
-tables, EVA's ``k_bias``) are in no checkpoint.
+A *source* hands the driver one block at a time and takes the pruned tensors back: a tower in memory
+(``ModelSource``), a checkpoint on disk (``pruning.stream``) or a teacher sharded by an engine (the trainer's).
+What differs across processes is two hooks of the source, ``select`` and ``reduce``. Calibration runs the
+tower block by block on carried hidden states, recorded at block 0 by a pre-hook (docs/pipeline.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -36,23 +25,20 @@ from .sites import MlpSite, find_mlp_sites, prefix_token_count
 from .surgery import PruneReport, SiteReport, install_site, keep_counts, prune_site, prune_site_tensors
 
 Forward = Callable[[nn.Module, torch.Tensor], Any]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """Closed-form compensation settings: one value for the prune CLI, the trainer and the demo.
+    """Closed-form compensation settings, one value for the prune CLI, the trainer and the demo: each pruned
+    block's output Linear is refitted so the block reproduces the original block's output (docs/compensation.md)."""
 
-    Every pruned block's output Linear is refitted so that the block reproduces the original block's
-    output on the carried hidden states (``BlockCalibration``). Three other fits (on the original or the
-    pruned model's states, or kept units onto original units) lost on every measured row and were removed
-    (docs/compensation.md).
-    """
     ridge: float = 1e-3
     """Ridge penalty relative to the mean variance of the fit's inputs (0: plain least squares)."""
     holdout_fraction: float = 0.2
     """Fraction of every block's calibration tokens, spread evenly, kept out of the fit for the errors."""
     balance_prefix: bool = False
-    """Mode ``output``: class / register tokens weigh as much as the patch tokens of their image."""
+    """Class / register tokens weigh as much as the patch tokens of their image."""
     num_images: int = 256
     """Calibration images (the CLI and the demo read this many; the trainer takes batches of its stream)."""
     batch_size: int = 16
@@ -68,12 +54,9 @@ class Calibration:
 
 
 class BlockSource:
-    """Where ``prune_blocks`` reads blocks from and writes pruned sites to; the defaults serve one process.
-
-    Subclasses set ``tower`` (the architecture: real modules, or parameters on meta with real buffers),
-    ``sites`` (``find_mlp_sites(tower)``), ``params_before`` and ``device``, and implement ``read``,
-    ``write`` and ``stem_states``.
-    """
+    """Where ``prune_blocks`` reads blocks and writes pruned sites; the ``select`` / ``reduce`` defaults serve one
+    process. Subclasses set ``tower`` (real, or parameters on meta with real buffers), ``sites``, ``params_before``
+    and ``device``."""
 
     tower: nn.Module
     sites: list[MlpSite]
@@ -93,8 +76,7 @@ class BlockSource:
         raise NotImplementedError
 
     def select(self, index: int, choose: Callable[[], torch.Tensor], count: int) -> torch.Tensor:
-        """The ``count`` kept units of site ``index``: ``choose()`` here; a sharded source runs it on one rank and
-        broadcasts."""
+        """The kept units of site ``index``: ``choose()`` here; a sharded source runs it on one rank and broadcasts."""
         return choose()
 
     def reduce(self, stats: ActivationStats) -> None:
@@ -129,11 +111,9 @@ def prune_blocks(source: BlockSource, widths: Mapping[str, int] | Sequence[int],
                  progress: Callable[[str], None] | None = None) -> PruneReport:
     """Prune every MLP of ``source`` to ``widths`` (per site path, or one per site in module order).
 
-    ``method``: ``pruning.METHODS``; ``random`` draws from ``generator`` site after site (default seed 0),
-    ``taylor`` ranks by ``scores`` (``collect_taylor_scores``). With ``calibration``, each block is also
-    compensated on ``calib_inputs``: batches of images (run by ``source.stem_states``) or recorded
-    ``BlockState``s (several stems, e.g. two input sizes, may share the tower's blocks). ``orders``: selection
-    orders already made (``pruning.budget.plan_widths``): each site keeps the first ``width`` of its order.
+    ``method``: ``pruning.METHODS`` (``random`` draws from ``generator``, ``taylor`` ranks by ``scores``). With
+    ``calibration``, each block is compensated on ``calib_inputs``: image batches (run by ``source.stem_states``)
+    or recorded ``BlockState``s. ``orders``: selection orders already made (``plan_widths``), cut to ``widths``.
     """
     sites = source.sites
     counts = keep_counts(sites, num_keep=widths)
@@ -237,8 +217,7 @@ class BlockState:
     args: tuple
     kwargs: dict
     weight: float = 1.0
-    """How much each of the batch's tokens counts in the fits: e.g. to balance
-    calibration images of two input sizes, whose token counts differ."""
+    """How much each of the batch's tokens counts in the fits (e.g. to balance two input sizes)."""
 
     def run(self, block: nn.Module) -> BlockState:
         out = block(self.hidden, *self.args, **self.kwargs)
@@ -248,8 +227,7 @@ class BlockState:
         return BlockState(out, self.args, self.kwargs, self.weight)
 
     def float(self, device: torch.device | str | None = None) -> BlockState:
-        """The same state with every floating tensor in fp32 (calibration fits run in fp32 and fp64), and every
-        tensor on ``device`` when given."""
+        """The same state in fp32 (the fits run in fp32 and fp64), on ``device`` when given."""
         def cast(value: Any) -> Any:
             if not isinstance(value, torch.Tensor):
                 return value
@@ -266,17 +244,10 @@ class BlockState:
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """The tower's blocks: module paths in call order and each block's MLP site, relative to the block."""
+    """The tower's blocks (module paths in call order) and each one's MLP site, its path relative to the block."""
 
     blocks: list[str]
     sites: list[MlpSite]
-    """``sites[i].path`` is relative to ``blocks[i]`` (e.g. ``mlp``)."""
-    tower_sites: list[MlpSite]
-    """The same sites with tower-relative paths (report names)."""
-
-    @property
-    def container(self) -> str:
-        return self.blocks[0].rpartition(".")[0]
 
 
 def block_layout(tower: nn.Module, sites: list[MlpSite] | None = None) -> BlockLayout:
@@ -297,7 +268,7 @@ def block_layout(tower: nn.Module, sites: list[MlpSite] | None = None) -> BlockL
     if blocks != expected or len(tower.get_submodule(container) if container else tower) != len(blocks):
         raise ValueError(f"MLP blocks {blocks[:3]}...: streaming calibration needs every numbered child of one "
                          "container to hold exactly one MLP, in order")
-    return BlockLayout(blocks, local, list(sites))
+    return BlockLayout(blocks, local)
 
 
 class _ReachedBlock(Exception):  # noqa: N818 - control flow, not an error
@@ -306,12 +277,9 @@ class _ReachedBlock(Exception):  # noqa: N818 - control flow, not an error
 
 def stem_states(tower: nn.Module, first_block: str, batches: Iterable[torch.Tensor],
                 forward: Forward | None = None, *, stop: bool = True) -> list[BlockState]:
-    """The inputs of block ``first_block`` for every batch, recorded by a pre-hook.
-
-    ``forward(tower, images)`` defaults to ``tower(images)``. ``stop``: the hook ends the forward there, so
-    the blocks never run and may stay on the meta device; a sharded tower runs whole instead (``stop=False``:
-    every rank must take part in every gather).
-    """
+    """The inputs of block ``first_block`` for every batch (``forward(tower, images)``, default ``tower(images)``),
+    recorded by a pre-hook. ``stop``: end the forward there, so the blocks may stay on meta; a sharded tower runs
+    whole (``stop=False``: every rank takes part in every gather)."""
     forward = forward or (lambda m, x: m(x))
     seen: list[BlockState] = []
 
@@ -341,75 +309,62 @@ def stem_states(tower: nn.Module, first_block: str, batches: Iterable[torch.Tens
 
 def materialize(meta_module: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
                 label: str = "", device: torch.device | str = "cpu") -> nn.Module:
-    """A real copy of a meta-device module holding ``tensors`` (its full state dict), floats cast to ``dtype``.
-
-    Non-persistent buffers (in no checkpoint) are taken from ``meta_module`` itself, which must hold
-    them for real (built under ``pruning.skeleton.parameters_on_meta``).
-    """
-    persistent = set(meta_module.state_dict())
-    transient = {n: b for n, b in meta_module.named_buffers() if n not in persistent}
-    _refuse_meta_buffers(transient, label)
+    """A real copy of a meta-device module holding ``tensors`` (its full state dict), floats cast to ``dtype``;
+    non-persistent buffers (a sharded source hands them too) come from ``meta_module`` itself."""
+    transient = _transient_buffers(meta_module, label)
     module = copy.deepcopy(meta_module).to_empty(device=device)
-    # A sharded source hands non-persistent buffers too: those come from ``meta_module``, as below.
-    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items() if k not in transient}
-    module.load_state_dict(cast, strict=True)
+    module.load_state_dict({k: _cast(v, dtype) for k, v in tensors.items() if k not in transient}, strict=True)
     for name, value in transient.items():
         owner_path, _, attr = name.rpartition(".")
-        owner = module.get_submodule(owner_path)
-        owner._buffers[attr] = value.to(device, dtype) if value.is_floating_point() else value.to(device, copy=True)
+        module.get_submodule(owner_path)._buffers[attr] = _cast(value.to(device, copy=True), dtype)
     return module.eval()
-
-
-def _refuse_meta_buffers(transient: dict[str, torch.Tensor], label: str) -> None:
-    """Non-persistent buffers that were built on meta have no values anywhere: refuse by name."""
-    missing = [n for n, b in transient.items() if b.is_meta]
-    if missing:
-        raise ValueError(f"{label}{missing[0]}: a non-persistent buffer (computed when the model is built, not "
-                         "in checkpoints) that was built on the meta device; build the model under "
-                         "pruning.skeleton.parameters_on_meta so it is real")
 
 
 def materialize_outside(meta_tower: nn.Module, container: str, get: Callable[[str], torch.Tensor],
                         dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A copy of the tower whose parameters and buffers outside ``container`` are real (read with ``get``).
-
-    The blocks stay on the meta device: enough to run everything before block 0. Non-persistent
-    buffers come from ``meta_tower`` itself (see ``materialize``).
-    """
+    """A copy of the tower whose parameters and buffers outside ``container`` are real (read with ``get``): enough
+    to run everything before block 0; the blocks stay on meta."""
     tower = copy.deepcopy(meta_tower)
-    persistent = set(tower.state_dict())
     prefix = container + "."
-    transient = {n: b for n, b in tower.named_buffers() if n not in persistent and not n.startswith(prefix)}
-    _refuse_meta_buffers(transient, "")
+    transient = _transient_buffers(tower, "", skip=prefix)
     for kind in ("parameters", "buffers"):
         for name, _ in list(getattr(tower, f"named_{kind}")()):
             if name.startswith(prefix):
                 continue
             owner_path, _, attr = name.rpartition(".")
-            owner = tower.get_submodule(owner_path)
-            value = transient[name] if name in transient else get(name)
-            value = value.to(dtype) if value.is_floating_point() else value
+            value = _cast(transient[name] if name in transient else get(name), dtype)
             if kind == "parameters":
-                owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+                tower.get_submodule(owner_path)._parameters[attr] = nn.Parameter(value, requires_grad=False)
             else:
-                owner._buffers[attr] = value
+                tower.get_submodule(owner_path)._buffers[attr] = value
     return tower.eval()
 
 
-class BlockCalibration:
-    """Calibration hidden states carried block to block; ``step`` prunes and compensates one block in place.
+def _cast(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return value.to(dtype) if value.is_floating_point() else value
 
-    Two streams are carried: the original blocks' outputs (the targets) and the pruned-and-compensated
-    blocks' outputs (the inputs the pruned tower really sees); ``_output_refit`` fits each pruned block
-    so that its output on the second matches the first.
-    """
+
+def _transient_buffers(module: nn.Module, label: str, skip: str | None = None) -> dict[str, torch.Tensor]:
+    """Non-persistent buffers (in no checkpoint) not under ``skip``; one built on meta has no values anywhere."""
+    persistent = set(module.state_dict())
+    transient = {n: b for n, b in module.named_buffers()
+                 if n not in persistent and not (skip and n.startswith(skip))}
+    missing = [n for n, b in transient.items() if b.is_meta]
+    if missing:
+        raise ValueError(f"{label}{missing[0]}: a non-persistent buffer (computed when the model is built, not "
+                         "in checkpoints) that was built on the meta device; build the model under "
+                         "pruning.skeleton.parameters_on_meta so it is real")
+    return transient
+
+
+class BlockCalibration:
+    """Two streams of hidden states carried block to block, the original blocks' outputs (targets) and the pruned
+    ones' (what the pruned tower sees); ``step`` prunes one block and refits it so the second matches the first."""
 
     def __init__(self, states: list[BlockState], calibration: Calibration, *, prefix_tokens: int = 0,
                  reduce: Callable[[ActivationStats], None] | None = None) -> None:
-        """``prefix_tokens`` > 0: the first that many tokens of every sequence (class / register tokens) weigh
-        together as much as its patch tokens in the fit, instead of 1 of T. ``reduce``: applied to every fit
-        and held-out statistics before they are used, e.g. an all-reduce when each process holds its own
-        share of the calibration images (in-engine pruning)."""
+        """``prefix_tokens`` > 0: that many leading tokens of every sequence weigh together as much as its patch
+        tokens. ``reduce``: applied to every statistic before use (an all-reduce across ranks in-engine)."""
         if prefix_tokens < 0:
             raise ValueError(f"prefix token count must be >= 0, got {prefix_tokens}")
         states = [s for s in states if s.hidden.shape[0] > 0]  # an empty batch adds nothing to any fit
@@ -418,15 +373,14 @@ class BlockCalibration:
         if any(not s.weight > 0 for s in states):
             raise ValueError("calibration: batch weights must be > 0")
         self.ridge, self.holdout_fraction = calibration.ridge, calibration.holdout_fraction
-        self.prefix_tokens = prefix_tokens
-        self.reduce = reduce
-        self.states = states
-        self.teacher_states = list(states)
+        self.prefix_tokens, self.reduce = prefix_tokens, reduce or (lambda _stats: None)
+        self.states, self.teacher_states = states, list(states)
         self.peak_bytes = self.hidden_state_bytes()
+        self.warned = False
 
     def hidden_state_bytes(self) -> int:
         """Bytes of the carried calibration states (both streams)."""
-        return sum(s.nbytes() for s in self.states) + sum(s.nbytes() for s in self.teacher_states)
+        return sum(s.nbytes() for s in self.states + self.teacher_states)
 
     def step(self, block: nn.Module, site: MlpSite, keep: torch.Tensor, report_path: str) -> SiteReport:
         """Prune ``site`` (relative to ``block``) to ``keep`` with compensation and advance the states."""
@@ -440,20 +394,10 @@ class BlockCalibration:
 
     def _output_refit(self, block: nn.Module, site: MlpSite, keep: torch.Tensor, report_path: str
                       ) -> tuple[MlpSite, tuple[float | None, float | None]]:
-        """Prune ``site`` and refit its output Linear so the block's output matches the original block's.
-
-        Per token, the block's output must be ``base + s * e`` in the output ``e`` of the branch's last
-        module (``s`` per channel: a residual add, with or without LayerScale). That module is the
-        output Linear (``e = y``, pre-norm blocks) or a LayerNorm reading the MLP's output (post-norm
-        blocks, ``e = LN(y)``). The wanted ``e* = e + (o_t - o) / s`` makes the pruned block give the
-        original block's output ``o_t``; ``s`` is measured by running the block again with a known
-        offset added to ``e``, and a block where that does not hold is refused. The Linear's target
-        is ``y* = e*`` before a post-norm, else ``e*`` pulled back through the norm (``norm_pullback``,
-        linearised at the original MLP's output). The fit is ``fit_output_from_stats`` on ``[a_K, y*]``,
-        so it also undoes the drift that earlier pruned blocks left in the hidden states, as far as the
-        kept units can express it. Errors: ``output_fit_error`` of the plain pruned and the refitted
-        Linear on held-out tokens.
-        """
+        """Prune ``site`` and refit its output Linear so the block's output matches the original block's: the
+        target ``e* = e + (o_t - o) / s`` of the branch's last module (``branch_scale``), pulled back through a
+        post-norm (``norm_pullback``); docs/compensation.md. Returns the new site and the held-out errors of
+        the plain pruned and the refitted Linear."""
         post_norm = _post_norm(block, site, self.teacher_states[0], report_path)
         teacher_y: list[torch.Tensor] = []
         norm_input = post_norm.register_forward_pre_hook(lambda _m, args: teacher_y.append(args[0].detach())) \
@@ -502,9 +446,15 @@ class BlockCalibration:
         finally:
             for h in handles:
                 h.remove()
-        fit, held = self._reduced(fit, held)
+        for stats in (fit, held) if held is not None else (fit,):
+            self.reduce(stats)
         if fit.count == 0 or (held is not None and held.count == 0):
             raise ValueError(f"{report_path}: not enough calibration tokens for the fit and the held-out split")
+        if fit.count < width + 1 and not self.warned:
+            self.warned = True
+            log.warning("%s: the compensation fit has %.0f calibration tokens for %d kept units + a bias: it is "
+                        "underdetermined and only the ridge (%g) makes it unique; give more calibration images",
+                        report_path, fit.count, width, self.ridge)
         new_weight, new_bias = fit_output_from_stats(fit, out.weight, out.bias, self.ridge)
         errors: tuple[float | None, float | None] = (None, None)
         if held is not None:
@@ -515,14 +465,6 @@ class BlockCalibration:
                 out.bias.copy_(new_bias.to(out.bias.device, out.bias.dtype))
         self.teacher_states = teacher_out
         return new_site, errors
-
-    def _reduced(self, fit: ActivationStats, held: ActivationStats | None
-                 ) -> tuple[ActivationStats, ActivationStats | None]:
-        if self.reduce is not None:
-            self.reduce(fit)
-            if held is not None:
-                self.reduce(held)
-        return fit, held
 
     def _token_weights(self, acts: torch.Tensor, label: str, batch_weight: float = 1.0) -> torch.Tensor | None:
         """Per-token weights of [batch, tokens, units] activations, flattened (``batch_weight`` times the
@@ -541,11 +483,8 @@ class BlockCalibration:
 
 
 def _post_norm(block: nn.Module, site: MlpSite, state: BlockState, label: str) -> nn.LayerNorm | None:
-    """The LayerNorm of ``block`` that reads the MLP's output (post-norm blocks), or None (pre-norm).
-
-    Found by running the block once: the norm whose input is the MLP module's output. The output
-    Linear must give that output itself (nothing but identities after it), or the block is refused.
-    """
+    """The LayerNorm of ``block`` that reads the MLP's output (post-norm blocks), or None (pre-norm), found by
+    running the block once; refused unless the MLP's output is its output Linear's."""
     mlp = site.module(block)
     seen: dict[str, torch.Tensor] = {}
     norms = {name: m for name, m in block.named_modules() if isinstance(m, nn.LayerNorm)
@@ -577,13 +516,8 @@ def _post_norm(block: nn.Module, site: MlpSite, state: BlockState, label: str) -
 
 
 def norm_pullback(norm: nn.LayerNorm, y_ref: torch.Tensor, e_wanted: torch.Tensor) -> torch.Tensor:
-    """An input near ``y_ref`` whose LayerNorm output is ``e_wanted``, to first order.
-
-    The minimum-norm Gauss-Newton step ``y_ref + sigma * P((e_wanted - norm(y_ref)) / gamma)``: ``sigma``
-    the per-token scale the norm divides by, ``P`` removes the directions the norm ignores (each token's
-    mean and its own normalised vector). Channels whose gain is ~0 are not asked to move. The norm is
-    applied functionally, so hooks on ``norm`` do not see this.
-    """
+    """An input near ``y_ref`` whose LayerNorm output is ``e_wanted``, to first order: the minimum-norm
+    Gauss-Newton step (docs/compensation.md); channels of ~0 gain stay, hooks on ``norm`` do not see it."""
     y = y_ref.to(torch.float64)
     mean = y.mean(-1, keepdim=True)
     sigma = (y.var(-1, unbiased=False, keepdim=True) + norm.eps).sqrt()
@@ -601,15 +535,9 @@ def norm_pullback(norm: nn.LayerNorm, y_ref: torch.Tensor, e_wanted: torch.Tenso
 
 def branch_scale(block: nn.Module, end: nn.Module, state: BlockState, label: str,
                  output: torch.Tensor | None = None) -> torch.Tensor:
-    """The per-channel factor ``s`` in ``block output = base + s * (output of end)``, ``end`` the MLP branch's
-    last module (the output Linear, or a post-norm), from runs of ``state`` as is (or its ``output`` when the
-    caller has it) and with known offsets added to ``end``'s output (unequal per channel: a LayerNorm after the
-    MLP would absorb an equal one).
-
-    The factor must be the same on every token (up to rounding in the output's dtype), or the block is
-    refused; channels with a zero factor return inf, so their target is the current output (they cannot
-    change the block's output).
-    """
+    """The per-channel ``s`` in ``block output = base + s * (output of end)``, ``end`` the MLP branch's last module,
+    from a run of ``state`` (or its ``output``) and one with unequal known offsets added at ``end``. Refused
+    unless the same on every token; channels of zero factor give inf (they cannot change the output)."""
     with torch.no_grad():
         output = state.run(block).hidden if output is None else output
         rows = output.shape[-1]

@@ -20,9 +20,10 @@ from timm.models import register_model
 from timm.models.eva import Eva
 from torch import nn
 
-from pruning.blockwise import block_layout, materialize_outside, stem_states
+from pruning.blockwise import materialize_outside, stem_states
 from pruning.calib_images import ImageSpec, load_calibration_images, shard_paths
 from pruning.export import OPEN_CLIP_VISUAL_WEIGHTS, OPEN_CLIP_WEIGHTS, TIMM_WEIGHTS, load_pruned
+from pruning.sites import find_mlp_sites
 from pruning.skeleton import parameters_on_meta
 from pruning.stream import REPORT_JSON, REPORT_MD
 
@@ -129,7 +130,7 @@ def test_streamed_compensation_equals_in_memory(tmp_path, kind):
     # Compensation changed every output Linear: plain pruning differs there and only there.
     plain = copy.deepcopy(tower)
     prune_model(plain, ratio=0.5)
-    outs = {f"{s.path}.{s.out_name}.{p}" for s in block_layout(tower).tower_sites for p in ("weight", "bias")}
+    outs = {f"{s.path}.{s.out_name}.{p}" for s in find_mlp_sites(tower) for p in ("weight", "bias")}
     for key, value in plain.state_dict().items():
         assert torch.equal(got[key], value) != (key in outs), key
     assert [s.kept for s in report.sites] == [s.kept for s in expected.sites]
