@@ -1,22 +1,13 @@
 """Calibration images for ``python -m pruning prune --calibration``: an image folder, tar shards, or a tensor file.
 
-``pruning`` does not import the trainer's data pipeline, so this is a small reader of its own:
-PIL decodes, transparent pictures go on white (clip art), the central square is resized bicubic to
-the model's input size and normalised with the model's mean/std (timm ``pretrained_cfg``, open_clip
-``preprocess_cfg``): the trainer's evaluation preprocessing, minus JPEG draft scaling.
-
-Sources:
-- a folder: image files found recursively, sorted by path, ``count`` of them spread evenly over
-  the list (so every sub-folder / category is sampled);
-- webdataset tar shards: one path, a brace pattern (``shards/{00000..00009}.tar``, ``{a,b}``) or
-  several joined by ``::``; the first ``count`` images in shard order (one image per sample key);
-- a ``.pt`` / ``.safetensors`` file holding preprocessed images, float [N, 3, S, S], already
-  normalised (a safetensors file holds one tensor, or one named ``images``); the first ``count``.
+A small reader of its own (``pruning`` does not import the trainer's data pipeline) that preprocesses as the
+trainer evaluates; which images each source gives: docs/compensation.md, "Streaming".
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,21 +29,17 @@ class ImageSpec:
 
 
 def input_spec(model: torch.nn.Module, family: str) -> ImageSpec:
-    """The input size and normalisation a timm model (``pretrained_cfg``) or open_clip model expects.
-
-    For timm the size the model was built for (``patch_embed.img_size``, what its positional
-    embedding fits) wins over ``pretrained_cfg``'s, which describes the stock weights.
-    """
+    """The input size and normalisation a timm (``pretrained_cfg``) or open_clip model expects; for timm the size
+    the model was built for (``patch_embed.img_size``) wins over ``pretrained_cfg``'s (the stock weights')."""
     if family == "timm":
         cfg = model.pretrained_cfg
-        built = getattr(getattr(model, "patch_embed", None), "img_size", None)
-        size = built[-1] if isinstance(built, tuple | list) else built or cfg["input_size"][-1]
-        return ImageSpec(int(size), tuple(cfg["mean"]), tuple(cfg["std"]))
-    import open_clip
+        size = getattr(getattr(model, "patch_embed", None), "img_size", None) or cfg["input_size"]
+    else:
+        import open_clip
 
-    cfg = open_clip.get_model_preprocess_cfg(model)
-    size = cfg["size"]
-    size = size if isinstance(size, int) else size[-1]
+        cfg = open_clip.get_model_preprocess_cfg(model)
+        size = cfg["size"]
+    size = size[-1] if isinstance(size, tuple | list) else size
     return ImageSpec(int(size), tuple(cfg["mean"]), tuple(cfg["std"]))
 
 
@@ -65,12 +52,6 @@ def shard_paths(source: str) -> list[Path]:
         if not path.is_file():
             raise FileNotFoundError(f"calibration shard not found: {path}")
     return paths
-
-
-def _to_rgb(data: bytes):
-    from PIL import Image
-
-    return rgb_on_white(Image.open(io.BytesIO(data)))
 
 
 def rgb_on_white(img):  # PIL.Image.Image -> PIL.Image.Image (PIL is imported lazily here)
@@ -90,7 +71,7 @@ def preprocess(data: bytes, spec: ImageSpec) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
-    img = _to_rgb(data)
+    img = rgb_on_white(Image.open(io.BytesIO(data)))
     w, h = img.size
     side = min(w, h)
     box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
@@ -103,10 +84,8 @@ def _folder_images(root: Path, count: int) -> Iterator[tuple[str, bytes]]:
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS)
     if len(files) < count:
         raise ValueError(f"calibration folder {root}: {len(files)} images, {count} requested")
-    stride = len(files) / count
-    for i in range(count):
-        path = files[int(i * stride)]
-        yield str(path), path.read_bytes()
+    stride = len(files) / count  # spread over the sorted list, so every sub-folder is sampled
+    yield from ((str(path), path.read_bytes()) for path in (files[int(i * stride)] for i in range(count)))
 
 
 def _shard_images(paths: list[Path]) -> Iterator[tuple[str, bytes]]:
@@ -119,11 +98,9 @@ def _shard_images(paths: list[Path]) -> Iterator[tuple[str, bytes]]:
             keys = set()
             for member in tar:
                 key, _, ext = member.name.partition(".")
-                if member.isfile() and ext.lower() in IMAGE_EXTS and key not in keys:
+                if member.isfile() and ext.lower() in IMAGE_EXTS and key not in keys:  # one image per sample
                     keys.add(key)
-                    data = tar.extractfile(member)
-                    assert data is not None
-                    yield f"{path}:{member.name}", data.read()
+                    yield f"{path}:{member.name}", tar.extractfile(member).read()  # type: ignore[union-attr]
 
 
 def _tensor_file(path: Path, count: int, spec: ImageSpec) -> torch.Tensor:
@@ -131,12 +108,9 @@ def _tensor_file(path: Path, count: int, spec: ImageSpec) -> torch.Tensor:
         from safetensors.torch import load_file
 
         tensors = load_file(str(path))
-        if "images" in tensors:
-            images = tensors["images"]
-        elif len(tensors) == 1:
-            images = next(iter(tensors.values()))
-        else:
+        if "images" not in tensors and len(tensors) != 1:
             raise ValueError(f"{path}: {len(tensors)} tensors and none named 'images'")
+        images = tensors["images"] if "images" in tensors else next(iter(tensors.values()))
     else:
         images = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(images, torch.Tensor):
@@ -154,8 +128,7 @@ def load_calibration_images(source: str | Path, count: int, spec: ImageSpec) -> 
     """``count`` normalised float32 images [count, 3, S, S] from a folder, tar shards or a tensor file."""
     if count < 1:
         raise ValueError(f"num_calib must be >= 1, got {count}")
-    text = str(source)
-    path = Path(text)
+    path = Path(source)
     if path.is_dir():
         items = _folder_images(path, count)
     elif path.suffix in TENSOR_EXTS:
@@ -163,15 +136,13 @@ def load_calibration_images(source: str | Path, count: int, spec: ImageSpec) -> 
             raise FileNotFoundError(f"calibration file not found: {path}")
         return _tensor_file(path, count, spec)
     else:
-        items = _shard_images(shard_paths(text))
+        items = _shard_images(shard_paths(str(source)))
     images = []
-    for name, data in items:
+    for name, data in itertools.islice(items, count):
         try:
             images.append(preprocess(data, spec))
         except Exception as e:  # PIL raises UnidentifiedImageError, OSError, ... for broken files
             raise ValueError(f"calibration image {name}: cannot decode ({e})") from e
-        if len(images) == count:
-            break
     if len(images) < count:
-        raise ValueError(f"calibration source {text}: {len(images)} images, {count} requested")
+        raise ValueError(f"calibration source {source}: {len(images)} images, {count} requested")
     return torch.stack(images)
