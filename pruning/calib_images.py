@@ -29,8 +29,8 @@ class ImageSpec:
 
 
 def input_spec(model: torch.nn.Module, family: str) -> ImageSpec:
-    """The input size and normalisation a timm (``pretrained_cfg``) or open_clip model expects; for timm the size
-    the model was built for (``patch_embed.img_size``) wins over ``pretrained_cfg``'s (the stock weights')."""
+    """The input size and normalisation a timm (``pretrained_cfg``) or open_clip model expects; for timm
+    the size the model was built for (``patch_embed.img_size``) wins over the stock weights' size."""
     if family == "timm":
         cfg = model.pretrained_cfg
         size = getattr(getattr(model, "patch_embed", None), "img_size", None) or cfg["input_size"]

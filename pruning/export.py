@@ -1,11 +1,7 @@
 """Name the architecture of a checkpoint, and save/load pruned models in stock library formats.
 
-Uniform MLP widths are a stock architecture: open_clip's own ViTs take ``vision_cfg.mlp_ratio``,
-timm models take ``mlp_ratio`` in ``config.json``'s ``model_args``, and timm towers inside
-open_clip (EVA) get a registered timm model name that builds the base model with the pruned
-ratio (``register_pruned_timm_models``). Per-layer widths are stored under the ``dgmr_pruning``
-key of the config and only ``load_pruned`` can build them: it builds the stock model, shrinks
-each MLP by module replacement to the stored width, then loads the weights.
+Uniform widths are stock configs (EVA towers get a registered timm name); per-layer widths only
+``load_pruned`` builds. The export format is in docs/pruning_stream.md ("Output").
 """
 
 from __future__ import annotations
@@ -46,16 +42,11 @@ _TIMM_CFG_DROP = ("url", "hf_hub_id", "hf_hub_filename", "file", "source", "tag"
 class Architecture:
     """A model named in open_clip or timm, built on the meta device: names and shapes, no memory."""
 
-    family: str
-    """``open_clip`` or ``timm``."""
-    name: str
-    """Model name in that library."""
-    model: nn.Module
-    """The whole model on the meta device (a CLIP model for open_clip)."""
-    tower_path: str
-    """Module path of the pruned tower in ``model``: ``visual`` for open_clip, ``""`` for timm."""
-    kwargs: dict = field(default_factory=dict)
-    """Keyword arguments of a timm model's constructor (``img_size``, ...), kept in the export's ``model_args``."""
+    family: str  # open_clip or timm
+    name: str  # model name in that library
+    model: nn.Module  # the whole model on meta (a CLIP model for open_clip)
+    tower_path: str  # module path of the pruned tower in model: "visual" for open_clip, "" for timm
+    kwargs: dict = field(default_factory=dict)  # a timm model's constructor arguments, kept in model_args
 
     @property
     def tower(self) -> nn.Module:
@@ -75,24 +66,18 @@ class Architecture:
         return cfg
 
 
-RANDOM_INIT_WARNING = "No pretrained weights loaded for model"
-"""Start of open_clip's warning when create_model loaded no weights (logged on the root logger)."""
-
-
-class _DropRandomInitWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(RANDOM_INIT_WARNING)
+RANDOM_INIT_WARNING = "No pretrained weights loaded for model"  # open_clip's, logged on the root logger
 
 
 @contextlib.contextmanager
 def weights_loaded_elsewhere() -> Iterator[None]:
-    """Silence open_clip's "No pretrained weights loaded ... initialized randomly" inside this block.
+    """Silence open_clip's "No pretrained weights loaded ... initialized randomly" (only it, only in this
+    block): where our code fills the weights right after, users read it as "your checkpoint was ignored"."""
 
-    create_model says so whenever it loads nothing itself, even where our code fills the weights right after
-    (architectures on meta, exports, sharded loading): users read it as "your checkpoint was ignored".
-    Only that message, only in this block.
-    """
-    root, quiet = logging.getLogger(), _DropRandomInitWarning()
+    def quiet(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(RANDOM_INIT_WARNING)
+
+    root = logging.getLogger()
     root.addFilter(quiet)
     try:
         yield
@@ -101,9 +86,8 @@ def weights_loaded_elsewhere() -> Iterator[None]:
 
 
 def resolve_architecture(model_name: str, kwargs: dict | None = None) -> Architecture:
-    """Build ``open_clip:NAME``, ``timm:NAME`` or a bare name (open_clip first): parameters on the meta
-    device, buffers real (``pruning.skeleton``: non-persistent ones are in no checkpoint). ``kwargs``: a timm
-    model's constructor arguments."""
+    """Build ``open_clip:NAME``, ``timm:NAME`` or a bare name (open_clip first) with ``parameters_on_meta``;
+    ``kwargs``: a timm model's constructor arguments."""
     family, _, name = model_name.partition(":") if ":" in model_name else ("", "", model_name)
     if family not in ("", OPEN_CLIP, TIMM):
         raise ValueError(f"model {model_name!r}: prefix must be 'open_clip:' or 'timm:'")
@@ -188,11 +172,8 @@ def register_pruned_timm_models(out_dir: str | os.PathLike) -> list[str]:
 
 
 def export_configs(arch: Architecture, widths: dict[str, int], *, visual_only: bool) -> tuple[str, dict, bool]:
-    """(config file name, config, stock_buildable) for a tower whose site ``path -> hidden`` is ``widths``.
-
-    ``stock_buildable`` is the claim that the stock library builds these widths from the config
-    alone; ``check_stock_build`` verifies it against the written directory.
-    """
+    """(config file name, config, stock_buildable) for a tower whose site ``path -> hidden`` is ``widths``;
+    ``stock_buildable`` claims the stock library builds them from the config alone (``check_stock_build``)."""
     sites = arch.sites()
     uniform = len(set(widths.values())) == 1 and len({s.width for s in sites}) == 1
     hidden, width = next(iter(widths.values())), sites[0].width
@@ -234,12 +215,18 @@ def read_pruning_record(out_dir: str | os.PathLike) -> tuple[str, dict]:
     raise FileNotFoundError(f"{out_dir}: no {OPEN_CLIP_CONFIG} or {TIMM_CONFIG} with a {PRUNING_KEY!r} record")
 
 
-def build_pruned(out_dir: str | os.PathLike, *, device: str | torch.device = "meta") -> nn.Module:
-    """The pruned architecture of an export, without weights: whole model (open_clip) or timm model."""
+def weights_file(family: str, visual_only: bool) -> str:
+    """The export's weights file name: timm model, open_clip visual tower, or full CLIP."""
+    if family != OPEN_CLIP:
+        return TIMM_WEIGHTS
+    return OPEN_CLIP_VISUAL_WEIGHTS if visual_only else OPEN_CLIP_WEIGHTS
+
+
+def _build_stock(out_dir: Path, device: str | torch.device) -> tuple[nn.Module, dict]:
+    """(the model the stock library builds from an export's config, without weights; the pruning record)."""
     import open_clip
     import timm
 
-    out_dir = Path(out_dir)
     _, config = read_pruning_record(out_dir)
     record = config[PRUNING_KEY]
     if record["family"] == OPEN_CLIP:
@@ -249,6 +236,13 @@ def build_pruned(out_dir: str | os.PathLike, *, device: str | torch.device = "me
             model = open_clip.create_model(f"local-dir:{out_dir}", load_weights=False, device=device)
         else:
             model = timm.create_model(record["base_model"], pretrained=False, **config.get("model_args", {}))
+    return model, record
+
+
+def build_pruned(out_dir: str | os.PathLike, *, device: str | torch.device = "meta") -> nn.Module:
+    """The pruned architecture of an export, without weights: whole model (open_clip) or timm model."""
+    out_dir = Path(out_dir)
+    model, record = _build_stock(out_dir, device)
     tower = model.get_submodule(record["tower"])
     missing = [s.path for s in find_mlp_sites(tower) if s.path not in record["mlp_hidden"]]
     if missing:
@@ -259,18 +253,7 @@ def build_pruned(out_dir: str | os.PathLike, *, device: str | torch.device = "me
 
 def check_stock_build(out_dir: str | os.PathLike) -> bool:
     """Whether the stock library alone (no per-site shrinking) builds the stored widths."""
-    import open_clip
-    import timm
-
-    out_dir = Path(out_dir)
-    _, config = read_pruning_record(out_dir)
-    record = config[PRUNING_KEY]
-    with torch.device("meta"), weights_loaded_elsewhere():
-        if record["family"] == OPEN_CLIP:
-            register_pruned_timm_models(out_dir)
-            model = open_clip.create_model(f"local-dir:{out_dir}", load_weights=False, device="meta")
-        else:
-            model = timm.create_model(record["base_model"], pretrained=False, **config.get("model_args", {}))
+    model, record = _build_stock(Path(out_dir), "meta")
     built = {s.path: s.hidden for s in find_mlp_sites(model.get_submodule(record["tower"]))}
     return built == record["mlp_hidden"]
 
@@ -279,15 +262,9 @@ def load_pruned(out_dir: str | os.PathLike, *, device: str | torch.device = "cpu
     """Load an export: the CLIP model (full checkpoints), the visual tower (visual-only), or the timm model."""
     from safetensors.torch import load_file
 
-    out_dir = Path(out_dir)
-    _, config = read_pruning_record(out_dir)
-    record = config[PRUNING_KEY]
+    record = read_pruning_record(out_dir)[1][PRUNING_KEY]
     model = build_pruned(out_dir, device="cpu")
-    if record["family"] == TIMM:
-        target, weights = model, TIMM_WEIGHTS
-    elif record["visual_only"]:
-        target, weights = model.visual, OPEN_CLIP_VISUAL_WEIGHTS
-    else:
-        target, weights = model, OPEN_CLIP_WEIGHTS
-    target.load_state_dict(load_file(out_dir / weights), strict=True)
+    target = model.visual if record["family"] == OPEN_CLIP and record["visual_only"] else model
+    weights = Path(out_dir) / weights_file(record["family"], record["visual_only"])
+    target.load_state_dict(load_file(weights), strict=True)
     return target.to(device)

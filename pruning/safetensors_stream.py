@@ -70,7 +70,8 @@ class SafetensorsReader:
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{self.path}: malformed header entry for tensor {name!r}: {info!r}") from e
             if end - begin != _nbytes(shape, dtype):
-                raise ValueError(f"{self.path}: tensor {name!r} has {end - begin} bytes for shape {shape} {dtype_name}")
+                raise ValueError(f"{self.path}: tensor {name!r} has {end - begin} bytes for shape "
+                                 f"{shape} {dtype_name}")
             if end > size - data_start:
                 raise ValueError(f"{self.path}: truncated: tensor {name!r} ends at byte {data_start + end} "
                                  f"but the file has {size}")
@@ -92,7 +93,7 @@ class SafetensorsReader:
         return self._read(name, begin, end).view(DTYPES[dtype_name]).reshape(shape)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``[start, stop)`` of ``name`` (the whole tensor if 0-dim), reading only their bytes (a rank's shard)."""
+        """Rows ``[start, stop)`` of ``name`` (the whole tensor if 0-dim), reading only their bytes."""
         dtype_name, shape, begin, end = self._entries[name]
         if not shape:
             return self.get(name)
