@@ -1,20 +1,9 @@
 """Adaptive per-block widths at a parameter budget: error curves from one calibration pass, then an exact allocation.
 
-``Budget(ratio=R)`` spends the parameters of uniform ``ratio=R`` (the same total of kept hidden units), but
-chooses each block's width on a grid (multiples of 64 by default) so that the summed error is smallest.
-
-The error of block ``b`` at width ``w`` is the relative change of the block's output on held-out calibration
-tokens when its MLP keeps the first ``w`` units of its selection order and the output Linear is refitted in
-closed form (``BlockCalibration``), on the original model's hidden states:
-``E ||s * (y_w - y)||^2 / E ||h_out||^2``, ``y`` the MLP's output, ``s`` the per-channel factor between it and
-the block's output (LayerScale, or 1), ``h_out`` the block's output: the relative change
-of the residual stream, which later blocks carry on (measured on DINOv2: errors in residual-stream units, or over
-each token's norm at the last block, starve the early blocks and lose 0.05-0.09 of cosine). Every selection method returns a nested order (the first ``w`` of a
-longer selection are the selection for ``w``), and in the order's Cholesky basis the refit for ``w`` units is
-the first ``w`` terms of one expansion, so one pass of statistics gives the whole curve (``width_errors``).
-
-Allocation (``allocate``): the exact minimum of the summed errors under the budget, by dynamic programming
-over blocks (a multiple-choice knapsack in grid steps); ties go to the narrower width, so it is deterministic.
+``Budget(ratio=R)`` keeps the hidden units of uniform ``ratio=R`` but chooses each block's width on a grid to
+minimise the summed held-out error ``E ||s (y_w - y)||^2 / E ||h_out||^2`` of the compensated block on the original
+model's hidden states. Nested selection orders make every width's refit a prefix of one Cholesky expansion
+(``width_errors``); ``allocate`` is an exact knapsack over blocks, ties to the narrower width (docs/adaptive.md).
 """
 
 from __future__ import annotations
@@ -101,8 +90,8 @@ def plan_widths(source: BlockSource, budget: Budget, method: str = "diversity", 
                 calib_inputs: Sequence[torch.Tensor | BlockState], generator: torch.Generator | None = None,
                 scores: Mapping[str, torch.Tensor] | None = None,
                 progress: Callable[[str], None] | None = None) -> WidthPlan:
-    """Measure every block's error curve on the original model's hidden states (one read of each block), then
-    allocate the widths. Prune next with ``prune_blocks(source, plan.widths, orders=plan.orders, ...)``."""
+    """Measure every block's error curve on the original model's hidden states (one read of each block) and
+    allocate the widths; prune next with ``prune_blocks(source, plan.widths, orders=plan.orders, ...)``."""
     if calibration is None or not calib_inputs:
         raise ValueError("a width budget measures each block's error on calibration images: give a Calibration "
                          "and calibration images")
@@ -142,8 +131,7 @@ def prune_to_budget(source: BlockSource, budget: Budget, method: str = "diversit
                     calib_inputs: Sequence[torch.Tensor | BlockState], generator: torch.Generator | None = None,
                     scores: Mapping[str, torch.Tensor] | None = None,
                     progress: Callable[[str], None] | None = None) -> PruneReport:
-    """``plan_widths`` then ``prune_blocks`` with compensation, for a source whose writes need no widths up front
-    (a tower in memory); the plan's summary is the report's ``calibration["budget"]``."""
+    """``plan_widths`` then ``prune_blocks`` with compensation (for sources that need no widths up front)."""
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     common = dict(calibration=calibration, calib_inputs=calib_inputs, generator=generator, scores=scores,
                   progress=progress)
@@ -156,12 +144,8 @@ def prune_to_budget(source: BlockSource, budget: Budget, method: str = "diversit
 def _block_curve(block: nn.Module, site: MlpSite, states: list[BlockState], order: torch.Tensor, widths: list[int],
                  calibration: Calibration, label: str, reduce: Callable[[ActivationStats], None]
                  ) -> tuple[list[float], list[BlockState]]:
-    """Errors of ``block`` at each width (``pruning.budget``) on ``states``, and the block's outputs (next states).
-
-    ``branch_scale`` (one more run of the first batch) gives the factor ``s`` between the output Linear's output and
-    the block's output, as for the refit; behind a post-norm, times the norm's gain over the token's scale, to
-    first order.
-    """
+    """Errors of ``block`` at each width on ``states``, and the block's outputs (the next states); ``s`` from
+    ``branch_scale``, behind a post-norm times the norm's gain over the token's scale (first order)."""
     out = getattr(site.module(block), site.out_name)
     post_norm = _post_norm(block, site, states[0], label)
     end = out if post_norm is None else post_norm
@@ -209,18 +193,14 @@ def _block_curve(block: nn.Module, site: MlpSite, states: list[BlockState], orde
     return [e / norm for e in errors], following
 
 
-
-
 def width_errors(fit: ActivationStats, held: ActivationStats, order: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None, ridge: float, widths: Sequence[int],
                  channel_weight: torch.Tensor | None = None) -> list[float]:
-    """Held-out squared error of the refitted output Linear at each width (mean over tokens, summed over channels).
+    """Held-out squared error (mean over tokens, ``channel_weight``-weighted sum over channels) of the output Linear
+    (``weight`` [D, H], ``bias``) refitted on the first ``w`` units of ``order``, for each ``w`` in ``widths``.
 
-    ``fit`` / ``held`` hold token rows ``[a, y]``: the Linear's ``H`` inputs (every unit, in index order) and the
-    ``D`` outputs to reproduce; ``order``: the selection order (at least ``max(widths)`` units); ``weight`` [D, H]
-    and ``bias`` the unpruned Linear. The refit is ``pruning.fit.fit_output_from_stats`` (ridge anchored at
-    ``weight``), with one ridge scale for every width: ``ridge`` times the mean variance of the ``len(order)``
-    candidate units. ``channel_weight`` [D] weighs each output channel's squared error (default 1).
+    ``fit`` / ``held`` hold rows ``[a, y]`` (all H inputs in index order, D targets); one ridge scale for every
+    width: ``ridge`` times the candidates' mean variance (``fit_output_from_stats`` otherwise).
     """
     rows, hidden = weight.shape
     k = order.numel()
@@ -265,12 +245,8 @@ def _cholesky(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def allocate(curves: Sequence[WidthCurve], total_units: int) -> list[int]:
-    """Widths (one per curve) minimising the summed errors, keeping as many units as the grid allows up to
-    ``total_units`` (the size asked for, even where a held-out error would rise with width).
-
-    Exact: dynamic programming over blocks on the units' common grid. Blocks must cost the same parameters
-    per unit (then units and parameters are the same budget).
-    """
+    """Widths (one per curve) minimising the summed errors with as many units as the grid allows up to
+    ``total_units``; exact dynamic programming over blocks, which must cost the same parameters per unit."""
     if len({c.unit_params for c in curves}) > 1:
         raise ValueError("budget: blocks differ in parameters per hidden unit; adaptive widths need blocks of "
                          "one shape")

@@ -20,10 +20,8 @@ from pruning.native import build
 
 METHODS = ("diversity", "l2", "random", "taylor")
 
-# A round of Gram-Schmidt ends early once every remaining residual is below this fraction of
-# the round's largest row norm (float64 / float32 working precision): those rows are
-# numerically spanned by the rows already picked, and the next round restarts from their
-# original weights. Full-rank fc1 weights never reach it; it decides rank-deficient cases.
+# A round ends early once every remaining residual is below this fraction of its largest row norm (float64 /
+# float32): those rows are spanned by the picked ones and the next round restarts (rank-deficient fc1 only).
 RANK_TOL = 1e-6
 RANK_TOL_FP32 = 1e-3
 
@@ -39,11 +37,8 @@ def select_mlp_channels(
     generator: torch.Generator | None = None,
     scores: torch.Tensor | None = None,
 ) -> torch.LongTensor:
-    """Return the indices of the ``num_keep`` hidden units to keep, in selection order.
-
-    ``fc1_weight`` is [M hidden, N in] (for gated MLPs: the half chosen by the site).
-    ``generator`` seeds ``random``; ``scores`` ([M], higher = more important) drives ``taylor``.
-    """
+    """The ``num_keep`` hidden units to keep, in selection order, from ``fc1_weight`` [M hidden, N in] (gated: the
+    site's ranking half); ``generator`` seeds ``random``, ``scores`` ([M], higher = more important) drive ``taylor``."""
     if not isinstance(fc1_weight, torch.Tensor) or fc1_weight.dim() != 2:
         shape = tuple(fc1_weight.shape) if isinstance(fc1_weight, torch.Tensor) else type(fc1_weight)
         raise ValueError(f"fc1_weight must be a 2-D tensor [hidden, in], got {shape}")
@@ -52,7 +47,8 @@ def select_mlp_channels(
         raise ValueError(f"num_keep must be an int, got {num_keep!r}")
     if not 0 < num_keep <= hidden:
         raise ValueError(f"num_keep must be in [1, {hidden}] (the hidden width), got {num_keep}")
-    if not _all_finite(fc1_weight):
+    # A plain sum decides the common case in a fraction of the elementwise test (run only if the sum overflows).
+    if not (bool(torch.isfinite(fc1_weight.sum())) or bool(torch.isfinite(fc1_weight).all())):
         raise ValueError("fc1_weight contains NaN or Inf values")
     if method == "diversity":
         return diversity_order(fc1_weight, num_keep)
@@ -60,7 +56,7 @@ def select_mlp_channels(
         norms = fc1_weight.detach().to(torch.float64).norm(dim=1)
         return _top_by_score(norms, num_keep)
     if method == "random":
-        perm = torch.randperm(hidden, generator=generator, device=_generator_device(generator))
+        perm = torch.randperm(hidden, generator=generator, device=generator.device if generator else "cpu")
         return perm[:num_keep].to(fc1_weight.device)
     if method == "taylor":
         if scores is None:
@@ -73,16 +69,6 @@ def select_mlp_channels(
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
 
-def _all_finite(x: torch.Tensor) -> bool:
-    """True when no entry is NaN or Inf; a plain sum (any NaN/Inf makes it non-finite) decides
-    the common case in a fraction of the elementwise test, which only runs if the sum overflows."""
-    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
-
-
-def _generator_device(generator: torch.Generator | None) -> torch.device:
-    return generator.device if generator is not None else torch.device("cpu")
-
-
 def _top_by_score(score: torch.Tensor, num_keep: int) -> torch.LongTensor:
     # A stable sort keeps the lower index first among equal scores, so results are reproducible.
     return torch.sort(score, descending=True, stable=True).indices[:num_keep]
@@ -92,14 +78,9 @@ def diversity_order(weight: torch.Tensor, num_keep: int, *, algorithm: str = "au
                     dtype: torch.dtype = torch.float32) -> torch.LongTensor:
     """DGMR order: greedy Gram-Schmidt on fc1 rows by largest residual norm, in rounds of N.
 
-    ``algorithm``: ``blocked`` (the blocked method with its compiled pick loop, default on CPU; the dense
-    loop where the loop cannot be built) or ``dense`` (one rank-1
-    update per pick, no host sync inside a round, default on CUDA). Both make the same picks
-    as the plain loop. ``dtype`` is the working precision (float32 or float64; squared norms are
-    kept in float64, each block's removed part summed over at most 64 terms in the working
-    precision first). Two implementations in the same precision can only
-    disagree where two residual norms tie to within rounding (about 1e-6 relative in float32);
-    float64 pushes that to about 1e-14.
+    ``algorithm``: ``blocked`` (compiled pick loop, CPU default) or ``dense`` (a rank-1 update per pick, no host
+    sync in a round, CUDA default); both make the plain loop's picks. ``dtype``: the working precision (squared
+    norms in float64); implementations can only disagree on norms tied within rounding (~1e-6 relative in fp32).
     """
     if algorithm == "auto":
         algorithm = "dense" if weight.is_cuda else "blocked"
@@ -158,15 +139,9 @@ def _round_dense(rows: torch.Tensor, max_picks: int) -> torch.LongTensor:
 
 
 def _round_blocked(rows: torch.Tensor, max_picks: int, block: int | None = None) -> torch.LongTensor:
-    """One round, exact and mostly BLAS-3. ``rows`` is a private copy and is overwritten.
-
-    Residuals of all rows are brought up to date once per block of picks (one pair of matrix
-    products). Within a block, residual norms from the block start bound the current ones from
-    above (they only shrink), so only a pool of the rows with the largest bounds is followed
-    pick by pick; the pool grows whenever a row outside it could still win, and when it would
-    grow too large the block ends early (rows with similar norms make bounds stale fast). After each block
-    the residuals are rotated into the orthogonal complement of the block's directions and
-    those coordinates are dropped, so the work shrinks as the round goes on.
+    """One round, exact and mostly BLAS-3 (``rows`` is overwritten): residuals are updated once per block of picks;
+    inside a block the block-start norms bound the current ones, so only a pool of candidates is followed pick by
+    pick (the compiled loop); then the block's directions are dropped from every residual (``_drop_directions``).
     """
     block = block or _CPU_BLOCK
     residual = rows
@@ -246,12 +221,8 @@ def _rank_tol(dtype: torch.dtype) -> float:
 
 def _drop_directions(residual: torch.Tensor, sq_norm: torch.Tensor, basis: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residuals and norms² in an orthonormal basis of the complement of span(basis).
-
-    A Householder QR of ``basis`` gives H = I - V T V^T whose first b columns span it, so
-    ``(residual @ H)[:, b:]`` is the residual with the block's directions projected out, in
-    b fewer coordinates; the first b columns are the removed parts, subtracted from the norms².
-    """
+    """Residuals and norms² in an orthonormal basis of the complement of span(basis): with the Householder QR
+    ``H = I - V T V^T`` of ``basis``, ``(residual @ H)[:, b:]``; its first b columns are the parts removed."""
     n, b = basis.shape
     with _torch_threads(1):  # a small factorisation: a second thread only adds overhead
         reflectors, tau = torch.geqrf(basis)

@@ -1,12 +1,8 @@
 """Find the MLP of every transformer block, whatever the model family calls its layers.
 
-An ``MlpSite`` names the Linear layers that read the block input into hidden units (one, or two
-for gated MLPs), the Linear that writes them back, and an optional LayerNorm over the hidden
-units. Family-specific attribute names live here and nowhere else in ``pruning``.
-
-Gated MLPs (SwiGLU) compute ``act(gate) * value``: one index set is kept in both halves. The
-selection importance is computed on the gate half, the one that passes through the
-non-linearity, like fc1 in a plain MLP.
+An ``MlpSite`` names the Linear(s) reading the block input into hidden units, the Linear writing them back and an
+optional LayerNorm over them; family-specific names live here only. Gated MLPs (SwiGLU) keep one index set in both
+halves, ranked on the gate half (the one through the non-linearity, like fc1).
 """
 
 from __future__ import annotations
@@ -52,12 +48,8 @@ class MlpSite:
     def module(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.path)
 
-    def selection_weight(self, model: nn.Module) -> torch.Tensor:
-        """The [hidden, width] weight whose rows rank the hidden units (gate half when gated)."""
-        return self.selection_rows(getattr(self.module(model), self.in_names[0]).weight)
-
     def selection_rows(self, fc_in_weight: torch.Tensor) -> torch.Tensor:
-        """The ranking rows of a ``{in_names[0]}.weight`` tensor, so modules and state dicts share one rule."""
+        """The [hidden, width] rows of a ``{in_names[0]}.weight`` tensor that rank the units (gate half if gated)."""
         if self.layout == GATED_FUSED:
             gate, value = fc_in_weight.chunk(2, dim=0)
             return value if self.gate_last else gate
@@ -78,11 +70,7 @@ class MlpSite:
 
     def parameter_names(self) -> list[str]:
         """Names of every tensor (relative to ``path``) whose shape depends on the hidden width."""
-        names = [f"{n}.{p}" for n in self.in_names for p in ("weight", "bias")]
-        names.append(f"{self.out_name}.weight")
-        if self.norm_name is not None:
-            names += [f"{self.norm_name}.weight", f"{self.norm_name}.bias"]
-        return names
+        return [n for n in self.tensor_names() if n != f"{self.out_name}.bias"]
 
 
 def find_mlp_sites(model: nn.Module) -> list[MlpSite]:
@@ -127,24 +115,13 @@ def _site(path: str, module: nn.Module, layout: str, in_names: tuple[str, ...], 
     hidden = getattr(module, out_name).in_features
     norm = getattr(module, "norm", None)
     has_norm = isinstance(norm, nn.LayerNorm) and tuple(norm.normalized_shape) == (hidden,)
-    return MlpSite(
-        path=path,
-        layout=layout,
-        in_names=in_names,
-        out_name=out_name,
-        hidden=hidden,
-        width=first.in_features,
-        norm_name="norm" if has_norm else None,
-        gate_last=bool(getattr(module, "gate_last", False)),
-    )
+    return MlpSite(path, layout, in_names, out_name, hidden, first.in_features, "norm" if has_norm else None,
+                   bool(getattr(module, "gate_last", False)))
 
 
 def prefix_token_count(tower: nn.Module) -> int:
-    """Tokens before the patch tokens in the tower's hidden states (class and register tokens).
-
-    timm towers say it (``num_prefix_tokens``); an open_clip ``VisionTransformer`` has one class token
-    (``class_embedding``). Anything else raises ValueError: the count is not guessed.
-    """
+    """Class and register tokens before the patch tokens: timm's ``num_prefix_tokens``, 1 for an open_clip
+    ``VisionTransformer`` (``class_embedding``); anything else raises ValueError (never guessed)."""
     count = getattr(tower, "num_prefix_tokens", None)
     if isinstance(count, int):
         return count

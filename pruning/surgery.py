@@ -9,7 +9,7 @@ bias unchanged; gated layouts keep the same indices in both halves. Surgery work
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -28,10 +28,9 @@ class SiteReport:
     params_after: int
     kept: list[int] = field(repr=False)
     recon_error_before: float | None = None
-    """Relative error of the block's output (its MLP branch) on held-out calibration tokens, pruned without
-    compensation."""
+    """Relative error of the MLP branch's output on held-out calibration tokens, pruned, not compensated."""
     recon_error_after: float | None = None
-    """The same error after closed-form compensation; None without it."""
+    """The same after compensation; both None without calibration."""
 
 
 @dataclass
@@ -50,13 +49,7 @@ class PruneReport:
         return [s.hidden_after for s in self.sites]
 
     def to_dict(self) -> dict:
-        return {
-            "method": self.method,
-            "model_params_before": self.model_params_before,
-            "model_params_after": self.model_params_after,
-            "calibration": self.calibration,
-            "sites": [vars(s) for s in self.sites],
-        }
+        return asdict(self)
 
 
 def num_keep_for_ratio(width: int, ratio: float, hidden: int) -> int:
@@ -100,31 +93,21 @@ def keep_counts(sites: list[MlpSite], ratio: float | None = None,
     return counts
 
 
-def checked_units(keep: torch.Tensor, size: int, label: str = "") -> torch.Tensor:
-    """``keep`` as a flat long tensor, checked: non-empty, distinct, every index in ``[0, size)``."""
+def sorted_keep(site: MlpSite, keep: torch.Tensor) -> torch.Tensor:
+    """Kept indices checked (non-empty, distinct, in range) and ascending, the unit order of every pruned layer:
+    keeping all units then reproduces the original bit for bit."""
     keep = torch.as_tensor(keep, dtype=torch.long).flatten()
     if keep.numel() == 0 or keep.unique().numel() != keep.numel():
-        raise ValueError(f"{label}kept indices must be non-empty and distinct")
-    if int(keep.min()) < 0 or int(keep.max()) >= size:
-        raise ValueError(f"{label}kept indices must be in [0, {size})")
-    return keep
-
-
-def sorted_keep(site: MlpSite, keep: torch.Tensor) -> torch.Tensor:
-    """Validated kept indices in ascending order, the unit order every pruned layer uses.
-
-    The function does not depend on the order of hidden units, and ascending order makes
-    keeping all units reproduce the original bit for bit.
-    """
-    return checked_units(keep, site.hidden, f"{site.path}: ").sort().values
+        raise ValueError(f"{site.path}: kept indices must be non-empty and distinct")
+    if int(keep.min()) < 0 or int(keep.max()) >= site.hidden:
+        raise ValueError(f"{site.path}: kept indices must be in [0, {site.hidden})")
+    return keep.sort().values
 
 
 def prune_site_tensors(site: MlpSite, tensors: dict[str, torch.Tensor], keep: torch.Tensor
                        ) -> dict[str, torch.Tensor]:
-    """Slice a site's tensors (names relative to ``site.path``) to hidden units ``keep``.
-
-    Tensors whose shape does not depend on the hidden width (fc_out's bias) are returned unchanged.
-    """
+    """Slice a site's tensors (names relative to ``site.path``) to hidden units ``keep``; the rest (fc_out's bias)
+    unchanged."""
     keep = sorted_keep(site, keep)
     fused = site.layout == GATED_FUSED
     # Rows of a fused gated layer are [gate half; value half]: the same units in both.
@@ -148,11 +131,8 @@ def prune_site_tensors(site: MlpSite, tensors: dict[str, torch.Tensor], keep: to
 
 
 def install_site(model: nn.Module, site: MlpSite, tensors: dict[str, torch.Tensor]) -> MlpSite:
-    """Replace the site's layers by new ones holding ``tensors`` (every weight/bias of ``site.tensor_names()``
-    the layers have), whatever their hidden width; dtype, device and requires_grad stay the old layers'.
-
-    Under a meta context (``pruning.skeleton``) meta tensors give shapes only. Returns the new site.
-    """
+    """Replace the site's layers by new ones holding ``tensors`` (its ``tensor_names()`` the layers have), of any
+    width, keeping the old layers' dtype, device and requires_grad (meta tensors give shapes only); the new site."""
     mlp = site.module(model)
     out = getattr(mlp, site.out_name)
     hidden = tensors[f"{site.out_name}.weight"].shape[1]

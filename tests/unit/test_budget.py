@@ -97,7 +97,7 @@ def test_budget_spends_the_uniform_parameters_on_every_layout(kind):
     assert sum(plan.widths) == sum(uniform.values()) // 8 * 8
     for site, width in zip(source.sites, plan.widths, strict=True):
         # The diversity order is nested: its prefix is the selection made for the width itself.
-        rows = site.selection_weight(model)
+        rows = site.selection_rows(getattr(site.module(model), site.in_names[0]).weight)
         assert torch.equal(plan.orders[site.path][:width], pruning.select_mlp_channels(rows, width))
     chosen = sum(plan.summary["predicted_error"])
     if all(e is not None for e in plan.summary["uniform_error"]) and sum(uniform.values()) % 8 == 0:

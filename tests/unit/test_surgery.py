@@ -37,7 +37,7 @@ def test_sites_found_with_their_layout(kind):
     assert len(sites) == 2
     assert {s.layout for s in sites} == {layout}
     for site in sites:
-        assert site.selection_weight(model).shape == (site.hidden, site.width)
+        assert site.selection_rows(getattr(site.module(model), site.in_names[0]).weight).shape == (site.hidden, site.width)
 
 
 @pytest.mark.parametrize("kind", KINDS)
