@@ -22,6 +22,10 @@ process group) whose processes together pass ``--max-rss-gib``.
 
 ``--tiny`` runs the same sequence on the 2-block ViT-Tiny-8 (both parts) in a few minutes
 (tests/smoke/test_full_size.py). Full size writes ``bench/results/full_size.json``.
+
+``--prepare-eva DIR [--eva-modes ...] [--ridge L]`` writes the EVA checkpoint, calibration shards and offline
+prunes once, for later ``--reuse-eva DIR`` runs (the same ``--ridge``). ``FULL_SIZE_KEEP_EXPORTS=1`` keeps the
+compensated exports beside the work folder (named in the results) for a per-block look.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from PIL import Image  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 import trainer.models.open_clip_family  # noqa: E402, F401  registers configs/open_clip (the -112 towers)
+from pruning import Calibration  # noqa: E402
 from pruning.export import resolve_architecture  # noqa: E402
 from pruning.safetensors_stream import SafetensorsWriter  # noqa: E402
 from tools.plan import cpu_peak_per_rank  # noqa: E402
@@ -396,32 +401,19 @@ def predicted(args: list[str]) -> dict:
 
 # ---------------------------------------------------------------------------------------------- EVA part
 
-def eva_part(size: Size, tmp: Path, engines: list[str], limit: int, reuse: Path | None = None,
-             modes: tuple[bool, ...] = (False, True)) -> dict:
-    """The EVA part; ``modes``: without (False) and / or with (True) compensation.
-
-    ``reuse``: a folder holding eva.safetensors, calib/ and offline-plain/, offline-comp/ of an earlier
-    invocation (hard links of its files): the checkpoint, pictures and offline prunes are not made again."""
-    if reuse is not None:
-        for name in ("eva.safetensors", "calib", *(f"offline-{'comp' if c else 'plain'}" for c in modes)):
-            os.link(reuse / name, tmp / name) if name.endswith(".safetensors") else \
-                shutil.copytree(reuse / name, tmp / name, copy_function=os.link)
-    ckpt = tmp / "eva.safetensors"
-    if reuse is None:
-        written = write_random_checkpoint(size.eva, ckpt, whole_clip=size.eva_whole_clip)
-        print(f"eva: wrote {written['bytes'] / GIB:.2f} GiB in {written['seconds']} s", flush=True)
-        shards_txt, tars = make_shards(tmp / "calib", size.calib_images, size.eva_px, size.calib_images // 2)
-    else:
-        written = {"reused_from": str(reuse), "bytes": ckpt.stat().st_size}
-        shards_txt, tars = tmp / "calib" / "shards" / "shards.txt", sorted(str(p) for p in (tmp / "calib" / "shards").glob("*.tar"))
-    per_rank = size.calib_images // 2
+def prepare_eva(size: Size, folder: Path, limit: int, modes: tuple[bool, ...], ridge: float | None = None
+                ) -> tuple[dict, dict]:
+    """The EVA checkpoint, calibration shards and offline prunes (``python -m pruning prune``) in ``folder``:
+    (checkpoint figures, {compensated: (offline folder, its figures)}). ``ridge``: the offline compensation's
+    ``--ridge`` (None: the CLI's default); the in-engine run must be given the same."""
+    ckpt = folder / "eva.safetensors"
+    written = write_random_checkpoint(size.eva, ckpt, whole_clip=size.eva_whole_clip)
+    print(f"eva: wrote {written['bytes'] / GIB:.2f} GiB in {written['seconds']} s", flush=True)
+    _, tars = make_shards(folder / "calib", size.calib_images, size.eva_px, size.calib_images // 2)
     model_config = OPEN_CLIP_CONFIGS / f"{size.eva}.json"  # a repo config (tiny); else open_clip's own
     offline = {}
     for comp in modes:
-        out = tmp / f"offline-{'comp' if comp else 'plain'}"
-        if reuse is not None:
-            offline[comp] = (out, {"reused_from": str(reuse)})
-            continue
+        out = folder / f"offline-{'comp' if comp else 'plain'}"
         cmd = [sys.executable, "-m", "pruning", "prune", "--model", size.eva, "--checkpoint", str(ckpt),
                "--ratio", str(size.ratio), "--out", str(out), "--quiet"]
         if model_config.is_file():
@@ -430,16 +422,52 @@ def eva_part(size: Size, tmp: Path, engines: list[str], limit: int, reuse: Path 
             # No held-out tokens on either side: the in-engine run holds out every rank's own tokens, the
             # offline prune those of the whole set, and the fits would differ by that split alone.
             cmd += ["--calibration", "::".join(tars), "--num-calib", str(size.calib_images),
-                    "--calib-batch-size", str(per_rank), "--calib-holdout", "0"]
-        offline[comp] = (out, run_single(cmd, tmp / f"{out.name}.log", limit, 3600))
+                    "--calib-batch-size", str(size.calib_images // 2), "--calib-holdout", "0"]
+            if ridge is not None:
+                cmd += ["--ridge", str(ridge)]
+        offline[comp] = (out, run_single(cmd, folder / f"{out.name}.log", limit, 3600))
         print(f"eva offline prune{' + compensation' if comp else ''}: {offline[comp][1]['seconds']} s, "
               f"peak {offline[comp][1]['peak_rss_anon_gib']} GiB", flush=True)
+    return written, offline
+
+
+def _offline_ridge(folder: Path) -> float | None:
+    calib = json.loads((folder / "pruning_report.json").read_text()).get("calibration") or {}
+    return calib.get("ridge")
+
+
+def eva_part(size: Size, tmp: Path, engines: list[str], limit: int, reuse: Path | None = None,
+             modes: tuple[bool, ...] = (False, True), ridge: float | None = None) -> dict:
+    """The EVA part; ``modes``: without (False) and / or with (True) compensation; ``ridge``: the compensation's
+    relative ridge on both sides (``prune.ridge`` and the offline ``--ridge``; None: their default).
+
+    ``reuse``: a folder holding eva.safetensors, calib/ and offline-plain/, offline-comp/ of an earlier
+    invocation or of ``--prepare-eva`` (hard links of its files): the checkpoint, pictures and offline prunes
+    are not made again; its offline compensation must have used the same ridge."""
+    if reuse is not None:
+        for name in ("eva.safetensors", "calib", *(f"offline-{'comp' if c else 'plain'}" for c in modes)):
+            os.link(reuse / name, tmp / name) if name.endswith(".safetensors") else \
+                shutil.copytree(reuse / name, tmp / name, copy_function=os.link)
+        if True in modes:
+            want = Calibration.ridge if ridge is None else ridge
+            have = _offline_ridge(tmp / "offline-comp")
+            if have != want:
+                raise ValueError(f"--reuse-eva {reuse}: its offline compensation used ridge {have}, this run {want}")
+        written = {"reused_from": str(reuse), "bytes": (tmp / "eva.safetensors").stat().st_size}
+        offline = {comp: (tmp / f"offline-{'comp' if comp else 'plain'}", {"reused_from": str(reuse)}) for comp in modes}
+    else:
+        written, offline = prepare_eva(size, tmp, limit, modes, ridge)
+    ckpt = tmp / "eva.safetensors"
+    shards_txt = tmp / "calib" / "shards" / "shards.txt"
+    per_rank = size.calib_images // 2
     rows = []
     for engine in engines:
         for comp in modes:
             name = f"eva-{engine}-{'comp' if comp else 'plain'}"
             run_dir = tmp / name
             extra = ["prune.compensate=true", "prune.calib_batches=1", "prune.calib_holdout=0"] if comp else []
+            if comp and ridge is not None:
+                extra.append(f"prune.ridge={ridge}")
             args = train_args(size, size.eva, ckpt, run_dir, engine, shards_txt, 0, extra)
             args[args.index(f"optim.batch_size_per_rank={size.batch_per_rank}")] = f"optim.batch_size_per_rank={per_rank}"
             row = {"model": size.eva, "engine": engine, "compensation": comp, "run": name}
@@ -449,7 +477,7 @@ def eva_part(size: Size, tmp: Path, engines: list[str], limit: int, reuse: Path 
                 row["export"] = run_single([sys.executable, "-m", "trainer", "export", str(run_dir), "--out", str(out)],
                                            tmp / f"{name}-export.log", limit, 3600)
                 row["versus_offline"] = compare(out, run_dir, *offline[comp][:1], exact=not comp)
-                if row["versus_offline"]["shape_mismatches"]:
+                if row["versus_offline"]["shape_mismatches"] or (comp and os.environ.get("FULL_SIZE_KEEP_EXPORTS")):
                     kept = tmp.parent / f"kept-{tmp.name}-{out.name}"
                     out.rename(kept)  # outside the temporary folder, named in the results, for inspection
                     row["kept_for_inspection"] = str(kept)
@@ -462,7 +490,7 @@ def eva_part(size: Size, tmp: Path, engines: list[str], limit: int, reuse: Path 
         shutil.rmtree(offline[comp][0], ignore_errors=True)
     ckpt.unlink()
     return {"checkpoint": written, "offline_prune": {("comp" if c else "plain"): v[1] for c, v in offline.items()},
-            "rows": rows}
+            "ridge": ridge, "rows": rows}
 
 
 def train_row(args: list[str], log: Path, limit: int, timeout: int = 3600) -> dict:
@@ -489,6 +517,7 @@ def compare(export: Path, run_dir: Path, offline: Path, *, exact: bool) -> dict:
     theirs = json.loads((offline / "pruning_report.json").read_text())["sites"]
     same_kept = [a["kept"] for a in mine] == [b["kept"] for b in theirs]
     worst, worst_key, worst_rel, differing, keys = 0.0, None, 0.0, 0, 0
+    per_tensor: dict[str, list[float]] = {}  # differing tensors: [max abs diff, that / the offline tensor's max |x|]
     shapes: list[tuple[str, list[int], list[int]]] = []
     with safe_open(_weights(export), "pt") as a, safe_open(_weights(offline), "pt") as b:
         prefix = "visual." if any(k.startswith("visual.") for k in b.keys()) else ""
@@ -507,12 +536,15 @@ def compare(export: Path, run_dir: Path, offline: Path, *, exact: bool) -> dict:
             diff = float((x - y).abs().max()) if x.numel() else 0.0
             if diff > 0:
                 differing += 1
-                worst_rel = max(worst_rel, diff / max(float(y.abs().max()), 1e-30))
+                rel = diff / max(float(y.abs().max()), 1e-30)
+                worst_rel = max(worst_rel, rel)
+                per_tensor[key] = [diff, rel]
             if diff > worst:
                 worst, worst_key = diff, key
     return {"same_kept_indices": same_kept, "tensors_compared": keys, "missing_in_export": missing,
             "tensors_differing": differing, "max_abs_diff": worst, "max_abs_diff_tensor": worst_key,
             "max_diff_relative_to_tensor_max": worst_rel, "shape_mismatches": shapes[:4],
+            "same_kept_per_block": [a["kept"] == b["kept"] for a, b in zip(mine, theirs, strict=False)], "differing": per_tensor,
             "equal": same_kept and not missing and differing == 0 if exact else None}
 
 
@@ -631,7 +663,7 @@ def print_row(row: dict) -> None:
         if key in row:
             value = row[key]
             if isinstance(value, dict):
-                value = {k: v for k, v in value.items() if k not in ("phases",)}
+                value = {k: v for k, v in value.items() if k not in ("phases", "differing", "same_kept_per_block")}
             print(f"    {key}: {value}", flush=True)
 
 
@@ -684,6 +716,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help=f"results JSON (default {RESULTS}; --tiny: required)")
     parser.add_argument("--reuse-eva", type=Path, default=None,
                         help="folder with eva.safetensors, calib/, offline-plain/, offline-comp/ of an earlier run")
+    parser.add_argument("--prepare-eva", type=Path, default=None, metavar="DIR",
+                        help="only write DIR (created) for --reuse-eva: the EVA checkpoint, calibration shards and the "
+                             "offline prunes of --eva-modes (with --ridge), then exit")
+    parser.add_argument("--ridge", type=float, default=None,
+                        help="compensation ridge relative to the kept units' mean variance, for the in-engine run "
+                             "(prune.ridge) and the offline prune (--ridge) alike (default: theirs)")
     parser.add_argument("--table", type=Path, default=None, help="print the markdown table of a results file and exit")
     parser.add_argument("--eva-modes", nargs="+", choices=["plain", "comp"], default=["plain", "comp"],
                         help="EVA part: the prune without and / or with output-mode compensation")
@@ -717,12 +755,23 @@ def main(argv: list[str] | None = None) -> int:
                      "command": "bench/full_size.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _kill_live)
+    modes = tuple(mode == "comp" for mode in args.eva_modes)
+    if args.prepare_eva is not None:
+        args.prepare_eva.mkdir(parents=True)
+        start = time.time()
+        written, offline = prepare_eva(size, args.prepare_eva, limit, modes, args.ridge)
+        results["eva_prepared"] = {"folder": str(args.prepare_eva), "checkpoint": written, "ridge": args.ridge,
+                                   "offline_prune": {("comp" if c else "plain"): v[1] for c, v in offline.items()}}
+        results["total_seconds"] = round(time.time() - start, 1)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.prepare_eva} and {out} ({results['total_seconds']} s)")
+        return 0
     tmp = Path(tempfile.mkdtemp(prefix="full_size_bench-", dir=args.workdir))
     start = time.time()
     try:
         if "eva" in args.only:
-            modes = tuple(mode == "comp" for mode in args.eva_modes)
-            results["eva"] = eva_part(size, tmp, args.engines, limit, args.reuse_eva, modes)
+            results["eva"] = eva_part(size, tmp, args.engines, limit, args.reuse_eva, modes, args.ridge)
         if "vitg" in args.only:
             results["vitg"] = vitg_part(size, tmp, args.engines, limit)
     finally:
