@@ -412,17 +412,10 @@ class BlockCalibration:
         out = getattr(new_site.module(block), site.out_name)
         end = out if post_norm is None else post_norm
         width, rows = out.weight.shape[1], out.weight.shape[0]
-        fit = ActivationStats(width + rows)
-        held = ActivationStats(width + rows) if self.holdout_fraction > 0 else None
+        fit, held = ActivationStats(width + rows), ActivationStats(width + rows)
         captured: dict[str, torch.Tensor] = {}
-
-        def before(_m: nn.Module, args: tuple) -> None:
-            captured["a"] = args[0].detach()
-
-        def keep_end(_m: nn.Module, _args: tuple, e: torch.Tensor) -> None:
-            captured["e"] = e.detach()
-
-        handles = [out.register_forward_pre_hook(before), end.register_forward_hook(keep_end)]
+        handles = [out.register_forward_pre_hook(lambda _m, args: captured.__setitem__("a", args[0].detach())),
+                   end.register_forward_hook(lambda _m, _args, e: captured.__setitem__("e", e.detach()))]
         seen = 0
         try:
             with torch.no_grad():
@@ -431,24 +424,22 @@ class BlockCalibration:
                     a, e = captured["a"], captured["e"]
                     if i == 0:  # one probe per block: the factor is the same on every token
                         scale = branch_scale(block, end, student, report_path, output=o)
-                    wanted = e + (teacher.hidden - o) / scale
-                    if post_norm is None:
-                        target = wanted
-                    else:
-                        target = norm_pullback(post_norm, teacher_y[i], wanted)
+                    target = e + (teacher.hidden - o) / scale
+                    if post_norm is not None:
+                        target = norm_pullback(post_norm, teacher_y[i], target)
                     joint = torch.cat([a.reshape(-1, width), target.reshape(-1, rows)], dim=1)
                     weights = self._token_weights(a, report_path, student.weight)
                     mask = holdout_mask(seen, joint.shape[0], self.holdout_fraction).to(joint.device)
                     seen += joint.shape[0]
-                    fit.update(joint[~mask], None if weights is None else weights[~mask])
-                    if held is not None:
-                        held.update(joint[mask], None if weights is None else weights[mask])
+                    fit.update(joint[~mask], weights[~mask])
+                    held.update(joint[mask], weights[mask])
         finally:
             for h in handles:
                 h.remove()
-        for stats in (fit, held) if held is not None else (fit,):
+        holding = self.holdout_fraction > 0
+        for stats in (fit, held) if holding else (fit,):
             self.reduce(stats)
-        if fit.count == 0 or (held is not None and held.count == 0):
+        if fit.count == 0 or (holding and held.count == 0):
             raise ValueError(f"{report_path}: not enough calibration tokens for the fit and the held-out split")
         if fit.count < width + 1 and not self.warned:
             self.warned = True
@@ -456,9 +447,8 @@ class BlockCalibration:
                         "underdetermined and only the ridge (%g) makes it unique; give more calibration images",
                         report_path, fit.count, width, self.ridge)
         new_weight, new_bias = fit_output_from_stats(fit, out.weight, out.bias, self.ridge)
-        errors: tuple[float | None, float | None] = (None, None)
-        if held is not None:
-            errors = (output_fit_error(held, out.weight, out.bias), output_fit_error(held, new_weight, new_bias))
+        errors = ((output_fit_error(held, out.weight, out.bias), output_fit_error(held, new_weight, new_bias))
+                  if holding else (None, None))
         with torch.no_grad():
             out.weight.copy_(new_weight.to(out.weight.device, out.weight.dtype))
             if out.bias is not None:
@@ -466,19 +456,15 @@ class BlockCalibration:
         self.teacher_states = teacher_out
         return new_site, errors
 
-    def _token_weights(self, acts: torch.Tensor, label: str, batch_weight: float = 1.0) -> torch.Tensor | None:
-        """Per-token weights of [batch, tokens, units] activations, flattened (``batch_weight`` times the
-        prefix weighting); None when every token counts 1."""
-        if not self.prefix_tokens:
-            if batch_weight == 1:
-                return None
-            return torch.full((acts[..., 0].numel(),), float(batch_weight), dtype=torch.float64, device=acts.device)
-        if acts.dim() != 3 or acts.shape[1] <= self.prefix_tokens:
-            raise ValueError(f"{label}: prefix token weighting needs [batch, tokens, units] with more than "
-                             f"{self.prefix_tokens} tokens, got {tuple(acts.shape)}")
-        tokens = acts.shape[1]
-        weights = torch.full((acts.shape[0], tokens), float(batch_weight), dtype=torch.float64, device=acts.device)
-        weights[:, :self.prefix_tokens] *= (tokens - self.prefix_tokens) / self.prefix_tokens
+    def _token_weights(self, acts: torch.Tensor, label: str, batch_weight: float) -> torch.Tensor:
+        """Per-token weights of [batch, tokens, units] activations, flattened: ``batch_weight`` times the prefix
+        weighting."""
+        weights = torch.full(acts.shape[:-1], float(batch_weight), dtype=torch.float64, device=acts.device)
+        if self.prefix_tokens:
+            if acts.dim() != 3 or acts.shape[1] <= self.prefix_tokens:
+                raise ValueError(f"{label}: prefix token weighting needs [batch, tokens, units] with more than "
+                                 f"{self.prefix_tokens} tokens, got {tuple(acts.shape)}")
+            weights[:, :self.prefix_tokens] *= (acts.shape[1] - self.prefix_tokens) / self.prefix_tokens
         return weights.reshape(-1)
 
 

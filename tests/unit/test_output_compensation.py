@@ -371,3 +371,17 @@ def test_batch_weight_counts_like_repeating_the_batch():
         torch.testing.assert_close(weighted.state_dict()[key], value, rtol=1e-4, atol=1e-6, msg=key)
     with pytest.raises(ValueError, match="batch weights must be > 0"):
         calibrate_blocks(copy.deepcopy(model), [replace(states[0], weight=0.0)], num_keep=40)
+
+
+def test_a_fit_with_fewer_tokens_than_kept_units_warns_once(caplog):
+    # 5 tokens per 28 px picture: 8 pictures give 32 fit tokens for 64 kept units + a bias (underdetermined),
+    # 64 pictures give 256.
+    forward = lambda m, x: m.forward_features(x)  # noqa: E731
+    with caplog.at_level("WARNING", logger="pruning.blockwise"):
+        prune_and_compensate_blocks(tiny_dinov2(), images(8).split(4), forward=forward, num_keep=64)
+    warned = [r for r in caplog.records if "underdetermined" in r.getMessage()]
+    assert len(warned) == 1 and "32 calibration tokens for 64 kept units" in warned[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pruning.blockwise"):
+        prune_and_compensate_blocks(tiny_dinov2(), images(64).split(16), forward=forward, num_keep=64)
+    assert not [r for r in caplog.records if "underdetermined" in r.getMessage()]
