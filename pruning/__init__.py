@@ -1,25 +1,14 @@
-"""DGMR pruning: pure torch, no torch.distributed, no trainer imports.
+"""DGMR pruning: pure torch, no torch.distributed, no trainer imports. The public API (import from ``pruning``):
 
-The public API (callers import these names from ``pruning``, not from its modules):
-
-- ``prune_blocks(source, widths, method, calibration=..., calib_inputs=...)``: THE loop over blocks;
-  prunes every MLP of a source and, with a ``Calibration``, compensates it in closed form.
-- ``BlockSource``: what a source implements (read a block, write a pruned site, stem states, and the
-  ``select`` / ``reduce`` hooks a sharded source overrides); ``ModelSource``: a tower in memory.
-- ``prune_checkpoint``: the streaming CLI's entry (a checkpoint on disk -> a loadable export).
-- ``Calibration``: compensation settings (mode, ridge, hold-out, prefix balance, images), one default.
-- ``Budget`` / ``plan_widths`` / ``WidthPlan`` / ``prune_to_budget``: per-block widths at the parameters of a
-  uniform ratio, chosen from error curves measured block by block, then pruned with the plan's orders.
-- ``keep_counts``: widths per site from the paper's ratio or explicit counts; ``resize_mlps``: an
-  architecture at those widths (values unset).
-- ``PruneReport`` / ``SiteReport``: what pruning did.
-- ``MlpSite`` / ``find_mlp_sites``: where a block's MLP layers live, for every supported family.
-- ``select_mlp_channels`` / ``METHODS``: diversity (DGMR), l2, random, taylor selection.
-- ``collect_taylor_scores``: |activation x gradient| importances for ``taylor``.
-- ``ActivationStats``: streaming fp64 moments (a sharded source's ``reduce`` all-reduces them).
-- ``BlockState`` / ``stem_states``: calibration inputs of block 0 (recorded once, carried block to block);
-  ``materialize_outside``: a tower whose stem is real and blocks on meta (records them from a checkpoint).
-- ``parameters_on_meta``: build an architecture with parameters on meta and real buffers.
+- ``prune_blocks(source, widths, method, calibration=, calib_inputs=)``: THE loop over blocks, compensating with a
+  ``Calibration``; ``BlockSource`` (what a source implements), ``ModelSource`` (a tower in memory),
+  ``prune_checkpoint`` (a checkpoint on disk -> a loadable export).
+- ``Budget`` / ``plan_widths`` / ``WidthPlan`` / ``prune_to_budget``: per-block widths at a uniform ratio's size.
+- ``keep_counts`` (widths per site), ``resize_mlps`` (an architecture at those widths), ``PruneReport`` /
+  ``SiteReport`` (what pruning did), ``MlpSite`` / ``find_mlp_sites`` (where each block's MLP lives).
+- ``select_mlp_channels`` / ``METHODS`` (diversity, l2, random, taylor), ``collect_taylor_scores``.
+- ``ActivationStats`` (fp64 moments a sharded source all-reduces), ``BlockState`` / ``stem_states`` (block 0's
+  calibration inputs), ``materialize_outside`` (a tower real outside its blocks), ``parameters_on_meta``.
 - ``load_pruned``: load any export (stock formats where widths are uniform).
 """
 
@@ -43,7 +32,8 @@ from .surgery import PruneReport, SiteReport, keep_counts, resize_mlps
 from .taylor import collect_taylor_scores
 
 __all__ = [
-    "prune_blocks", "BlockSource", "ModelSource", "prune_checkpoint", "Calibration", "Budget", "plan_widths", "prune_to_budget", "WidthPlan", "keep_counts", "resize_mlps",
-    "PruneReport", "SiteReport", "MlpSite", "find_mlp_sites", "select_mlp_channels", "METHODS",
-    "collect_taylor_scores", "ActivationStats", "BlockState", "stem_states", "materialize_outside", "parameters_on_meta", "load_pruned",
+    "prune_blocks", "BlockSource", "ModelSource", "prune_checkpoint", "Calibration", "Budget", "plan_widths",
+    "prune_to_budget", "WidthPlan", "keep_counts", "resize_mlps", "PruneReport", "SiteReport", "MlpSite",
+    "find_mlp_sites", "select_mlp_channels", "METHODS", "collect_taylor_scores", "ActivationStats", "BlockState",
+    "stem_states", "materialize_outside", "parameters_on_meta", "load_pruned",
 ]

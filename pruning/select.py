@@ -9,8 +9,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -166,7 +164,7 @@ def _pick_block(residual: torch.Tensor, sq_norm: torch.Tensor, available: torch.
     and whether the round is exhausted (every remaining residual below the rank tolerance)."""
     m, n = residual.shape
     assert residual.stride(1) == 1, residual.stride()
-    np_type = _np_dtype(residual)
+    np_type = np.float32 if residual.dtype == torch.float32 else np.float64
     basis = np.empty((block, n), dtype=np_type)
     picks = np.empty(block, dtype=np.int64)
     exhausted = ctypes.c_int64(0)
@@ -201,20 +199,6 @@ def _row_sq_norms(x: torch.Tensor) -> torch.Tensor:
     return x.square().sum(1, dtype=torch.float64)
 
 
-@contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _np_dtype(x: torch.Tensor) -> np.dtype:
-    return np.dtype(np.float32) if x.dtype == torch.float32 else np.dtype(np.float64)
-
-
 def _rank_tol(dtype: torch.dtype) -> float:
     return RANK_TOL if dtype == torch.float64 else RANK_TOL_FP32
 
@@ -224,8 +208,12 @@ def _drop_directions(residual: torch.Tensor, sq_norm: torch.Tensor, basis: torch
     """Residuals and norms² in an orthonormal basis of the complement of span(basis): with the Householder QR
     ``H = I - V T V^T`` of ``basis``, ``(residual @ H)[:, b:]``; its first b columns are the parts removed."""
     n, b = basis.shape
-    with _torch_threads(1):  # a small factorisation: a second thread only adds overhead
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a small factorisation: a second thread only adds overhead
+    try:
         reflectors, tau = torch.geqrf(basis)
+    finally:
+        torch.set_num_threads(threads)
     v = reflectors.tril(-1) + torch.eye(n, b, dtype=basis.dtype)
     t_inv = torch.diag(1.0 / tau) + torch.triu(v.T @ v, diagonal=1)
     t = torch.linalg.solve_triangular(t_inv, torch.eye(b, dtype=basis.dtype), upper=True)
