@@ -1,21 +1,14 @@
 """Prune a checkpoint on disk into a loadable export, holding one MLP block in memory at a time.
 
-The architecture is built on the meta device to learn tensor names, shapes and MLP sites; the
-input is read tensor by tensor (safetensors with plain reads, ``.pt``/``.bin`` through mmap
-``torch.load``); every output shape is known before any selection runs, so the output header is
-written first and tensors are appended as each block is pruned. The export is assembled in a
-temporary directory beside ``out_dir`` and renamed into place only when complete.
-
-The checkpoint is a ``BlockSource`` of ``pruning.blockwise.prune_blocks``: with a ``Calibration`` the MLPs
-are also compensated without ever holding the model (everything before block 0 is materialised from
-the checkpoint and run once, then each block alone, in fp32). Memory is one block plus the
-calibration hidden states, whose size the report gives.
+The checkpoint is a ``BlockSource`` of ``prune_blocks``, read tensor by tensor against the architecture built
+on meta; the output header is written first and each pruned block appended (docs/pruning_stream.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -30,14 +23,13 @@ from .calib_images import input_spec, load_calibration_images
 from .export import (
     OPEN_CLIP,
     OPEN_CLIP_VISUAL_WEIGHTS,
-    OPEN_CLIP_WEIGHTS,
     PRUNING_KEY,
-    TIMM_WEIGHTS,
     Architecture,
     build_initialized,
     check_stock_build,
     export_configs,
     resolve_architecture,
+    weights_file,
 )
 from .safetensors_stream import SafetensorsReader, SafetensorsWriter
 from .select import METHODS
@@ -46,17 +38,17 @@ from .surgery import PruneReport, keep_counts, prune_site_tensors
 
 REPORT_JSON = "pruning_report.json"
 REPORT_MD = "pruning_report.md"
+Spec = tuple[str, tuple[int, ...], torch.dtype]
 
 
 class StateDictSource:
     """A state dict (in memory or mmap-backed) behind the same interface as ``SafetensorsReader``."""
 
     def __init__(self, state_dict: dict[str, torch.Tensor], label: str):
-        self.path = label
         for key, value in state_dict.items():
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"{label}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        self._sd = state_dict
+        self.path, self._sd = label, state_dict
 
     def keys(self) -> list[str]:
         return list(self._sd)
@@ -115,47 +107,62 @@ def _check_keys(source: Reader, expected: dict[str, tuple[int, ...]], model: str
     keys = source.keys()
     have = set(keys)
     missing = [k for k in expected if k not in have]
-    if missing:
-        raise ValueError(f"{source.path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all): "
-                         f"the checkpoint does not match {model}")
     unexpected = [k for k in keys if k not in expected]
-    if unexpected:
-        raise ValueError(f"{source.path}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all): "
-                         f"the checkpoint does not match {model}")
+    if missing or unexpected:
+        problem = (f"tensor {missing[0]!r} is missing ({len(missing)} missing in all)" if missing
+                   else f"unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
+        raise ValueError(f"{source.path}: {problem}: the checkpoint does not match {model}")
     for key in keys:
-        shape, _ = source.meta(key)
-        if tuple(shape) != expected[key]:
-            raise ValueError(f"{source.path}: tensor {key!r} has shape {tuple(shape)}, {model} expects "
+        if tuple(source.meta(key)[0]) != expected[key]:
+            raise ValueError(f"{source.path}: tensor {key!r} has shape {tuple(source.meta(key)[0])}, {model} expects "
                              f"{expected[key]}")
 
 
-def prune_checkpoint(
-    model: str,
-    out_dir: str | os.PathLike,
-    *,
-    checkpoint: str | os.PathLike | None = None,
-    ratio: float | None = None,
-    num_keep: int | dict[str, int] | list[int] | None = None,
-    method: str = "diversity",
-    overwrite: bool = False,
-    seed: int = 0,
-    progress: Callable[[str], None] | None = None,
-    calibration: Calibration | None = None,
-    images: str | os.PathLike | torch.Tensor | None = None,
-    budget: Budget | None = None,
-    model_kwargs: dict | None = None,
-) -> PruneReport:
-    """Prune the MLPs of ``model``'s checkpoint (or seeded init weights) into export ``out_dir``.
+def _calibration_images(arch: Architecture, images: str | os.PathLike | torch.Tensor,
+                        calibration: Calibration) -> tuple[torch.Tensor, str]:
+    """(normalised images [N, 3, S, S], their label for the report) from a source or a tensor used whole."""
+    spec = input_spec(arch.model, arch.family)
+    if not isinstance(images, torch.Tensor):
+        return load_calibration_images(images, calibration.num_images, spec), str(images)
+    if images.dim() != 4 or tuple(images.shape[1:]) != (3, spec.size, spec.size):
+        raise ValueError(f"calibration: expected normalised images [N, 3, {spec.size}, {spec.size}] for "
+                         f"{arch.name}, got shape {tuple(images.shape)}")
+    return images.float(), f"<tensor {tuple(images.shape)}>"
 
-    ``model`` is an open_clip or timm name (``open_clip:``/``timm:`` prefixes disambiguate);
-    ``num_keep`` is one count, a dict from tower-relative site path to count, or one count per block.
-    ``seed`` seeds the init weights when there is no checkpoint and the ``random`` method.
 
-    ``calibration`` turns on closed-form compensation on ``images``: an image folder, tar shards or tensor
-    file (``pruning.calib_images``, ``calibration.num_images`` of them), or normalised images [N, 3, S, S]
-    (used whole); per-block held-out errors go into the report. ``budget`` (instead of ``ratio`` / ``num_keep``,
-    with a calibration) chooses per-block widths at the parameters of uniform ``budget.ratio``
-    (``pruning.budget``). ``model_kwargs``: keyword arguments of a timm model's constructor (e.g. ``img_size``).
+@contextlib.contextmanager
+def _staged(out_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary directory beside ``out_dir``, renamed into place when the block completes, removed if it fails."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        old = None
+        if out_dir.exists():
+            if not overwrite:
+                raise FileExistsError(f"output directory exists: {out_dir}")
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            out_dir.rename(old / out_dir.name)
+        tmp.rename(out_dir)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def prune_checkpoint(model: str, out_dir: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None,
+                     ratio: float | None = None, num_keep: int | dict[str, int] | list[int] | None = None,
+                     method: str = "diversity", overwrite: bool = False, seed: int = 0,
+                     progress: Callable[[str], None] | None = None, calibration: Calibration | None = None,
+                     images: str | os.PathLike | torch.Tensor | None = None, budget: Budget | None = None,
+                     model_kwargs: dict | None = None) -> PruneReport:
+    """Prune the MLPs of ``model``'s checkpoint (or its init weights, seeded) into export ``out_dir``.
+
+    ``model``: an open_clip or timm name (``open_clip:`` / ``timm:`` choose); ``num_keep``: one count, a dict
+    site path -> count or one count per block; ``seed``: init weights and ``random``. ``calibration`` with
+    ``images`` (a ``pruning.calib_images`` source, or normalised images [N, 3, S, S] used whole) compensates;
+    ``budget`` (instead of ``ratio`` / ``num_keep``) picks per-block widths; ``model_kwargs``: a timm constructor's.
     """
     if method not in METHODS or method == "taylor":
         raise ValueError(f"method must be one of {[m for m in METHODS if m != 'taylor']} for checkpoint "
@@ -169,35 +176,20 @@ def prune_checkpoint(
     if budget is not None and (ratio is not None or num_keep is not None or calibration is None):
         raise ValueError("a width budget replaces ratio / num_keep and needs calibration images")
     counts = keep_counts(arch.sites(), ratio, num_keep) if budget is None else {}
-    batches: list[torch.Tensor] = []
-    if calibration is not None:
-        spec = input_spec(arch.model, arch.family)
-        if isinstance(images, torch.Tensor):
-            if images.dim() != 4 or tuple(images.shape[1:]) != (3, spec.size, spec.size):
-                raise ValueError(f"calibration: expected normalised images [N, 3, {spec.size}, {spec.size}] for "
-                                 f"{arch.name}, got shape {tuple(images.shape)}")
-            loaded, label = images.float(), f"<tensor {tuple(images.shape)}>"
-        else:
-            loaded, label = load_calibration_images(images, calibration.num_images, spec), str(images)
-        batches = list(loaded.split(calibration.batch_size))
-    if checkpoint is not None:
-        reader = open_checkpoint(checkpoint)
-    else:
-        reader = StateDictSource(build_initialized(arch, seed).state_dict(), f"<{arch.name} init, seed {seed}>")
-    try:
+    loaded, label = _calibration_images(arch, images, calibration) if calibration is not None else (None, "")
+    reader = (open_checkpoint(checkpoint) if checkpoint is not None
+              else StateDictSource(build_initialized(arch, seed).state_dict(), f"<{arch.name} init, seed {seed}>"))
+    with contextlib.closing(reader):
         prefix, visual_only, expected = _layout(arch, reader.keys())
         _check_keys(reader, expected, f"{arch.family} model {arch.name!r}")
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        try:
-            weights = (TIMM_WEIGHTS if arch.family != OPEN_CLIP
-                       else OPEN_CLIP_VISUAL_WEIGHTS if visual_only else OPEN_CLIP_WEIGHTS)
+        with _staged(out_dir, overwrite) as tmp:
             source = CheckpointSource(arch, reader, prefix, visual_only)
-            common = dict(calibration=calibration, calib_inputs=batches, progress=progress,
-                          generator=torch.Generator().manual_seed(seed))
+            common = dict(calibration=calibration, progress=progress, generator=torch.Generator().manual_seed(seed),
+                          calib_inputs=[] if loaded is None else list(loaded.split(calibration.batch_size)))
             plan = None if budget is None else plan_widths(source, budget, method, **common)
             if plan is not None:
                 counts = keep_counts(source.sites, num_keep=plan.widths)
+            weights = weights_file(arch.family, visual_only)
             with SafetensorsWriter(tmp / weights, source.output_specs(counts), metadata={"format": "pt"}) as writer:
                 source.writer = writer
                 report = prune_blocks(source, counts, method, orders=None if plan is None else plan.orders, **common)
@@ -208,21 +200,15 @@ def prune_checkpoint(
                 if plan is not None:
                     report.calibration["budget"] = plan.summary
             _write_metadata(arch, reader, source, report, visual_only, weights, checkpoint, tmp)
-            _move_into_place(tmp, out_dir, overwrite)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    finally:
-        reader.close()
     return report
 
 
 class CheckpointSource(BlockSource):
     """A checkpoint read tensor by tensor, pruned into a ``SafetensorsWriter`` in checkpoint order.
 
-    Output order: checkpoint order, each site's tensors together at the slot where the site first
-    appears; sites fill those slots in module order (file order may sort blocks.10 before blocks.2), so
-    ``write`` appends the tensors before a site's slot, then the site's own.
+    Each site's tensors go together at the slot where the site first appears in the file; sites fill those
+    slots in module order (the file may sort blocks.10 before blocks.2), so ``write`` first appends the
+    tensors before the site's slot.
     """
 
     def __init__(self, arch: Architecture, reader: Reader, prefix: str, visual_only: bool) -> None:
@@ -238,20 +224,18 @@ class CheckpointSource(BlockSource):
             keys = {f"{prefix}{site.path}.{n}": n for n in site.tensor_names()}
             self.names[site.path] = {k: n for k, n in keys.items() if k in have}
             owner.update(dict.fromkeys(self.names[site.path], site.path))
-        self.order: list[str | MlpSite] = []
-        in_module_order = iter(self.sites)
-        seen: set[str] = set()
+        self.order: list[str | MlpSite] = []  # file keys outside the sites, and a slot per site
+        in_module_order, seen = iter(self.sites), set()
         for key in reader.keys():
-            path = owner.get(key)
-            if path is None:
+            if key not in owner:
                 self.order.append(key)
-            elif path not in seen:
-                seen.add(path)
+            elif owner[key] not in seen:
+                seen.add(owner[key])
                 self.order.append(next(in_module_order))
-        self.specs: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+        self.specs: list[Spec] = []
         self._cursor = 0
 
-    def output_specs(self, counts: dict[str, int]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    def output_specs(self, counts: dict[str, int]) -> list[Spec]:
         """(name, shape, dtype) of every output tensor, in writing order, with the sites ``counts`` wide."""
         self.specs = []
         for item in self.order:
@@ -297,45 +281,22 @@ class CheckpointSource(BlockSource):
 
 def _write_metadata(arch: Architecture, reader: Reader, source: CheckpointSource, report: PruneReport,
                     visual_only: bool, weights: str, checkpoint: str | os.PathLike | None, tmp: Path) -> None:
-    """The export's config (stock-loadable or not) and the pruning report beside the weights."""
-    widths = {s.path: s.hidden_after for s in report.sites}
-    config_name, config, claimed = export_configs(arch, widths, visual_only=visual_only)
-    _write_json(tmp / config_name, config)
-    stock = claimed and check_stock_build(tmp)
-    config[PRUNING_KEY]["stock_loadable"] = stock
-    _write_json(tmp / config_name, config)
+    """The export's config (written before ``check_stock_build`` reads it) and the pruning report."""
+    def write_json(path: Path, obj: dict) -> None:
+        path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+    config_name, config, claimed = export_configs(arch, {s.path: s.hidden_after for s in report.sites},
+                                                  visual_only=visual_only)
+    write_json(tmp / config_name, config)
+    stock = config[PRUNING_KEY]["stock_loadable"] = claimed and check_stock_build(tmp)
+    write_json(tmp / config_name, config)
     summary = {"model": arch.name, "family": arch.family, "checkpoint": None if checkpoint is None else str(checkpoint),
                "tower": arch.tower_path, "visual_only": visual_only, "weights_file": weights,
                "stock_loadable": stock, "how_to_load": _how_to_load(arch, config, visual_only, stock),
-               "checkpoint_elements_before": sum(_numel(reader.meta(k)[0]) for k in reader.keys()),
-               "checkpoint_elements_after": sum(_numel(s) for _, s, _ in source.specs)}
-    _write_json(tmp / REPORT_JSON, {**summary, **report.to_dict()})
+               "checkpoint_elements_before": sum(math.prod(reader.meta(k)[0]) for k in reader.keys()),
+               "checkpoint_elements_after": sum(math.prod(s) for _, s, _ in source.specs)}
+    write_json(tmp / REPORT_JSON, {**summary, **report.to_dict()})
     (tmp / REPORT_MD).write_text(_markdown(summary, report), encoding="utf-8")
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    old = None
-    if out_dir.exists():
-        if not overwrite:
-            raise FileExistsError(f"output directory exists: {out_dir}")
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        out_dir.rename(old / out_dir.name)
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
 
 
 def _how_to_load(arch: Architecture, config: dict, visual_only: bool, stock: bool) -> str:
@@ -344,9 +305,9 @@ def _how_to_load(arch: Architecture, config: dict, visual_only: bool, stock: boo
                 "use pruning.export.load_pruned(dir)")
     if arch.family != OPEN_CLIP:
         return "timm.create_model('local-dir:<dir>', pretrained=True)"
-    register = ("pruning.export.register_pruned_timm_models(dir) first (registers "
-                f"{list(config[PRUNING_KEY]['timm_models'])}), then "
-                if "timm_models" in config[PRUNING_KEY] else "")
+    timm_models = config[PRUNING_KEY].get("timm_models")
+    register = (f"pruning.export.register_pruned_timm_models(dir) first (registers {list(timm_models)}), then "
+                if timm_models is not None else "")
     if visual_only:
         return (register + "m = open_clip.create_model('local-dir:<dir>', load_weights=False); "
                 f"m.visual.load_state_dict(safetensors.torch.load_file('<dir>/{OPEN_CLIP_VISUAL_WEIGHTS}'))")
@@ -354,32 +315,23 @@ def _how_to_load(arch: Architecture, config: dict, visual_only: bool, stock: boo
 
 
 def _markdown(summary: dict, report: PruneReport) -> str:
-    def pct(after: int, before: int) -> str:
-        return f"{100 * (1 - after / before):.1f}%"
-
+    before, after, calib = report.model_params_before, report.model_params_after, report.calibration
     lines = [
-        f"# Pruning report: {summary['model']} ({summary['family']}, tower `{summary['tower'] or '<root>'}`)",
-        "",
+        f"# Pruning report: {summary['model']} ({summary['family']}, tower `{summary['tower'] or '<root>'}`)", "",
         f"- method: {report.method}; checkpoint: {summary['checkpoint'] or 'init weights'}",
-        f"- tower parameters: {report.model_params_before:,} -> {report.model_params_after:,} "
-        f"(-{pct(report.model_params_after, report.model_params_before)})",
-        f"- checkpoint elements: {summary['checkpoint_elements_before']:,} -> "
-        f"{summary['checkpoint_elements_after']:,}",
+        f"- tower parameters: {before:,} -> {after:,} (-{100 * (1 - after / before):.1f}%)",
+        f"- checkpoint elements: {summary['checkpoint_elements_before']:,} -> {summary['checkpoint_elements_after']:,}",
         f"- stock-loadable: {'yes' if summary['stock_loadable'] else 'no (per-layer widths)'}; "
         f"load with: {summary['how_to_load']}",
     ]
-    calib = report.calibration
     if calib:
-        lines.append(f"- compensation: each block refitted to the original block's output, ridge {calib['ridge']}, {calib['num_images']} "
-                     f"calibration images from {calib['source']} (batches of {calib['batch_size']}; "
-                     f"{calib['holdout_fraction']:.0%} of tokens held out for the errors); carried hidden states "
-                     f"{calib['hidden_state_bytes'] / 2**20:.1f} MiB; {calib['seconds']:.1f} s")
+        lines.append(f"- compensation: each block refitted to the original block's output, ridge {calib['ridge']}, "
+                     f"{calib['num_images']} calibration images from {calib['source']} (batches of "
+                     f"{calib['batch_size']}; {calib['holdout_fraction']:.0%} of tokens held out for the errors); "
+                     f"carried hidden states {calib['hidden_state_bytes'] / 2**20:.1f} MiB; {calib['seconds']:.1f} s")
     errors = " held-out error plain | held-out error compensated |" if calib else ""
-    lines += [
-        "",
-        "| # | site | hidden before | hidden after | params before | params after |" + errors + " first kept indices |",
-        "|---|---|---|---|---|---|---|" + ("---|---|" if calib else ""),
-    ]
+    lines += ["", "| # | site | hidden before | hidden after | params before | params after |" + errors
+              + " first kept indices |", "|---|---|---|---|---|---|---|" + ("---|---|" if calib else "")]
     for i, s in enumerate(report.sites):
         head = ", ".join(map(str, s.kept[:8])) + (", ..." if len(s.kept) > 8 else "")
         cells = (f" {s.recon_error_before:.4f} | {s.recon_error_after:.4f} |"
@@ -391,21 +343,20 @@ def _markdown(summary: dict, report: PruneReport) -> str:
                       "original block's output, on held-out calibration tokens, pruned without and with compensation."]
     if calib and calib.get("budget"):
         lines += _budget_markdown(calib["budget"], report)
-    lines += ["", f"Full kept index lists (selection order) are in `{REPORT_JSON}`.", ""]
-    return "\n".join(lines)
+    return "\n".join([*lines, "", f"Full kept index lists (selection order) are in `{REPORT_JSON}`.", ""])
 
 
 def _budget_markdown(plan: dict, report: PruneReport) -> list[str]:
     """Widths per block as a bar chart, with the predicted and the measured errors."""
-    widest = max(plan["widths"])
     lines = ["", f"## Adaptive widths: budget r={plan['ratio']:g} ({plan['units']:,} of {plan['uniform_units']:,} "
                  f"units; grid {plan['grid']}; curves measured in {plan['seconds']:.1f} s)", "",
-             "| # | width | | predicted error | at the uniform width | measured held-out error |", "|---|---|---|---|---|---|"]
-    for i, (width, predicted, uniform, site) in enumerate(zip(plan["widths"], plan["predicted_error"],
-                                                              plan["uniform_error"], report.sites, strict=True)):
-        bar = "█" * max(1, round(20 * width / widest))
-        at_uniform = "-" if uniform is None else f"{uniform:.3g}"
-        lines.append(f"| {i} | {width} | {bar} | {predicted:.3g} | {at_uniform} | {site.recon_error_after:.4f} |")
-    lines += ["", "predicted error: E||s (y_w - y)||^2 / E||h_out||^2 of the block on held-out tokens of the original "
-                  "model's hidden states (docs/adaptive.md); measured: the compensated block's held-out error above."]
-    return lines
+             "| # | width | | predicted error | at the uniform width | measured held-out error |",
+             "|---|---|---|---|---|---|"]
+    rows = zip(plan["widths"], plan["predicted_error"], plan["uniform_error"], report.sites, strict=True)
+    for i, (width, predicted, uniform, site) in enumerate(rows):
+        bar = "█" * max(1, round(20 * width / max(plan["widths"])))
+        lines.append(f"| {i} | {width} | {bar} | {predicted:.3g} | {'-' if uniform is None else f'{uniform:.3g}'} | "
+                     f"{site.recon_error_after:.4f} |")
+    return [*lines, "", "predicted error: E||s (y_w - y)||^2 / E||h_out||^2 of the block on held-out tokens of the "
+                        "original model's hidden states (docs/adaptive.md); measured: the compensated block's held-out "
+                        "error above."]
