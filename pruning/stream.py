@@ -113,8 +113,8 @@ def _check_keys(source: Reader, expected: dict[str, tuple[int, ...]], model: str
                    else f"unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
         raise ValueError(f"{source.path}: {problem}: the checkpoint does not match {model}")
     for key in keys:
-        if tuple(source.meta(key)[0]) != expected[key]:
-            raise ValueError(f"{source.path}: tensor {key!r} has shape {tuple(source.meta(key)[0])}, {model} expects "
+        if (shape := tuple(source.meta(key)[0])) != expected[key]:
+            raise ValueError(f"{source.path}: tensor {key!r} has shape {shape}, {model} expects "
                              f"{expected[key]}")
 
 
@@ -132,7 +132,7 @@ def _calibration_images(arch: Architecture, images: str | os.PathLike | torch.Te
 
 @contextlib.contextmanager
 def _staged(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary directory beside ``out_dir``, renamed into place when the block completes, removed if it fails."""
+    """A temporary directory beside ``out_dir``, renamed into place when the block ends, removed on error."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -159,10 +159,11 @@ def prune_checkpoint(model: str, out_dir: str | os.PathLike, *, checkpoint: str 
                      model_kwargs: dict | None = None) -> PruneReport:
     """Prune the MLPs of ``model``'s checkpoint (or its init weights, seeded) into export ``out_dir``.
 
-    ``model``: an open_clip or timm name (``open_clip:`` / ``timm:`` choose); ``num_keep``: one count, a dict
-    site path -> count or one count per block; ``seed``: init weights and ``random``. ``calibration`` with
-    ``images`` (a ``pruning.calib_images`` source, or normalised images [N, 3, S, S] used whole) compensates;
-    ``budget`` (instead of ``ratio`` / ``num_keep``) picks per-block widths; ``model_kwargs``: a timm constructor's.
+    ``model``: an open_clip or timm name (``open_clip:`` / ``timm:`` choose); ``num_keep``: one count, a
+    dict site path -> count or one count per block; ``seed``: init weights and ``random``. ``calibration``
+    with ``images`` (a ``pruning.calib_images`` source, or normalised images [N, 3, S, S] used whole)
+    compensates; ``budget`` (instead of ``ratio`` / ``num_keep``) picks per-block widths; ``model_kwargs``:
+    a timm model's constructor arguments.
     """
     if method not in METHODS or method == "taylor":
         raise ValueError(f"method must be one of {[m for m in METHODS if m != 'taylor']} for checkpoint "
@@ -177,22 +178,26 @@ def prune_checkpoint(model: str, out_dir: str | os.PathLike, *, checkpoint: str 
         raise ValueError("a width budget replaces ratio / num_keep and needs calibration images")
     counts = keep_counts(arch.sites(), ratio, num_keep) if budget is None else {}
     loaded, label = _calibration_images(arch, images, calibration) if calibration is not None else (None, "")
-    reader = (open_checkpoint(checkpoint) if checkpoint is not None
-              else StateDictSource(build_initialized(arch, seed).state_dict(), f"<{arch.name} init, seed {seed}>"))
+    if checkpoint is not None:
+        reader = open_checkpoint(checkpoint)
+    else:
+        reader = StateDictSource(build_initialized(arch, seed).state_dict(), f"<{arch.name} init, seed {seed}>")
     with contextlib.closing(reader):
         prefix, visual_only, expected = _layout(arch, reader.keys())
         _check_keys(reader, expected, f"{arch.family} model {arch.name!r}")
         with _staged(out_dir, overwrite) as tmp:
             source = CheckpointSource(arch, reader, prefix, visual_only)
-            common = dict(calibration=calibration, progress=progress, generator=torch.Generator().manual_seed(seed),
-                          calib_inputs=[] if loaded is None else list(loaded.split(calibration.batch_size)))
+            batches = [] if loaded is None else list(loaded.split(calibration.batch_size))
+            common = dict(calibration=calibration, calib_inputs=batches, progress=progress,
+                          generator=torch.Generator().manual_seed(seed))
             plan = None if budget is None else plan_widths(source, budget, method, **common)
             if plan is not None:
                 counts = keep_counts(source.sites, num_keep=plan.widths)
             weights = weights_file(arch.family, visual_only)
-            with SafetensorsWriter(tmp / weights, source.output_specs(counts), metadata={"format": "pt"}) as writer:
+            specs, orders = source.output_specs(counts), None if plan is None else plan.orders
+            with SafetensorsWriter(tmp / weights, specs, metadata={"format": "pt"}) as writer:
                 source.writer = writer
-                report = prune_blocks(source, counts, method, orders=None if plan is None else plan.orders, **common)
+                report = prune_blocks(source, counts, method, orders=orders, **common)
                 source.finish()
             if report.calibration is not None:
                 report.calibration.update(source=label, num_images=int(loaded.shape[0]),
@@ -212,18 +217,17 @@ class CheckpointSource(BlockSource):
     """
 
     def __init__(self, arch: Architecture, reader: Reader, prefix: str, visual_only: bool) -> None:
-        self.arch, self.reader, self.prefix = arch, reader, prefix
+        self.reader, self.prefix = reader, prefix
         self.tower, self.sites = arch.tower, arch.sites()
         self.params_before = sum(p.numel() for p in arch.tower.parameters())
         self.strip = len(prefix) if visual_only else 0
         self.writer: SafetensorsWriter | None = None
         have = set(reader.keys())
         self.names: dict[str, dict[str, str]] = {}  # site path -> {file key: name relative to the site}
-        owner: dict[str, str] = {}
         for site in self.sites:
             keys = {f"{prefix}{site.path}.{n}": n for n in site.tensor_names()}
             self.names[site.path] = {k: n for k, n in keys.items() if k in have}
-            owner.update(dict.fromkeys(self.names[site.path], site.path))
+        owner = {key: path for path, names in self.names.items() for key in names}
         self.order: list[str | MlpSite] = []  # file keys outside the sites, and a slot per site
         in_module_order, seen = iter(self.sites), set()
         for key in reader.keys():
@@ -233,7 +237,7 @@ class CheckpointSource(BlockSource):
                 seen.add(owner[key])
                 self.order.append(next(in_module_order))
         self.specs: list[Spec] = []
-        self._cursor = 0
+        self._unwritten = iter(self.order)
 
     def output_specs(self, counts: dict[str, int]) -> list[Spec]:
         """(name, shape, dtype) of every output tensor, in writing order, with the sites ``counts`` wide."""
@@ -242,36 +246,36 @@ class CheckpointSource(BlockSource):
             if isinstance(item, str):
                 self.specs.append((item[self.strip:], *self.reader.meta(item)))
                 continue
-            metas = {n: self.reader.meta(k) for k, n in self.names[item.path].items()}
-            shapes = prune_site_tensors(item, {n: torch.empty(s, dtype=d, device="meta") for n, (s, d) in metas.items()},
-                                        torch.arange(counts[item.path]))
-            self.specs += [(k[self.strip:], tuple(shapes[n].shape), metas[n][1]) for k, n in self.names[item.path].items()]
+            names = self.names[item.path]
+            metas = {n: self.reader.meta(k) for k, n in names.items()}
+            empty = {n: torch.empty(shape, dtype=dtype, device="meta") for n, (shape, dtype) in metas.items()}
+            pruned = prune_site_tensors(item, empty, torch.arange(counts[item.path]))
+            self.specs += [(k[self.strip:], tuple(pruned[n].shape), metas[n][1]) for k, n in names.items()]
         return self.specs
 
     @contextlib.contextmanager
     def read(self, path: str) -> Iterator[dict[str, torch.Tensor]]:
-        yield {n: self.reader.get(f"{self.prefix}{path}.{n}") for n in self.tower.get_submodule(path).state_dict()}
+        names = self.tower.get_submodule(path).state_dict()
+        yield {n: self.reader.get(f"{self.prefix}{path}.{n}") for n in names}
 
     def write(self, site: MlpSite, tensors: dict[str, torch.Tensor]) -> None:
         assert self.writer is not None
         self._flush(stop_at=site)
         for key, name in self.names[site.path].items():
             self.writer.write(key[self.strip:], tensors[name].to(self.reader.meta(key)[1]))
-        self._cursor += 1
 
     def finish(self) -> None:
         """Append the tensors after the last site's slot."""
         self._flush(stop_at=None)
 
     def _flush(self, stop_at: MlpSite | None) -> None:
+        """Append the unwritten tensors up to ``stop_at``'s slot (taking the slot), or to the end."""
         assert self.writer is not None
-        while self._cursor < len(self.order):
-            item = self.order[self._cursor]
+        for item in self._unwritten:
             if not isinstance(item, str):
                 assert item.path == getattr(stop_at, "path", None), (item.path, stop_at)
                 return
             self.writer.write(item[self.strip:], self.reader.get(item))
-            self._cursor += 1
 
     def stem_states(self, first_block: str, images: list[torch.Tensor]) -> list[BlockState]:
         container = first_block.rpartition(".")[0]
@@ -285,16 +289,16 @@ def _write_metadata(arch: Architecture, reader: Reader, source: CheckpointSource
     def write_json(path: Path, obj: dict) -> None:
         path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
-    config_name, config, claimed = export_configs(arch, {s.path: s.hidden_after for s in report.sites},
-                                                  visual_only=visual_only)
+    widths = {s.path: s.hidden_after for s in report.sites}
+    config_name, config, claimed = export_configs(arch, widths, visual_only=visual_only)
     write_json(tmp / config_name, config)
     stock = config[PRUNING_KEY]["stock_loadable"] = claimed and check_stock_build(tmp)
     write_json(tmp / config_name, config)
-    summary = {"model": arch.name, "family": arch.family, "checkpoint": None if checkpoint is None else str(checkpoint),
+    summary = {"model": arch.name, "family": arch.family, "checkpoint": checkpoint and str(checkpoint),
                "tower": arch.tower_path, "visual_only": visual_only, "weights_file": weights,
                "stock_loadable": stock, "how_to_load": _how_to_load(arch, config, visual_only, stock),
                "checkpoint_elements_before": sum(math.prod(reader.meta(k)[0]) for k in reader.keys()),
-               "checkpoint_elements_after": sum(math.prod(s) for _, s, _ in source.specs)}
+               "checkpoint_elements_after": sum(math.prod(shape) for _, shape, _ in source.specs)}
     write_json(tmp / REPORT_JSON, {**summary, **report.to_dict()})
     (tmp / REPORT_MD).write_text(_markdown(summary, report), encoding="utf-8")
 
@@ -306,41 +310,49 @@ def _how_to_load(arch: Architecture, config: dict, visual_only: bool, stock: boo
     if arch.family != OPEN_CLIP:
         return "timm.create_model('local-dir:<dir>', pretrained=True)"
     timm_models = config[PRUNING_KEY].get("timm_models")
-    register = (f"pruning.export.register_pruned_timm_models(dir) first (registers {list(timm_models)}), then "
-                if timm_models is not None else "")
+    register = ("" if timm_models is None else "pruning.export.register_pruned_timm_models(dir) first "
+                f"(registers {list(timm_models)}), then ")
     if visual_only:
         return (register + "m = open_clip.create_model('local-dir:<dir>', load_weights=False); "
                 f"m.visual.load_state_dict(safetensors.torch.load_file('<dir>/{OPEN_CLIP_VISUAL_WEIGHTS}'))")
     return register + "open_clip.create_model_and_transforms('local-dir:<dir>')"
 
 
+def _row(cells: list) -> str:
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
 def _markdown(summary: dict, report: PruneReport) -> str:
     before, after, calib = report.model_params_before, report.model_params_after, report.calibration
     lines = [
-        f"# Pruning report: {summary['model']} ({summary['family']}, tower `{summary['tower'] or '<root>'}`)", "",
+        f"# Pruning report: {summary['model']} ({summary['family']}, tower `{summary['tower'] or '<root>'}`)",
+        "",
         f"- method: {report.method}; checkpoint: {summary['checkpoint'] or 'init weights'}",
         f"- tower parameters: {before:,} -> {after:,} (-{100 * (1 - after / before):.1f}%)",
-        f"- checkpoint elements: {summary['checkpoint_elements_before']:,} -> {summary['checkpoint_elements_after']:,}",
+        f"- checkpoint elements: {summary['checkpoint_elements_before']:,} -> "
+        f"{summary['checkpoint_elements_after']:,}",
         f"- stock-loadable: {'yes' if summary['stock_loadable'] else 'no (per-layer widths)'}; "
         f"load with: {summary['how_to_load']}",
     ]
     if calib:
-        lines.append(f"- compensation: each block refitted to the original block's output, ridge {calib['ridge']}, "
-                     f"{calib['num_images']} calibration images from {calib['source']} (batches of "
-                     f"{calib['batch_size']}; {calib['holdout_fraction']:.0%} of tokens held out for the errors); "
-                     f"carried hidden states {calib['hidden_state_bytes'] / 2**20:.1f} MiB; {calib['seconds']:.1f} s")
-    errors = " held-out error plain | held-out error compensated |" if calib else ""
-    lines += ["", "| # | site | hidden before | hidden after | params before | params after |" + errors
-              + " first kept indices |", "|---|---|---|---|---|---|---|" + ("---|---|" if calib else "")]
+        lines.append(f"- compensation: each block refitted to the original block's output, ridge "
+                     f"{calib['ridge']}, {calib['num_images']} calibration images from {calib['source']} "
+                     f"(batches of {calib['batch_size']}; {calib['holdout_fraction']:.0%} of tokens held out "
+                     f"for the errors); carried hidden states {calib['hidden_state_bytes'] / 2**20:.1f} MiB; "
+                     f"{calib['seconds']:.1f} s")
+    header = ["#", "site", "hidden before", "hidden after", "params before", "params after"]
+    header += ["held-out error plain", "held-out error compensated"] if calib else []
+    lines += ["", _row([*header, "first kept indices"]), "|" + "---|" * (len(header) + 1)]
     for i, s in enumerate(report.sites):
+        errors = [] if not calib else ["-", "-"] if s.recon_error_before is None else [
+            f"{s.recon_error_before:.4f}", f"{s.recon_error_after:.4f}"]
         head = ", ".join(map(str, s.kept[:8])) + (", ..." if len(s.kept) > 8 else "")
-        cells = (f" {s.recon_error_before:.4f} | {s.recon_error_after:.4f} |"
-                 if calib and s.recon_error_before is not None else " - | - |" if calib else "")
-        lines.append(f"| {i} | `{s.path}` | {s.hidden_before} | {s.hidden_after} | {s.params_before:,} | "
-                     f"{s.params_after:,} |{cells} {head} |")
+        lines.append(_row([i, f"`{s.path}`", s.hidden_before, s.hidden_after, f"{s.params_before:,}",
+                           f"{s.params_after:,}", *errors, head]))
     if calib:
-        lines += ["", "held-out error: ||y' - y|| / ||y|| of fc2's output against the one that reproduces the "
-                      "original block's output, on held-out calibration tokens, pruned without and with compensation."]
+        lines += ["", "held-out error: ||y' - y|| / ||y|| of fc2's output against the one that reproduces "
+                      "the original block's output, on held-out calibration tokens, pruned without and with "
+                      "compensation."]
     if calib and calib.get("budget"):
         lines += _budget_markdown(calib["budget"], report)
     return "\n".join([*lines, "", f"Full kept index lists (selection order) are in `{REPORT_JSON}`.", ""])
@@ -348,15 +360,16 @@ def _markdown(summary: dict, report: PruneReport) -> str:
 
 def _budget_markdown(plan: dict, report: PruneReport) -> list[str]:
     """Widths per block as a bar chart, with the predicted and the measured errors."""
-    lines = ["", f"## Adaptive widths: budget r={plan['ratio']:g} ({plan['units']:,} of {plan['uniform_units']:,} "
-                 f"units; grid {plan['grid']}; curves measured in {plan['seconds']:.1f} s)", "",
-             "| # | width | | predicted error | at the uniform width | measured held-out error |",
+    lines = ["", f"## Adaptive widths: budget r={plan['ratio']:g} ({plan['units']:,} of "
+                 f"{plan['uniform_units']:,} units; grid {plan['grid']}; curves measured in "
+                 f"{plan['seconds']:.1f} s)",
+             "", "| # | width | | predicted error | at the uniform width | measured held-out error |",
              "|---|---|---|---|---|---|"]
     rows = zip(plan["widths"], plan["predicted_error"], plan["uniform_error"], report.sites, strict=True)
     for i, (width, predicted, uniform, site) in enumerate(rows):
         bar = "█" * max(1, round(20 * width / max(plan["widths"])))
-        lines.append(f"| {i} | {width} | {bar} | {predicted:.3g} | {'-' if uniform is None else f'{uniform:.3g}'} | "
-                     f"{site.recon_error_after:.4f} |")
-    return [*lines, "", "predicted error: E||s (y_w - y)||^2 / E||h_out||^2 of the block on held-out tokens of the "
-                        "original model's hidden states (docs/adaptive.md); measured: the compensated block's held-out "
-                        "error above."]
+        at_uniform = "-" if uniform is None else f"{uniform:.3g}"
+        lines.append(_row([i, width, bar, f"{predicted:.3g}", at_uniform, f"{site.recon_error_after:.4f}"]))
+    return [*lines, "", "predicted error: E||s (y_w - y)||^2 / E||h_out||^2 of the block on held-out tokens "
+                        "of the original model's hidden states (docs/adaptive.md); measured: the compensated "
+                        "block's held-out error above."]
