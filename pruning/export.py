@@ -56,15 +56,6 @@ class Architecture:
         """MLP sites of the tower, paths relative to the tower."""
         return find_mlp_sites(self.tower)
 
-    def base_config(self) -> dict:
-        """The stock open_clip model config (a fresh copy); open_clip family only."""
-        import open_clip
-
-        cfg = open_clip.get_model_config(self.name)
-        if cfg is None:
-            raise ValueError(f"open_clip has no model config named {self.name!r}")
-        return cfg
-
 
 RANDOM_INIT_WARNING = "No pretrained weights loaded for model"  # open_clip's, logged on the root logger
 
@@ -185,12 +176,15 @@ def export_configs(arch: Architecture, widths: dict[str, int], *, visual_only: b
                   "pretrained_cfg": {k: v for k, v in arch.model.pretrained_cfg.items() if k not in _TIMM_CFG_DROP},
                   "model_args": {**arch.kwargs, **({"mlp_ratio": mlp_ratio_for(width, hidden)} if uniform else {})}}
         return TIMM_CONFIG, {**config, PRUNING_KEY: record}, uniform
-    model_cfg = arch.base_config()
+    import open_clip
+
+    model_cfg = open_clip.get_model_config(arch.name)  # a fresh copy
+    if model_cfg is None:
+        raise ValueError(f"open_clip has no model config named {arch.name!r}")
     vision_cfg = model_cfg["vision_cfg"]
     if uniform and vision_cfg.get("timm_model_name"):
         base = vision_cfg["timm_model_name"]
-        name = pruned_timm_name(base, hidden)
-        vision_cfg["timm_model_name"] = name
+        name = vision_cfg["timm_model_name"] = pruned_timm_name(base, hidden)
         record["timm_models"] = {name: {"base": base, "mlp_ratio": mlp_ratio_for(width, hidden)}}
     elif uniform:
         vision_cfg["mlp_ratio"] = mlp_ratio_for(width, hidden)
@@ -200,8 +194,7 @@ def export_configs(arch: Architecture, widths: dict[str, int], *, visual_only: b
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"not a pruned model directory: {path} is missing")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def read_pruning_record(out_dir: str | os.PathLike) -> tuple[str, dict]:
