@@ -24,11 +24,6 @@ HERE = Path(__file__).parent
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC")
 
 
-def enabled() -> bool:
-    """False when ``DGMR_NATIVE=0`` asks for the pure NumPy/torch paths."""
-    return os.environ.get("DGMR_NATIVE", "1") != "0"
-
-
 def _cpu_flags() -> str:
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -40,7 +35,7 @@ def _cpu_flags() -> str:
 @cache
 def load(name: str) -> ctypes.CDLL | None:
     """``name``.cpp of this folder as a loaded library, or None (logged once) if it cannot be built."""
-    if not enabled():
+    if os.environ.get("DGMR_NATIVE", "1") == "0":  # asks for the pure NumPy/torch paths
         return None
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
@@ -54,15 +49,11 @@ def load(name: str) -> ctypes.CDLL | None:
         target = Path(os.environ.get("DGMR_CACHE", Path.home() / ".cache" / "dgmr")) / f"{name}-{key}.so"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(fd)
-            try:
-                subprocess.run([compiler, *FLAGS, "-o", tmp, str(source)],
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # removed whether or not it builds
+                built = os.path.join(tmp, target.name)
+                subprocess.run([compiler, *FLAGS, "-o", built, str(source)],
                                check=True, capture_output=True, text=True, timeout=300)
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+                os.replace(built, target)
         return ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as exn:
         log.warning("building %s failed, using the NumPy path: %s", name, getattr(exn, "stderr", "") or exn)
