@@ -11,6 +11,7 @@ import json
 import math
 import os
 import struct
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
-class SafetensorsReader:
+class SafetensorsReader(AbstractContextManager):
     """Lazy reader: validates the header against the file size on open, reads tensors on demand."""
 
     def __init__(self, path: str | os.PathLike):
@@ -114,14 +115,11 @@ class SafetensorsReader:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> SafetensorsReader:
-        return self
-
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-class SafetensorsWriter:
+class SafetensorsWriter(AbstractContextManager):
     """Writes the header for ``specs`` up front, then tensors appended in exactly that order."""
 
     def __init__(self, path: str | os.PathLike, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
@@ -161,9 +159,6 @@ class SafetensorsWriter:
         if self._next != len(self._specs):
             raise ValueError(f"{self.path}: {len(self._specs) - self._next} declared tensors were not written "
                              f"(next: {self._specs[self._next][0]!r})")
-
-    def __enter__(self) -> SafetensorsWriter:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         if exc[0] is None:
