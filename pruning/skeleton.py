@@ -18,10 +18,8 @@ CAST_REFUSED = "building with parameters on meta: a dtype / precision cast of th
 @contextlib.contextmanager
 def parameters_on_meta(cast_error: str = CAST_REFUSED) -> Iterator[None]:
     """Models built inside get each parameter moved to meta as it is registered, and real buffers.
-
-    ``Module.to`` is a no-op meanwhile (factories such as open_clip's move the finished model); a dtype cast
-    raises ValueError(``cast_error``), as it would leave the buffers in another dtype than asked.
-    """
+    ``Module.to`` is a no-op meanwhile (open_clip moves the finished model); a dtype cast raises
+    ValueError(``cast_error``), as it would leave the buffers in another dtype than asked."""
     register, move = nn.Module.register_parameter, nn.Module.to
 
     def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
