@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from pruning.export import RANDOM_INIT_WARNING, weights_loaded_elsewhere
 from trainer.cli import check_data_layout, check_weights_file
 from trainer.data.config import DataConfig
+from trainer.models import open_clip_family  # noqa: F401 - registers configs/open_clip (ViT-Tiny-8)
 
 pytestmark = pytest.mark.unit
 
