@@ -276,35 +276,28 @@ class _ReachedBlock(Exception):  # noqa: N818 - control flow, not an error
 
 
 def stem_states(tower: nn.Module, first_block: str, batches: Iterable[torch.Tensor],
-                forward: Forward | None = None, *, stop: bool = True) -> list[BlockState]:
+                forward: Forward | None = None) -> list[BlockState]:
     """The inputs of block ``first_block`` for every batch (``forward(tower, images)``, default ``tower(images)``),
-    recorded by a pre-hook. ``stop``: end the forward there, so the blocks may stay on meta; a sharded tower runs
-    whole (``stop=False``: every rank takes part in every gather)."""
+    recorded by a pre-hook that ends the forward there, so the blocks may stay on meta."""
     forward = forward or (lambda m, x: m(x))
     seen: list[BlockState] = []
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         seen.append(BlockState(args[0].detach(), tuple(args[1:]), dict(kwargs)))
-        if stop:
-            raise _ReachedBlock
+        raise _ReachedBlock
 
     handle = tower.get_submodule(first_block).register_forward_pre_hook(hook, with_kwargs=True)
-    states = []
     try:
         with torch.no_grad():
             for images in batches:
-                try:
+                count = len(seen)
+                with contextlib.suppress(_ReachedBlock):
                     forward(tower, images)
-                except _ReachedBlock:
-                    pass
-                if len(seen) != len(states) + 1:
-                    raise ValueError(f"the forward never reached {first_block}: cannot record its inputs"
-                                     if len(seen) == len(states) else f"the forward ran {first_block} more than "
-                                     "once per batch: block-wise calibration needs one run per block")
-                states.append(seen[-1])
+                if len(seen) == count:
+                    raise ValueError(f"the forward never reached {first_block}: cannot record its inputs")
     finally:
         handle.remove()
-    return states
+    return seen
 
 
 def materialize(meta_module: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,

@@ -293,11 +293,13 @@ class MemoryRecord:
 
 class RankHooks(pruning.BlockSource):
     """What differs across ranks: block ``i`` is selected on rank ``i % world`` and broadcast; fit statistics are
-    all-reduced."""
+    all-reduced. Block 0's calibration inputs come from the stem read from ``model.pretrained`` in fp32 on the
+    host, as in the offline prune (a bf16 sharded forward would round them: docs/results.md, session 4)."""
 
     rank: int
     world: int
     selected: list[str]
+    weights: TeacherWeights
 
     def select(self, index: int, choose: Callable[[], torch.Tensor], count: int) -> torch.Tensor:
         owner = index % self.world
@@ -312,6 +314,11 @@ class RankHooks(pruning.BlockSource):
 
     def reduce(self, stats: pruning.ActivationStats) -> None:
         all_reduce_stats(stats, self.device)
+
+    def stem_states(self, first_block: str, images: list[torch.Tensor]) -> list[pruning.BlockState]:
+        # The stem runs on the host (its blocks stay on meta); the blocks run on ``device``.
+        stem = pruning.materialize_outside(self.tower, first_block.rpartition(".")[0], self.weights.full)
+        return [s.float(self.device) for s in pruning.stem_states(stem, first_block, [x.cpu() for x in images])]
 
 
 class TeacherFileSource(RankHooks):
@@ -329,11 +336,6 @@ class TeacherFileSource(RankHooks):
     @contextlib.contextmanager
     def read(self, path: str) -> Iterator[dict[str, torch.Tensor]]:
         yield {n: self.weights.full(f"{path}.{n}") for n in self.tower.get_submodule(path).state_dict()}
-
-    def stem_states(self, first_block: str, images: list[torch.Tensor]) -> list[pruning.BlockState]:
-        # The stem runs on the host (its blocks stay on meta); the blocks run on ``device``.
-        stem = pruning.materialize_outside(self.tower, first_block.rpartition(".")[0], self.weights.full)
-        return [s.float(self.device) for s in pruning.stem_states(stem, first_block, [x.cpu() for x in images])]
 
 
 def plan_student_widths(cfg: TrainConfig, adapter: ModelAdapter, stream: Iterable, device: torch.device
@@ -384,7 +386,7 @@ class EngineSource(RankHooks):
     """The sharded teacher as a source of ``pruning.prune_blocks``; pruned sites go to the student's shards."""
 
     def __init__(self, engine: object, build: InEngineBuild, device: torch.device, memory: MemoryRecord) -> None:
-        self.engine, self.memory, self.device = engine, memory, device
+        self.engine, self.memory, self.device, self.weights = engine, memory, device, build.weights
         self.tower, self.sites, self.params_before = build.teacher_skeleton(), build.sites, build.params_before
         self.rank, self.world = _world()
         self.selected = memory.sites_selected
@@ -400,12 +402,6 @@ class EngineSource(RankHooks):
         self.memory.peak_extra_numel = max(self.memory.peak_extra_numel,
                                            self._held + sum(t.numel() for t in tensors.values()))
         self.engine.write_student_tensors(site.path, tensors)
-
-    def stem_states(self, first_block: str, images: list[torch.Tensor]) -> list[pruning.BlockState]:
-        # The sharded forward runs whole (stopping it would leave collectives unmatched across ranks).
-        module, forward = self.engine.teacher_module()
-        states = pruning.stem_states(module, first_block, images, lambda _m, x: forward(x), stop=False)
-        return [s.float() for s in states]
 
 def all_reduce_stats(stats: pruning.ActivationStats, device: torch.device) -> None:
     """Make ``stats`` the statistics of every rank's tokens (a collective): one common shift (the

@@ -8,7 +8,6 @@ resumed logs the uninterrupted run's losses; the export loads in stock open_clip
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -47,10 +46,10 @@ def test_in_engine_export_equals_offline_prune(results: dict) -> None:
         versus = row["versus_offline"]
         assert versus["same_kept_indices"] and not versus["missing_in_export"] and versus["tensors_compared"] > 0
         if row["compensation"]:
-            # Refitted fc2 only: the same images on both sides, another order of sums and another pipeline
-            # decoding them (bench/results/full_size.json states the figure).
-            assert 0 < versus["tensors_differing"] and math.isfinite(versus["max_abs_diff"])
-            assert versus["max_abs_diff_tensor"].endswith("mlp.c_proj.weight")
+            # Refitted fc2 only, from the same fp32 stem and images: another order of sums and another decoding
+            # pipeline, so at most one bf16 step at the tensor's largest value (2 ** -7 of it).
+            assert all(key.split(".")[-2] == "c_proj" for key in versus["differing"]), list(versus["differing"])
+            assert versus["max_diff_relative_to_tensor_max"] <= 2 ** -7, versus["max_diff_relative_to_tensor_max"]
         else:
             assert versus["equal"] and versus["max_abs_diff"] == 0.0
         assert row["export"]["peak_rss_anon_gib"]["0"] > 0
