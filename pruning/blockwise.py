@@ -434,11 +434,11 @@ class BlockCalibration:
             self.reduce(stats)
         if fit.count == 0 or (holding and held.count == 0):
             raise ValueError(f"{report_path}: not enough calibration tokens for the fit and the held-out split")
-        if fit.count < width + 1 and not self.warned:
+        if fit.rows < width + 1 and not self.warned:
             self.warned = True
-            log.warning("%s: the compensation fit has %.0f calibration tokens for %d kept units + a bias: it is "
+            log.warning("%s: the compensation fit has %d calibration tokens for %d kept units + a bias: it is "
                         "underdetermined and only the ridge (%g) makes it unique; give more calibration images",
-                        report_path, fit.count, width, self.ridge)
+                        report_path, fit.rows, width, self.ridge)
         new_weight, new_bias = fit_output_from_stats(fit, out.weight, out.bias, self.ridge)
         errors = ((output_fit_error(held, out.weight, out.bias), output_fit_error(held, new_weight, new_bias))
                   if holding else (None, None))

@@ -20,6 +20,7 @@ class ActivationStats:
         self.size = size
         self.product_dtype = product_dtype
         self.count = 0
+        self.rows = 0  # tokens fed, unweighted: they bound the covariance's rank
         # Moments about the first batch's mean cancel far less than about zero when activations have a large mean.
         self.shift: torch.Tensor | None = None
         self.sum: torch.Tensor | None = None
@@ -33,6 +34,7 @@ class ActivationStats:
         x = acts.detach().reshape(-1, self.size).to(torch.float64)
         if x.shape[0] == 0:
             return
+        self.rows += x.shape[0]
         w = None
         if weights is not None:
             w = weights.detach().reshape(-1).to(device=x.device, dtype=torch.float64)

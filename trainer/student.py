@@ -415,10 +415,11 @@ def all_reduce_stats(stats: pruning.ActivationStats, device: torch.device) -> No
     if float(packed[-1]) == 0:
         return
     stats.rebase(packed[:-1] / packed[-1])
-    count = torch.tensor([float(stats.count)], dtype=torch.float64, device=device)
+    count = torch.tensor([float(stats.count), float(stats.rows)], dtype=torch.float64, device=device)
     for tensor in (count, stats.sum, stats.outer):
         torch_dist.all_reduce(tensor)
-    stats.count = int(count.item()) if isinstance(stats.count, int) else float(count.item())
+    stats.count = int(count[0].item()) if isinstance(stats.count, int) else float(count[0].item())
+    stats.rows = int(count[1].item())
 
 
 def taylor_scores(engine: object, sites: list[pruning.MlpSite], batches: Iterable[torch.Tensor],

@@ -385,3 +385,9 @@ def test_a_fit_with_fewer_tokens_than_kept_units_warns_once(caplog):
     with caplog.at_level("WARNING", logger="pruning.blockwise"):
         prune_and_compensate_blocks(tiny_dinov2(), images(64).split(16), forward=forward, num_keep=64)
     assert not [r for r in caplog.records if "underdetermined" in r.getMessage()]
+    # Tokens, not weights, bound the fit: with the class token balanced, 16 pictures weigh 102 but are 64 tokens.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pruning.blockwise"):
+        prune_and_compensate_blocks(tiny_dinov2(), images(16).split(8), forward=forward, num_keep=64,
+                                    balance_prefix=True)
+    assert any("64 calibration tokens for 64 kept units" in r.getMessage() for r in caplog.records)
