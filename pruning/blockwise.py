@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .fit import ActivationStats, fit_output_from_stats, holdout_mask, output_fit_error
+from .refine import TokenPairs, refine_mlp, weighted_error
 from .select import METHODS, select_mlp_channels
 from .sites import MlpSite, find_mlp_sites, prefix_token_count
 from .surgery import PruneReport, SiteReport, install_site, keep_counts, prune_site, prune_site_tensors
@@ -43,6 +44,13 @@ class Calibration:
     """Calibration images (the CLI and the demo read this many; the trainer takes batches of its stream)."""
     batch_size: int = 16
     """Images per calibration forward."""
+    refine_steps: int = 0
+    """After each refit, Adam steps training the whole pruned MLP on the block's fit tokens (0: closed form only;
+    one process only, ``pruning.refine``)."""
+    refine_lr: float = 1e-3
+    """Peak learning rate of the refinement (cosine decay to 0)."""
+    refine_batch_tokens: int = 4096
+    """Tokens per refinement step."""
 
     def __post_init__(self) -> None:
         if not self.ridge >= 0:
@@ -51,6 +59,9 @@ class Calibration:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
         if self.num_images < 1 or self.batch_size < 1:
             raise ValueError(f"num_images and batch_size must be >= 1, got {self.num_images}, {self.batch_size}")
+        if self.refine_steps < 0 or self.refine_batch_tokens < 1 or not self.refine_lr > 0:
+            raise ValueError(f"refinement needs steps >= 0, batch tokens >= 1 and lr > 0, got {self.refine_steps}, "
+                             f"{self.refine_batch_tokens}, {self.refine_lr}")
 
 
 class BlockSource:
@@ -126,6 +137,9 @@ def prune_blocks(source: BlockSource, widths: Mapping[str, int] | Sequence[int],
         layout, states = calibration_states(source, calibration, calib_inputs)
         blocks, local = layout.blocks, layout.sites
         prefix_tokens = prefix_token_count(source.tower) if calibration.balance_prefix else 0
+        if calibration.refine_steps and type(source).reduce is not BlockSource.reduce:
+            raise ValueError("calibration.refine_steps: refinement runs in one process; prune offline (python -m "
+                             "pruning prune --refine-steps) and start the engine from the export")
         calib = BlockCalibration(states, calibration, prefix_tokens=prefix_tokens, reduce=source.reduce)
     records = []
     for i, (site, block_path, inner) in enumerate(zip(sites, blocks, local, strict=True)):
@@ -365,7 +379,9 @@ class BlockCalibration:
             raise ValueError("calibration: no batch with any image")
         if any(not s.weight > 0 for s in states):
             raise ValueError("calibration: batch weights must be > 0")
-        self.ridge, self.holdout_fraction = calibration.ridge, calibration.holdout_fraction
+        self.calibration, self.ridge, self.holdout_fraction = (calibration, calibration.ridge,
+                                                               calibration.holdout_fraction)
+        self.generator = torch.Generator().manual_seed(0)  # refinement draws, in block order
         self.prefix_tokens, self.reduce = prefix_tokens, reduce or (lambda _stats: None)
         self.states, self.teacher_states = states, list(states)
         self.peak_bytes = self.hidden_state_bytes()
@@ -407,8 +423,12 @@ class BlockCalibration:
         width, rows = out.weight.shape[1], out.weight.shape[0]
         fit, held = ActivationStats(width + rows), ActivationStats(width + rows)
         captured: dict[str, torch.Tensor] = {}
+        mlp = new_site.module(block)
         handles = [out.register_forward_pre_hook(lambda _m, args: captured.__setitem__("a", args[0].detach())),
-                   end.register_forward_hook(lambda _m, _args, e: captured.__setitem__("e", e.detach()))]
+                   end.register_forward_hook(lambda _m, _args, e: captured.__setitem__("e", e.detach())),
+                   mlp.register_forward_pre_hook(lambda _m, args: captured.__setitem__("x", args[0].detach()))]
+        refining = self.calibration.refine_steps > 0
+        pairs: dict[bool, list[TokenPairs]] = {False: [], True: []}  # fit / held-out tokens for the refinement
         seen = 0
         try:
             with torch.no_grad():
@@ -417,7 +437,7 @@ class BlockCalibration:
                     a, e = captured["a"], captured["e"]
                     if i == 0:  # one probe per block: the factor is the same on every token
                         scale = branch_scale(block, end, student, report_path, output=o)
-                    target = e + (teacher.hidden - o) / scale
+                    target = raw_target = e + (teacher.hidden - o) / scale
                     if post_norm is not None:
                         target = norm_pullback(post_norm, teacher_y[i], target)
                     joint = torch.cat([a.reshape(-1, width), target.reshape(-1, rows)], dim=1)
@@ -426,6 +446,11 @@ class BlockCalibration:
                     seen += joint.shape[0]
                     fit.update(joint[~mask], weights[~mask])
                     held.update(joint[mask], weights[mask])
+                    if refining:  # fit tokens: the norm's output target (post-norm); held out: fc2's, as above
+                        inputs = captured["x"].reshape(-1, captured["x"].shape[-1])
+                        pairs[False].append(TokenPairs(inputs[~mask], raw_target.reshape(-1, rows)[~mask],
+                                                       weights[~mask]))
+                        pairs[True].append(TokenPairs(inputs[mask], target.reshape(-1, rows)[mask], weights[mask]))
         finally:
             for h in handles:
                 h.remove()
@@ -446,6 +471,13 @@ class BlockCalibration:
             out.weight.copy_(new_weight.to(out.weight.device, out.weight.dtype))
             if out.bias is not None:
                 out.bias.copy_(new_bias.to(out.bias.device, out.bias.dtype))
+        if refining:  # block output = base + s * (MLP or post-norm output): errors weigh by s
+            weight = torch.where(scale.isfinite(), scale, 0).abs().reshape(-1)
+            refine_mlp(mlp, TokenPairs.cat(pairs[False]), weight, generator=self.generator, after=post_norm,
+                       steps=self.calibration.refine_steps, lr=self.calibration.refine_lr,
+                       batch_tokens=self.calibration.refine_batch_tokens)
+            if holding:
+                errors = (errors[0], weighted_error(mlp, TokenPairs.cat(pairs[True]), torch.ones(rows)))
         self.teacher_states = teacher_out
         return new_site, errors
 

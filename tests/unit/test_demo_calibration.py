@@ -31,9 +31,9 @@ def test_calibration_pictures_continue_into_the_next_shard(tmp_path):
 
 def test_compensated_copy_is_the_block_wise_output_fit():
     import timm
-    from pruning_helpers import prune_and_compensate_blocks
 
-    from tools.demo import RIDGE, normalised_batches
+    from pruning import ModelSource, keep_counts, prune_blocks
+    from tools.demo import CALIBRATION, normalised_batches
 
     torch.manual_seed(0)
     teacher = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=224, embed_dim=32, depth=2,
@@ -41,9 +41,10 @@ def test_compensated_copy_is_the_block_wise_output_fit():
     pictures = torch.randint(0, 256, (3, 3, 224, 224), dtype=torch.uint8)
     got = pruned_copy(teacher, 1.0, "diversity", compensate_on=pictures)
     want = copy.deepcopy(teacher)
-    prune_and_compensate_blocks(want, list(normalised_batches(pictures, 16)), forward=lambda m, x: m.forward_features(x),
-                                ratio=1.0, ridge=RIDGE, generator=torch.Generator().manual_seed(0),
-                                balance_prefix=True)
+    source = ModelSource(want, forward=lambda m, x: m.forward_features(x))
+    assert CALIBRATION.balance_prefix and CALIBRATION.refine_steps > 0
+    prune_blocks(source, keep_counts(source.sites, 1.0), calibration=CALIBRATION,
+                 calib_inputs=list(normalised_batches(pictures, 16)), generator=torch.Generator().manual_seed(0))
     for (name, a), (_, b) in zip(got.state_dict().items(), want.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     plain = pruned_copy(teacher, 1.0, "diversity")
