@@ -323,3 +323,28 @@ def test_calibrated_cli_errors_leave_nothing(tmp_path):
                          holdout_fraction=0.01)
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_cli_refinement_streams_like_in_memory(tmp_path):
+    from pruning import Calibration, ModelSource, keep_counts, prune_blocks
+    from pruning.__main__ import main
+
+    name, model, tower, size = tiny("dinov2")
+    ckpt, calib = tmp_path / "ckpt.safetensors", tmp_path / "calib.safetensors"
+    save_file(model.state_dict(), ckpt)
+    images = torch.randn(6, 3, size, size, generator=torch.Generator().manual_seed(1))
+    save_file({"images": images}, calib)
+    out = tmp_path / "out"
+    assert main(["prune", "--model", name, "--checkpoint", str(ckpt), "--num-keep", "40", "--calibration",
+                 str(calib), "--num-calib", "6", "--calib-batch-size", "2", "--refine-steps", "5", "--refine-lr", "2e-3", "--quiet",
+                 "--out", str(out)]) == 0
+    expected, closed = copy.deepcopy(tower), copy.deepcopy(tower)
+    for target, steps in ((expected, 5), (closed, 0)):
+        source = ModelSource(target)
+        prune_blocks(source, keep_counts(source.sites, num_keep=40), calib_inputs=list(images.split(2)),
+                     calibration=Calibration(batch_size=2, refine_steps=steps, refine_lr=2e-3))
+    got = written(out, "dinov2")
+    for key, value in expected.state_dict().items():
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert not torch.allclose(got["blocks.0.mlp.fc1.weight"], closed.blocks[0].mlp.fc1.weight, atol=1e-4)
+    assert json.loads((out / REPORT_JSON).read_text())["calibration"]["refine_steps"] == 5
