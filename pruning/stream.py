@@ -339,7 +339,8 @@ def _markdown(summary: dict, report: PruneReport) -> str:
                      f"{calib['ridge']}, {calib['num_images']} calibration images from {calib['source']} "
                      f"(batches of {calib['batch_size']}; {calib['holdout_fraction']:.0%} of tokens held out "
                      f"for the errors); carried hidden states {calib['hidden_state_bytes'] / 2**20:.1f} MiB; "
-                     f"{calib['seconds']:.1f} s")
+                     f"{calib['seconds']:.1f} s" + (f"; then each MLP refined {calib['refine_steps']} steps at lr "
+                                                    f"{calib['refine_lr']:g}" if calib["refine_steps"] else ""))
     header = ["#", "site", "hidden before", "hidden after", "params before", "params after"]
     header += ["held-out error plain", "held-out error compensated"] if calib else []
     lines += ["", _row([*header, "first kept indices"]), "|" + "---|" * (len(header) + 1)]

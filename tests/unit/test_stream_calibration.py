@@ -348,3 +348,4 @@ def test_cli_refinement_streams_like_in_memory(tmp_path):
         torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=key)
     assert not torch.allclose(got["blocks.0.mlp.fc1.weight"], closed.blocks[0].mlp.fc1.weight, atol=1e-4)
     assert json.loads((out / REPORT_JSON).read_text())["calibration"]["refine_steps"] == 5
+    assert "then each MLP refined 5 steps at lr 0.002" in (out / REPORT_MD).read_text()
