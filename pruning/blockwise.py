@@ -134,12 +134,12 @@ def prune_blocks(source: BlockSource, widths: Mapping[str, int] | Sequence[int],
     local = sites
     calib = None
     if calibration is not None:
-        layout, states = calibration_states(source, calibration, calib_inputs)
-        blocks, local = layout.blocks, layout.sites
-        prefix_tokens = prefix_token_count(source.tower) if calibration.balance_prefix else 0
         if calibration.refine_steps and type(source).reduce is not BlockSource.reduce:
             raise ValueError("calibration.refine_steps: refinement runs in one process; prune offline (python -m "
                              "pruning prune --refine-steps) and start the engine from the export")
+        layout, states = calibration_states(source, calibration, calib_inputs)
+        blocks, local = layout.blocks, layout.sites
+        prefix_tokens = prefix_token_count(source.tower) if calibration.balance_prefix else 0
         calib = BlockCalibration(states, calibration, prefix_tokens=prefix_tokens, reduce=source.reduce)
     records = []
     for i, (site, block_path, inner) in enumerate(zip(sites, blocks, local, strict=True)):
