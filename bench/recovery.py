@@ -217,7 +217,7 @@ def prepare_start(spec: RowSpec, seed: int, ctx: dict, args: argparse.Namespace)
 
     A start is (method, ratio, compensation, and the seed for ``random``, whose draw it sets); the others are
     deterministic, so their seeds share one start."""
-    from tools.demo import evaluate, mlp_widths, pruned_copy, save_student
+    from tools.demo import CALIBRATION, evaluate, mlp_widths, pruned_copy, save_student
 
     key = (spec.method, spec.ratio, spec.compensate, seed if spec.method == "random" else 0)
     if key in ctx["starts"]:
@@ -225,7 +225,8 @@ def prepare_start(spec: RowSpec, seed: int, ctx: dict, args: argparse.Namespace)
     teacher, sizes = ctx["teacher"], ctx["sizes"]
     # Starts are cached on disk (weights and evaluation) for the same calibration, so later runs and runs side
     # by side reuse them; the recipe is part of the file name.
-    tag = hashlib.sha1(json.dumps([key, ctx["calib_recipe"], asdict(sizes)]).encode()).hexdigest()[:12]
+    tag = hashlib.sha1(json.dumps([key, ctx["calib_recipe"], asdict(sizes), asdict(CALIBRATION)]).encode()
+                       ).hexdigest()[:12]
     cache = ctx["work"] / "recovery" / "starts" / f"{spec.method}-r{spec.ratio:g}-{spec.compensate}-s{key[3]}-{tag}"
     if (cache / "start.json").is_file():
         from safetensors.torch import load_file
