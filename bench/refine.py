@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def measure(steps: int, lr: float, images: int) -> dict:
         calib = demo.mixed_calibration(train_list, fashion_list, images)
-        demo.CALIBRATION = dataclasses.replace(demo.CALIBRATION, refine_steps=steps, refine_lr=lr)
+        calibration = dataclasses.replace(demo.CALIBRATION, refine_steps=steps, refine_lr=lr)
         start = time.perf_counter()
-        student = demo.pruned_copy(teacher, demo.RATIO, demo.METHOD, compensate_on=calib)
+        student = demo.pruned_copy(teacher, demo.RATIO, demo.METHOD, compensate_on=calib, calibration=calibration)
         seconds = time.perf_counter() - start
         cosine = F.cosine_similarity(tokens(student), reference, dim=-1)
         return {"steps": steps, "lr": lr, "images": images, "seconds": round(seconds, 1),

@@ -472,12 +472,13 @@ class BlockCalibration:
             if out.bias is not None:
                 out.bias.copy_(new_bias.to(out.bias.device, out.bias.dtype))
         if refining:  # block output = base + s * (MLP or post-norm output): errors weigh by s
+            # The token lists are popped: while the MLP trains, only the concatenated copy is held.
             weight = torch.where(scale.isfinite(), scale, 0).abs().reshape(-1)
-            refine_mlp(mlp, TokenPairs.cat(pairs[False]), weight, generator=self.generator, after=post_norm,
+            refine_mlp(mlp, TokenPairs.cat(pairs.pop(False)), weight, generator=self.generator, after=post_norm,
                        steps=self.calibration.refine_steps, lr=self.calibration.refine_lr,
                        batch_tokens=self.calibration.refine_batch_tokens)
             if holding:
-                errors = (errors[0], weighted_error(mlp, TokenPairs.cat(pairs[True]), torch.ones(rows)))
+                errors = (errors[0], weighted_error(mlp, TokenPairs.cat(pairs.pop(True)), torch.ones(rows)))
         self.teacher_states = teacher_out
         return new_site, errors
 

@@ -48,7 +48,8 @@ def refine_mlp(mlp: nn.Module, pairs: TokenPairs, channel_weights: torch.Tensor,
     work = copy.deepcopy(mlp).float().train(False).requires_grad_(True)
     tail = nn.Identity() if after is None else copy.deepcopy(after).float().train(False).requires_grad_(False)
     x_all, y_all = pairs.inputs.float(), pairs.targets.float()
-    w_all = pairs.weights.float() / pairs.weights.float().mean()
+    w_all = pairs.weights.float()
+    w_all = w_all / w_all.mean()
     c = channel_weights.float().square()
     scale = float((w_all[:, None] * y_all.square() * c).mean())  # the loss reads as a relative squared error
     if not scale > 0:

@@ -324,10 +324,11 @@ def calibration_images(train_list: Path, count: int) -> torch.Tensor:
 
 
 def pruned_copy(teacher: nn.Module, ratio: float, method: str, *, compensate_on: torch.Tensor | None = None,
-                scores: dict[str, torch.Tensor] | None = None, seed: int = SEED) -> nn.Module:
+                scores: dict[str, torch.Tensor] | None = None, seed: int = SEED,
+                calibration: Calibration = CALIBRATION) -> nn.Module:
     """A pruned copy of ``teacher`` (``method`` at ``ratio``, seeded as the trainer does), through
     ``pruning.prune_blocks``. ``compensate_on``: uint8 calibration pictures; given, each block is compensated
-    in closed form (``CALIBRATION``). ``scores``: Taylor importances. ``seed``: the draw of ``random``."""
+    with ``calibration``. ``scores``: Taylor importances. ``seed``: the draw of ``random``."""
     model = copy.deepcopy(teacher).eval()
     source = ModelSource(model, forward=lambda m, x: m.forward_features(x))
     widths = keep_counts(source.sites, ratio)
@@ -335,7 +336,6 @@ def pruned_copy(teacher: nn.Module, ratio: float, method: str, *, compensate_on:
     if compensate_on is None:
         prune_blocks(source, widths, method, generator=generator, scores=scores)
         return model
-    calibration = CALIBRATION
     with torch.no_grad():
         prune_blocks(source, widths, method, calibration=calibration, generator=generator, scores=scores,
                      calib_inputs=list(normalised_batches(compensate_on, calibration.batch_size)))
