@@ -622,7 +622,7 @@ def run_demo(args: argparse.Namespace) -> Path:
     sources = [(train_list, MIX_WEIGHTS["clipart"]), (fashion_list, MIX_WEIGHTS["fashion"])]
 
     teacher = load_dinov2_vits14()
-    pruned = pruned_copy(teacher, RATIO, METHOD)
+    pruned = pruned_copy(teacher, args.ratio, METHOD)
 
     rows = []
     t_row, teacher_feats, teacher_ips = evaluate("teacher", teacher, heldout, fmnist, None, sizes)
@@ -635,7 +635,7 @@ def run_demo(args: argparse.Namespace) -> Path:
     if not (args.no_compensation or args.tiny):
         calib = mixed_calibration(train_list, fashion_list, sizes.calib_images)
         start = time.perf_counter()
-        compensated = pruned_copy(teacher, RATIO, METHOD, compensate_on=calib)
+        compensated = pruned_copy(teacher, args.ratio, METHOD, compensate_on=calib)
         calib_note = (f"{len(calib)} pictures of the training stream ({len(calib) - len(calib) // 2} clip art, "
                       f"{len(calib) // 2} Fashion-MNIST), output mode (class token balanced), ridge {CALIBRATION.ridge:g}, "
                       f"{CALIBRATION.refine_steps} refinement steps per block at lr {CALIBRATION.refine_lr:g}, "
@@ -657,7 +657,8 @@ def run_demo(args: argparse.Namespace) -> Path:
         steps = args.steps or sizes.steps
         log(f"{steps} steps of {global_batch} images at {train_size} px")
     run_dir = out / "run"
-    train_s = launch_training(run_dir, sources, steps, ranks, sizes.batch_size_per_rank, student_init)
+    train_s = launch_training(run_dir, sources, steps, ranks, sizes.batch_size_per_rank, student_init,
+                              overrides=[f"prune.ratio={args.ratio:g}"])
     export = export_student(run_dir, out / "export")
     rows.append(evaluate("recovered", load_export(export), heldout, fmnist, teacher_feats, sizes)[0])
 
@@ -701,6 +702,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"distillation steps (default {FULL.steps}; --tiny {TINY.steps})")
     parser.add_argument("--train-seconds", type=float, default=0.0,
                         help="pick the steps from this time budget instead (estimated from the evaluation speed)")
+    parser.add_argument("--ratio", type=float, default=RATIO,
+                        help=f"DGMR ratio: each MLP keeps ratio x width hidden units (default {RATIO:g}: 1536 -> 384)")
     parser.add_argument("--ranks", type=int, default=2, help="trainer processes (torchrun); 1 runs 'single'")
     parser.add_argument("--tiny", action="store_true", help="smoke-test sizes: 64 pictures, 2 steps, 1 rank, no compensated row")
     parser.add_argument("--no-compensation", action="store_true", help="skip the compensated row")
@@ -710,6 +713,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.ranks < 1:
         parser.error(f"--ranks must be >= 1, got {args.ranks}")
+    if not 0 < args.ratio <= 4:
+        parser.error(f"--ratio must be in (0, 4] (4 keeps every unit of DINOv2's MLP), got {args.ratio}")
     return args
 
 

@@ -1,4 +1,4 @@
-"""``python -m tools.demo --tiny`` end to end on the real DINOv2 ViT-S/14: shards, prune, train, eval, report."""
+"""``python -m tools.demo --tiny --ratio 0.5`` end to end on the real DINOv2 ViT-S/14: shards, prune, train, eval, report."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _missing() -> str | None:
 @pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
 def test_tiny_demo_writes_the_report(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    done = subprocess.run([sys.executable, "-m", "tools.demo", "--tiny", "--out", str(out)], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "tools.demo", "--tiny", "--ratio", "0.5", "--out", str(out)], cwd=REPO,
                           env=dict(os.environ), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     report = out / "report.md"
@@ -48,8 +48,8 @@ def test_tiny_demo_writes_the_report(tmp_path: Path) -> None:
         re.M)}
     assert set(rows) == {"teacher", "pruned", "recovered"}
     assert rows["teacher"].group(3) == "1536"
-    for name in ("pruned", "recovered"):
-        assert rows[name].group(3) == "384"
+    for name in ("pruned", "recovered"):  # --ratio 0.5 keeps 0.5 x 384 units
+        assert rows[name].group(3) == "192"
         assert 0.0 <= float(rows[name].group(4)) <= 100.0 and 0.0 <= float(rows[name].group(5)) <= 100.0
         assert -1.0 <= float(rows[name].group(6)) <= 1.0 and -1.0 <= float(rows[name].group(7)) <= 1.0
     # The teacher compared with itself.
@@ -66,7 +66,7 @@ def test_tiny_demo_writes_the_report(tmp_path: Path) -> None:
     run = out / "run"
     assert not (run / "student.safetensors").exists()
     exported = load_pruned(out / "export")
-    assert [s.hidden for s in find_mlp_sites(exported)] == [384] * 12
+    assert [s.hidden for s in find_mlp_sites(exported)] == [192] * 12
     record = json.loads((out / "export" / "config.json").read_text())
     assert record["dgmr_pruning"]["trainer_step"] == 2
     results = json.loads((out / "results.json").read_text())
@@ -81,7 +81,9 @@ def test_tiny_demo_writes_the_report(tmp_path: Path) -> None:
     assert any((run / "tensorboard").glob("events.out.tfevents.*"))
 
     # The training stream mixed clip art with unlabeled Fashion-MNIST training images, none of them the probe's.
-    sources = yaml.safe_load((run / "config.yaml").read_text())["data"]["sources"]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["prune"]["ratio"] == 0.5
+    sources = saved["data"]["sources"]
     assert [Path(s["shards"]).parent.name for s in sources] == ["train", "fashion"]
     probe = set(fashion_subset(TINY, FASHION_MNIST)["train_index"].tolist())
     streamed = []
