@@ -38,8 +38,8 @@ def log(message: str) -> None:
 
 
 def students(teacher: torch.nn.Module, ratio: float, batches: list[torch.Tensor], grid: int,
-             min_width: int | None = None, balance_prefix: bool = True, refine_steps: int = 0,
-             stream: str = "original") -> tuple[dict[str, torch.nn.Module], dict]:
+             min_width: int | None = None, balance_prefix: bool = True, refine_steps: int = 0
+             ) -> tuple[dict[str, torch.nn.Module], dict]:
     """Uniform and adaptive compensated copies of ``teacher`` at the parameters of ``ratio``, and the plan
     (``refine_steps``: then each pruned MLP trained, ``Calibration.refine_steps``)."""
     calibration = pruning.Calibration(balance_prefix=balance_prefix, refine_steps=refine_steps)
@@ -53,8 +53,7 @@ def students(teacher: torch.nn.Module, ratio: float, batches: list[torch.Tensor]
                 pruning.prune_blocks(source, pruning.keep_counts(source.sites, ratio), calibration=calibration,
                                      calib_inputs=batches)
             else:
-                report = pruning.prune_to_budget(source, pruning.Budget(ratio=ratio, grid=grid, min_width=min_width,
-                                                                                stream=stream),
+                report = pruning.prune_to_budget(source, pruning.Budget(ratio=ratio, grid=grid, min_width=min_width),
                                                  calibration=calibration, calib_inputs=batches)
                 plan_summary = {k: v for k, v in report.calibration["budget"].items() if k != "curves"}
                 plan_summary["curves"] = report.calibration["budget"]["curves"]
@@ -191,8 +190,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="the prune CLI's default fit: the class token counts as one token (default: balanced)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--refine-steps", type=int, default=0, help="Calibration.refine_steps of both students")
-    parser.add_argument("--stream", default="original", choices=["original", "pruned"],
-                        help="Budget.stream: the hidden states the error curves are measured on")
     parser.add_argument("--distill-steps", type=int, default=0,
                         help="also distil the uniform and the adaptive student of --noise-ratio (draw 0) this many "
                              "steps each with the demo's trainer recipe, and evaluate both")
@@ -220,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
              "calibration": f"{args.calib} clip-art pictures per draw (random subsets of {args.pool}), output mode, "
                             f"class token {'not ' if args.no_balance_prefix else ''}balanced, ridge 1e-3, 20% of tokens held out, "
                             f"{args.refine_steps} refinement steps per block",
-             "grid": args.grid, "min_width": args.min_width, "curve_stream": args.stream, "heldout": f"{len(heldout)} clip-art pictures at 224 px, none used for calibration",
+             "grid": args.grid, "min_width": args.min_width, "heldout": f"{len(heldout)} clip-art pictures at 224 px, none used for calibration",
              "knn": f"Fashion-MNIST {args.knn_train} train / {args.knn_test} test at {args.knn_size} px, k=20, CLS",
              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__}
 
@@ -235,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(SEED + draw))[: args.calib]
         batches = list(pool[pick].split(args.batch_size))
         models, plan = students(teacher, ratio, batches, args.grid, args.min_width,
-                                not args.no_balance_prefix, args.refine_steps, args.stream)
+                                not args.no_balance_prefix, args.refine_steps)
         plans[f"{ratio:g}/{draw}"] = plan
         for kind, model in models.items():
             rows.append(row(ratio, kind, draw, model, evaluate))

@@ -11,14 +11,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from .blockwise import (
-    BlockCalibration,
     BlockSource,
     BlockState,
     Calibration,
@@ -27,12 +26,11 @@ from .blockwise import (
     branch_scale,
     calibration_states,
     materialize,
-    norm_pullback,
     prune_blocks,
     site_tensors,
 )
 from .fit import ActivationStats, holdout_mask
-from .sites import MlpSite, prefix_token_count
+from .sites import MlpSite
 from .surgery import PruneReport, keep_counts, prune_site_tensors
 
 
@@ -47,9 +45,6 @@ class Budget:
     """Narrowest block (default: one grid step)."""
     max_width: int | None = None
     """Widest block (default: twice the uniform width, at most every unit): the statistics grow with its square."""
-    stream: str = "original"
-    """Hidden states the curves are measured on: 'original' (the unpruned model's) or 'pruned' (the uniformly pruned
-    and compensated model's, against the original block's output: what the compensation of each width can fix)."""
 
     def __post_init__(self) -> None:
         if not self.ratio > 0:
@@ -57,8 +52,6 @@ class Budget:
         if self.grid < 1:
             raise ValueError(f"budget grid must be >= 1, got {self.grid}")
         low = self.grid if self.min_width is None else self.min_width
-        if self.stream not in ("original", "pruned"):
-            raise ValueError(f"budget stream must be 'original' or 'pruned', got {self.stream!r}")
         if low < 1 or (self.max_width is not None and self.max_width < low):
             raise ValueError(f"budget widths need 1 <= min_width <= max_width, got {self.min_width}, {self.max_width}")
 
@@ -108,12 +101,6 @@ def plan_widths(source: BlockSource, budget: Budget, method: str = "diversity", 
     choose = Selection(source, method, generator, scores)
     layout, states = calibration_states(source, calibration, calib_inputs)
     uniform = keep_counts(source.sites, ratio=budget.ratio)
-    calib = None
-    if budget.stream == "pruned":
-        prefix_tokens = prefix_token_count(source.tower) if calibration.balance_prefix else 0
-        # The uniform blocks advance the pruned stream in closed form: refinement would double the plan's cost.
-        calib = BlockCalibration(states, replace(calibration, refine_steps=0), prefix_tokens=prefix_tokens,
-                                 reduce=source.reduce)
     curves, orders = [], {}
     for i, (site, block_path, inner) in enumerate(zip(source.sites, layout.blocks, layout.sites, strict=True)):
         widths = budget.candidates(site.hidden, uniform[site.path])
@@ -123,15 +110,8 @@ def plan_widths(source: BlockSource, budget: Budget, method: str = "diversity", 
             block = materialize(source.tower.get_submodule(block_path), tensors, label=f"{block_path}.",
                                 device=source.device)
         one, two = (sum(t.numel() for t in prune_site_tensors(site, own, torch.arange(n)).values()) for n in (1, 2))
-        if calib is None:
-            errors, states = _block_curve(block, inner, states, orders[site.path], widths, calibration, site.path,
-                                          source.reduce)
-        else:
-            with torch.no_grad():
-                targets = [t.run(block) for t in calib.teacher_states]
-            errors, _ = _block_curve(block, inner, calib.states, orders[site.path], widths, calibration, site.path,
-                                     source.reduce, targets=targets)
-            calib.step(block, inner, orders[site.path][:uniform[site.path]], site.path)
+        errors, states = _block_curve(block, inner, states, orders[site.path], widths, calibration, site.path,
+                                      source.reduce)
         curves.append(WidthCurve(site.path, widths, errors, two - one))
         del block
         if progress is not None:
@@ -162,8 +142,8 @@ def prune_to_budget(source: BlockSource, budget: Budget, method: str = "diversit
 
 
 def _block_curve(block: nn.Module, site: MlpSite, states: list[BlockState], order: torch.Tensor, widths: list[int],
-                 calibration: Calibration, label: str, reduce: Callable[[ActivationStats], None],
-                 targets: list[BlockState] | None = None) -> tuple[list[float], list[BlockState]]:
+                 calibration: Calibration, label: str, reduce: Callable[[ActivationStats], None]
+                 ) -> tuple[list[float], list[BlockState]]:
     """Errors of ``block`` at each width on ``states``, and the block's outputs (the next states); ``s`` from
     ``branch_scale``, behind a post-norm times the norm's gain over the token's scale (first order)."""
     out = getattr(site.module(block), site.out_name)
@@ -181,7 +161,7 @@ def _block_curve(block: nn.Module, site: MlpSite, states: list[BlockState], orde
     following, seen = [], 0
     try:
         with torch.no_grad():
-            for i, state in enumerate(states):
+            for state in states:
                 o = state.run(block)
                 a, y = captured["a"].reshape(-1, hidden), captured["y"].reshape(-1, rows)
                 if not following:  # one probe per block: the factor is the same on every token
@@ -191,17 +171,12 @@ def _block_curve(block: nn.Module, site: MlpSite, states: list[BlockState], orde
                         sigma2 = y.double().var(-1, unbiased=False, keepdim=True) + post_norm.eps
                         v = v * post_norm.weight.detach().square() / sigma2
                     channel.update(v)
-                if targets is not None:  # the fc2 output that gives the original block's output (as the refit's)
-                    fix = (targets[i].hidden - o.hidden) / scale
-                    fix = torch.where(fix.isfinite(), fix, torch.zeros_like(fix)).reshape(-1, rows)
-                    y = y + fix if post_norm is None else norm_pullback(post_norm, y, post_norm(y) + fix)
                 joint = torch.cat([a[:, order], y], 1)
                 mask = holdout_mask(seen, joint.shape[0], calibration.holdout_fraction).to(joint.device)
                 seen += joint.shape[0]
                 weights = torch.full((joint.shape[0],), float(state.weight), dtype=torch.float64, device=joint.device)
                 fit.update(joint[~mask], weights[~mask])
-                reference = o if targets is None else targets[i]
-                sq_norm = reference.hidden.reshape(joint.shape[0], -1).double().square().sum(1)
+                sq_norm = o.hidden.reshape(joint.shape[0], -1).double().square().sum(1)
                 energy.update(sq_norm[mask, None], weights[mask])
                 held.update(joint[mask], weights[mask])
                 following.append(o)
