@@ -22,16 +22,19 @@ import torch
 from tools.demo import FASHION_MNIST, FULL, evaluate, fashion_subset, normalised_batches, read_shard_images
 
 
-def checkpoint_states(run: Path) -> list[tuple[int, dict[str, torch.Tensor]]]:
-    """(step, student state dict) of every complete checkpoint of ``run``, oldest first."""
+def checkpoint_states(run: Path) -> tuple[list[tuple[int, dict[str, torch.Tensor]]], torch.nn.Module]:
+    """(step, student state dict) of every complete checkpoint of ``run``, oldest first, and the last student (to
+    load averages into)."""
     from trainer.checkpoint import complete_checkpoints, validate
     from trainer.export import trained_student
 
-    states = []
+    states, model = [], None
     for path in reversed(complete_checkpoints(run / "checkpoints")):
         model, _ = trained_student(path)
         states.append((validate(path).step, {k: v.detach().clone() for k, v in model.state_dict().items()}))
-    return states
+    if model is None:
+        raise FileNotFoundError(f"{run / 'checkpoints'}: no complete checkpoint")
+    return states, model
 
 
 def weighted_average(states: list[tuple[int, dict[str, torch.Tensor]]], weights: list[float]
@@ -76,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     teacher_feats = features(teacher)
     start = time.perf_counter()
-    states = checkpoint_states(args.run)
-    student = load_student(args.run)
+    states, student = checkpoint_states(args.run)
     rows = {}
     for name, weights in candidates(states, args.uniform, args.half_lives).items():
         student.load_state_dict(weighted_average(states, weights))
@@ -97,14 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps({k: v for k, v in record.items() if k != "rows"}))
     return 0
-
-
-def load_student(run: Path) -> torch.nn.Module:
-    """The run's student architecture (from its latest checkpoint), to load averaged weights into."""
-    from trainer.checkpoint import resolve_checkpoint
-    from trainer.export import trained_student
-
-    return trained_student(resolve_checkpoint(run, "latest"))[0]
 
 
 if __name__ == "__main__":
