@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 DEB_PACKAGES := openclipart-png dataset-fashion-mnist
 DATA_STAMP := .cache/.debian-data
 
-.PHONY: demo test lint bench bench-scale gpu-check clean-venv
+.PHONY: demo test lint bench bench-scale gpu-check gpu-wheels gpu-check-bare clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,18 @@ bench-scale: $(STAMP)
 # (images/s, TFLOP/s, MFU, peak memory against the planner). Without CUDA it says so and exits 2.
 gpu-check: $(STAMP)
 	$(PY) bench/gpu_check.py
+
+# The same on a GPU machine whose python3 already holds CUDA torch and nothing can be fetched (docs/planner.md):
+# `make gpu-wheels` here puts the packages it lacks in .whl/ (x86-64, Python 3.12); there, with .whl carried,
+# `make gpu-check-bare` installs them beside its own and runs the check from this checkout.
+GPU_WHEELS := open_clip_torch==3.3.0 webdataset==1.0.2 braceexpand==0.1.7 ftfy==6.3.1 wcwidth==0.9.4 timm==1.0.31
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl $(GPU_WHEELS)
+
+gpu-check-bare:
+	$(PYTHON) -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/gpu-site .whl/*.whl
+	PYTHONPATH=/tmp/gpu-site:$(CURDIR) PYTHONUNBUFFERED=1 $(PYTHON) bench/gpu_check.py
 
 clean-venv:
 	rm -rf $(VENV)
