@@ -61,7 +61,7 @@ def run_gpu_tests(timeout: int) -> dict:
 
 
 def run_distillation(run_dir: Path, overrides: list[str], timeout: int) -> tuple[str, float]:
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "1",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
            "-m", "trainer", str(CONFIG), *overrides]
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
