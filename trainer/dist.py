@@ -117,7 +117,6 @@ def destroy_process_group() -> None:
         torch_dist.destroy_process_group()
 
 
-# Graceful stop and wall-time checkpoints.
 # Graceful stop and wall-time checkpoints: when a run ends early, it ends at a step boundary, saved.
 #
 # SIGINT (Ctrl-C) and SIGTERM (what launchers and schedulers send first) only set a flag here; the

@@ -19,6 +19,7 @@ import torch
 
 from trainer.cli import load_config
 from trainer.data import Batch, InputSpec
+from trainer.dist import destroy_process_group, exit_process
 from trainer.loop import train
 
 EXPERIMENT = Path(__file__).resolve().parents[2] / "configs" / "experiments" / "tiny_timm.yaml"
@@ -85,9 +86,8 @@ def main() -> None:
     for job in jobs:
         losses = run(job, rank, world, out_dir)
         (out_dir / f"{job['name']}.rank{rank}.json").write_text(json.dumps({str(k): v for k, v in losses.items()}))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    destroy_process_group()
+    exit_process(0)  # as python -m trainer ends: no interpreter teardown racing gloo's worker threads
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from torch import nn
 
 from trainer.config import TrainConfig, from_dict
 from trainer.data import InputSpec, SyntheticStream
-from trainer.dist import destroy_process_group, read_env
+from trainer.dist import destroy_process_group, exit_process, read_env
 from trainer.engines.base import build_engine
 from trainer.loop import train
 from trainer.models.registry import get_adapter
@@ -138,9 +138,8 @@ def main() -> None:
             prune_only(out_dir, job, rank)
         if job.get("train", True):
             run(out_dir, job, rank)
-    # An orderly teardown: a rank leaving while another still holds gloo pairs can abort it
-    # ("terminate called without an active exception", seen once at the end of a launch).
     destroy_process_group()
+    exit_process(0)  # as python -m trainer ends: no interpreter teardown racing gloo's worker threads
 
 
 if __name__ == "__main__":

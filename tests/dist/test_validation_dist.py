@@ -26,7 +26,7 @@ from webdataset import TarWriter
 from trainer.checkpoint import BEST, BEST_RECORD
 from trainer.cli import load_config
 from trainer.data import Batch, InputSpec, SyntheticStream
-from trainer.dist import destroy_process_group
+from trainer.dist import destroy_process_group, exit_process
 from trainer.loop import train
 
 pytestmark = pytest.mark.dist
@@ -78,6 +78,7 @@ def worker(out: Path, shards: list[str]) -> None:
     (out / f"world{world}.rank{rank}.json").write_text(json.dumps(record))
     result.engine.close()
     destroy_process_group()
+    exit_process(0)  # as python -m trainer ends: no interpreter teardown racing gloo's worker threads
 
 
 def write_shards(root: Path, name: str, n_shards: int, per_shard: int) -> str:

@@ -19,6 +19,7 @@ from trainer.student import build_models
 from trainer.cli import load_config
 from trainer.config import TrainConfig
 from trainer.data import Batch, InputSpec, SyntheticStream
+from trainer.dist import destroy_process_group, exit_process
 from trainer.loop import train
 from trainer.models.registry import get_adapter
 
@@ -101,6 +102,8 @@ def main() -> None:
         record = run(out_dir, spec, ranks, batch)
         (out_dir / f"{spec.replace(':', '')}.rank{rank}.json").write_text(json.dumps(record))
     del world
+    destroy_process_group()
+    exit_process(0)  # as python -m trainer ends: no interpreter teardown racing gloo's worker threads
 
 
 if __name__ == "__main__":
