@@ -96,10 +96,12 @@ _STARTED = False  # whether this process joined a process group (the exit below 
 def exit_process(code: int) -> None:
     """End ``python -m trainer``: after a multi-rank run without interpreter finalization.
 
-    Process-group objects still referenced after ``destroy_process_group`` (device meshes, gloo async
-    work holding tensors) can abort the process while Python tears down (pytorch/pytorch#179291): the
-    launcher then reports a failed rank after a run that finished. Everything of ours is closed and
-    written by then; streams and log handlers are flushed here.
+    Process groups stay referenced after ``destroy_process_group`` (DeepSpeed's globals, ZeRO-3 parameters),
+    so their gloo worker threads live on; one that drops a finished work's tensors while Python tears down
+    takes the GIL and aborts the process (pytorch/pytorch#190489; a core dump of our test workers showed
+    ``runLoop -> ~Work -> decref_pyobject -> take_gil -> terminate``). The launcher then reports a failed rank
+    after a run that finished. Everything of ours is closed and written by then; streams and log handlers are
+    flushed here.
     """
     if not _STARTED:
         sys.exit(code)
