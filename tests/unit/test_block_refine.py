@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
 import torch
 from torch import nn
 
 from bench.block_refine import train_block
+
+pytestmark = pytest.mark.unit
 
 
 class Block(nn.Module):
