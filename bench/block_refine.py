@@ -39,19 +39,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def block_inputs(model: torch.nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
-    """The hidden states entering ``model.blocks[0]`` for every picture (recorded by a pre-hook)."""
-    seen: list[torch.Tensor] = []
-    hook = model.blocks[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
-    try:
-        with torch.no_grad():
-            for x in batches:
-                model.forward_features(x)
-    finally:
-        hook.remove()
-    return torch.cat(seen)
-
-
 def train_block(block: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, args: argparse.Namespace,
                 generator: torch.Generator) -> tuple[float, float]:
     """Fit ``block(inputs)`` to ``targets`` (relative MSE); returns the error on all pictures before and after."""
@@ -84,6 +71,7 @@ def train_block(block: torch.nn.Module, inputs: torch.Tensor, targets: torch.Ten
 def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import load_file
 
+    from pruning import stem_states
     from tools import demo
     from trainer.eval import extract_features, token_fidelity
     from trainer.models.dinov2_onnx import forward_tokens, load_dinov2_vits14
@@ -113,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                                  show_progress=False)
     before = fidelity(student)
     calib = demo.mixed_calibration(*lists, args.images)
-    student_states = block_inputs(teacher, list(demo.normalised_batches(calib, 16)))
+    batches = demo.normalised_batches(calib, 16)
+    student_states = torch.cat([state.hidden for state in stem_states(teacher, "blocks.0", batches,
+                                                                       lambda m, x: m.forward_features(x))])
     teacher_states = student_states.clone()
     generator = torch.Generator().manual_seed(0)
     tick, errors = time.perf_counter(), []
