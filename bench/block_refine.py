@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from pruning import stem_states
     from tools import demo
-    from trainer.eval import extract_features, token_fidelity
-    from trainer.models.dinov2_onnx import forward_tokens, load_dinov2_vits14
+    from trainer.eval import token_fidelity
+    from trainer.models.dinov2_onnx import load_dinov2_vits14
 
     args = parse_args(argv)
     start_file = args.out / args.start
@@ -92,13 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     student.eval()
     held = demo.read_shard_images(heldout, demo.FULL.heldout_images)
 
-    def fidelity(model: torch.nn.Module) -> dict[str, float]:
-        feats = extract_features(model, demo.normalised_batches(held, 16), forward_tokens, keep_patches=True,
-                                 show_progress=False)
-        return {k: round(v, 4) for k, v in token_fidelity(feats, reference).items()}
+    reference = demo.heldout_features(teacher, held)
 
-    reference = extract_features(teacher, demo.normalised_batches(held, 16), forward_tokens, keep_patches=True,
-                                 show_progress=False)
+    def fidelity(model: torch.nn.Module) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in token_fidelity(demo.heldout_features(model, held), reference).items()}
+
     before = fidelity(student)
     calib = demo.mixed_calibration(*lists, args.images)
     batches = demo.normalised_batches(calib, 16)

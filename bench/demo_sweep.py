@@ -117,12 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         FULL,
         build_fashion_shards,
         fashion_subset,
+        heldout_features,
         log,
-        normalised_batches,
         read_shard_images,
     )
-    from trainer.eval import extract_features
-    from trainer.models.dinov2_onnx import forward_tokens, load_dinov2_vits14
+    from trainer.models.dinov2_onnx import load_dinov2_vits14
 
     parser = argparse.ArgumentParser(prog="python -m bench.demo_sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="*", default=[], choices=sorted(ROWS), help="rows of ROWS, in order")
@@ -148,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     fmnist = fashion_subset(sizes, FASHION_MNIST)
     fashion_list = build_fashion_shards(args.out, FASHION_MNIST, FULL, fashion_subset(FULL, FASHION_MNIST)["train_index"])
     teacher = load_dinov2_vits14().eval()
-    teacher_feats = extract_features(teacher, normalised_batches(heldout, 16), forward_tokens, keep_patches=True,
-                                     show_progress=False)
+    teacher_feats = heldout_features(teacher, heldout)
     ctx = {"sizes": sizes, "heldout": heldout, "heldout_shard": heldout_shard, "fmnist": fmnist, "start": start,
            "train_list": args.out / "shards" / "train" / "shards.txt", "fashion_list": fashion_list,
            "teacher_feats": teacher_feats}

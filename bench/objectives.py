@@ -205,14 +205,14 @@ def evaluate_rows(result: dict, ctx: dict, args: argparse.Namespace, sizes) -> N
         RATIO,
         evaluate,
         fashion_subset,
-        normalised_batches,
+        heldout_features,
         pruned_copy,
         read_shard_images,
     )
     from trainer.checkpoint import resolve_checkpoint
-    from trainer.eval import extract_features, token_fidelity
+    from trainer.eval import token_fidelity
     from trainer.export import trained_student
-    from trainer.models.dinov2_onnx import forward_tokens, load_dinov2_vits14
+    from trainer.models.dinov2_onnx import load_dinov2_vits14
 
     heldout = read_shard_images(ctx["heldout"], sizes.heldout_images)
     fmnist = fashion_subset(sizes, args.fashion_mnist) if args.knn else None
@@ -224,8 +224,7 @@ def evaluate_rows(result: dict, ctx: dict, args: argparse.Namespace, sizes) -> N
             row, feats, _ = evaluate(name, model, heldout, fmnist, teacher_feats, sizes)
             values = metrics(row)
         else:
-            feats = extract_features(model.eval(), normalised_batches(heldout, 16), forward_tokens, keep_patches=True,
-                                     show_progress=False)
+            feats = heldout_features(model, heldout)
             fid = token_fidelity(feats, teacher_feats or feats)
             values = {"cls_cosine": fid["cls_cosine"], "patch_cosine": fid["patch_cosine"]}
             log(f"{name}: CLS cosine {values['cls_cosine']:.4f}, patch cosine {values['patch_cosine']:.4f}")

