@@ -1,0 +1,177 @@
+"""Issue 22 experiment: weigh each block's error by the Gauss-Newton curvature of the final token directions.
+
+``pruning.budget`` weighs a block's MLP output error by its LayerScale and divides by the block's output energy.
+Here every output channel ``c`` of block ``b``'s MLP gets ``G_b[c] = E ||d f / d y_b[c]||^2``: how much a change
+of that channel moves the direction of the tower's final tokens ``f`` (the quantity the cosine rows measure), the
+diagonal of ``J^T J`` estimated with random projections ``u`` (``E_u (J^T u)^2``). CLS and patch tokens weigh
+half each, as in the cosine rows. The curve ``e_b(w) = E sum_c G_b[c] (y_w - y)_c^2`` (no energy division: the
+weights carry the scale) is computed with ``pruning.budget.width_errors`` from the same statistics as the
+product's; ``allocate`` then chooses the widths. Rows: uniform, adaptive (the product's rule), fisher (this
+rule), same calibration draw and evaluation as ``bench.adaptive``.
+
+    .venv/bin/python -m bench.adaptive_fisher --draws 3   # -> bench/results/adaptive_fisher.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import pruning
+from bench.adaptive import RESULTS, SEED, log, mean_sd, row
+from bench.compensation import Evaluator, forward_features, load_images
+from pruning.budget import WidthCurve, allocate, width_errors
+from pruning.fit import ActivationStats, holdout_mask
+
+
+def _out_linears(tower: nn.Module) -> list[tuple[pruning.MlpSite, nn.Linear]]:
+    return [(s, getattr(s.module(tower), s.out_name)) for s in pruning.find_mlp_sites(tower)]
+
+
+def curvature(tower: nn.Module, images: torch.Tensor, projections: int, generator: torch.Generator
+              ) -> list[torch.Tensor]:
+    """``G_b`` [D] for every block: mean over tokens of ``E_u (d <u, f/|f|> / d y_b)^2``, CLS and patches half each."""
+    tower = copy.deepcopy(tower).eval().requires_grad_(False)  # gradients to the activations only
+    linears = _out_linears(tower)
+    outputs: dict[int, torch.Tensor] = {}
+
+    def keep(i: int):
+        def hook(_m, _a, y):
+            y.retain_grad()
+            outputs[i] = y
+        return hook
+
+    handles = [lin.register_forward_hook(keep(i)) for i, (_, lin) in enumerate(linears)]
+    totals = [torch.zeros(lin.out_features, dtype=torch.float64) for _, lin in linears]
+    try:
+        for batch in images.split(8):
+            outputs.clear()
+            tokens = forward_features(tower, batch.clone().requires_grad_(True))
+            direction = tokens / tokens.norm(dim=-1, keepdim=True)
+            n_tok = direction.shape[1]
+            weight = torch.full((n_tok, 1), (0.5 / (n_tok - 1)) ** 0.5)
+            weight[0] = 0.5 ** 0.5
+            for p in range(projections):
+                u = torch.randn(direction.shape, generator=generator)
+                for y in outputs.values():
+                    y.grad = None
+                (direction * u * weight).sum().backward(retain_graph=p < projections - 1)
+                for i, y in outputs.items():
+                    totals[i] += y.grad.double().square().reshape(-1, y.shape[-1]).mean(0)
+    finally:
+        for h in handles:
+            h.remove()
+    count = projections * len(images.split(8))
+    return [t / count for t in totals]
+
+
+def curves(tower: nn.Module, batches: list[torch.Tensor], orders: dict[str, torch.Tensor], widths: list[int],
+           channel_weights: list[torch.Tensor], ridge: float, holdout: float) -> list[WidthCurve]:
+    """Each block's error at ``widths`` on the original model's states, channels weighted by ``channel_weights``."""
+    linears = _out_linears(tower)
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = [lin.register_forward_hook(lambda _m, args, y, i=i: captured.__setitem__(i, (args[0], y)))
+               for i, (_, lin) in enumerate(linears)]
+    stats = [[ActivationStats(widths[-1] + lin.out_features, product_dtype=torch.float32) for _ in range(2)]
+             for _, lin in linears]
+    seen = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                forward_features(tower, batch)
+                for i, (site, _) in enumerate(linears):
+                    a, y = captured[i]
+                    joint = torch.cat([a.reshape(-1, a.shape[-1])[:, orders[site.path][: widths[-1]]],
+                                       y.reshape(-1, y.shape[-1])], 1)
+                    mask = holdout_mask(seen, joint.shape[0], holdout)
+                    stats[i][0].update(joint[~mask])
+                    stats[i][1].update(joint[mask])
+                seen += joint.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for (site, lin), (fit, held), v in zip(linears, stats, channel_weights, strict=True):
+        order = orders[site.path][: widths[-1]]
+        errors = width_errors(fit, held, torch.arange(order.numel()), lin.weight[:, order], lin.bias, ridge, widths, v)
+        out.append(WidthCurve(site.path, widths, errors, 1))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.adaptive_fisher", description=__doc__.splitlines()[0])
+    parser.add_argument("--ratio", type=float, default=1.0)
+    parser.add_argument("--draws", type=int, default=1)
+    parser.add_argument("--calib", type=int, default=128)
+    parser.add_argument("--pool", type=int, default=384)
+    parser.add_argument("--heldout", type=int, default=64)
+    parser.add_argument("--fisher-images", type=int, default=32, help="calibration pictures the curvature uses")
+    parser.add_argument("--projections", type=int, default=4)
+    parser.add_argument("--grid", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=RESULTS / "adaptive_fisher.json")
+    args = parser.parse_args(argv)
+
+    from tools.demo import FASHION_MNIST, FULL, fashion_subset
+    from trainer.models.dinov2_onnx import load_dinov2_vits14
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    pool, heldout = load_images(args.pool, args.heldout, 1_000_000)
+    sizes = FULL.__class__(**{**FULL.__dict__, "knn_train": 1000, "knn_test": 500})
+    teacher = load_dinov2_vits14()
+    evaluate = Evaluator(teacher, heldout, fashion_subset(sizes, FASHION_MNIST), 112)
+    calibration = pruning.Calibration(balance_prefix=True)
+    rows, plans = [], {}
+    for draw in range(args.draws):
+        pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(SEED + draw))[: args.calib]
+        batches = list(pool[pick].split(16))
+        base = copy.deepcopy(teacher).eval()
+        source = pruning.ModelSource(base, forward_features)
+        budget = pruning.Budget(ratio=args.ratio, grid=args.grid)
+        plan = pruning.plan_widths(source, budget, calibration=calibration, calib_inputs=batches)
+        units = plan.summary["uniform_units"]
+        uniform_width = units // len(source.sites)
+        tick = time.perf_counter()
+        weights = curvature(teacher, pool[pick][: args.fisher_images], args.projections,
+                            torch.Generator().manual_seed(SEED + draw))
+        widths = budget.candidates(source.sites[0].hidden, uniform_width)
+        fisher_curves = curves(teacher, batches, plan.orders, widths, weights, calibration.ridge,
+                               calibration.holdout_fraction)
+        fisher = allocate(fisher_curves, units)
+        plans[draw] = {"adaptive": plan.widths, "fisher": fisher, "curvature_mean": [float(w.mean()) for w in weights],
+                       "fisher_s": round(time.perf_counter() - tick, 1),
+                       "fisher_curves": {c.path: c.errors for c in fisher_curves}}
+        log(f"draw {draw}: curvature {[f'{float(w.mean()):.2e}' for w in weights]}; widths adaptive {plan.widths}, "
+            f"fisher {fisher} ({plans[draw]['fisher_s']} s)")
+        for kind, chosen in (("uniform", [uniform_width] * len(source.sites)), ("adaptive", plan.widths),
+                             ("fisher", fisher)):
+            model = copy.deepcopy(teacher).eval()
+            with torch.no_grad():
+                pruning.prune_blocks(pruning.ModelSource(model, forward_features), chosen, calibration=calibration,
+                                     calib_inputs=batches, orders=None if kind == "uniform" else plan.orders)
+            rows.append(row(args.ratio, kind, draw, model, evaluate))
+            r = rows[-1]
+            log(f"draw {draw} {kind}: CLS {r['cls_cosine']:.4f} patch {r['patch_cosine']:.4f} kNN {r['knn_top1']:.1f} "
+                f"({time.perf_counter() - t0:.0f} s)")
+        paired = {f"{kind} - uniform": {m: mean_sd([a[m] - u[m] for a in rows for u in rows if a["kind"] == kind
+                                                     and u["kind"] == "uniform" and a["draw"] == u["draw"]])
+                                        for m in ("cls_cosine", "patch_cosine", "knn_top1")}
+                  for kind in ("adaptive", "fisher")}
+        args.out.write_text(json.dumps({"command": "python -m bench.adaptive_fisher " + " ".join(sys.argv[1:]),
+                                        "teacher": evaluate.teacher_row, "rows": rows, "plans": plans,
+                                        "paired": paired, "elapsed_s": round(time.perf_counter() - t0)},
+                                       indent=1) + "\n")
+        print(json.dumps(paired, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
