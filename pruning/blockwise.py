@@ -441,7 +441,7 @@ class BlockCalibration:
                     if post_norm is not None:
                         target = norm_pullback(post_norm, teacher_y[i], target)
                     joint = torch.cat([a.reshape(-1, width), target.reshape(-1, rows)], dim=1)
-                    weights = token_weights(a, self.prefix_tokens, student.weight, report_path)
+                    weights = self._token_weights(a, report_path, student.weight)
                     mask = holdout_mask(seen, joint.shape[0], self.holdout_fraction).to(joint.device)
                     seen += joint.shape[0]
                     fit.update(joint[~mask], weights[~mask])
@@ -482,17 +482,16 @@ class BlockCalibration:
         self.teacher_states = teacher_out
         return new_site, errors
 
-
-def token_weights(acts: torch.Tensor, prefix_tokens: int, batch_weight: float, label: str) -> torch.Tensor:
-    """Per-token weights of [batch, tokens, units] activations, flattened: ``batch_weight``, and with
-    ``prefix_tokens`` > 0 those leading tokens of each sequence weigh together as much as its patch tokens."""
-    weights = torch.full(acts.shape[:-1], float(batch_weight), dtype=torch.float64, device=acts.device)
-    if prefix_tokens:
-        if acts.dim() != 3 or acts.shape[1] <= prefix_tokens:
-            raise ValueError(f"{label}: prefix token weighting needs [batch, tokens, units] with more than "
-                             f"{prefix_tokens} tokens, got {tuple(acts.shape)}")
-        weights[:, :prefix_tokens] *= (acts.shape[1] - prefix_tokens) / prefix_tokens
-    return weights.reshape(-1)
+    def _token_weights(self, acts: torch.Tensor, label: str, batch_weight: float) -> torch.Tensor:
+        """Per-token weights of [batch, tokens, units] activations, flattened: ``batch_weight`` times the prefix
+        weighting."""
+        weights = torch.full(acts.shape[:-1], float(batch_weight), dtype=torch.float64, device=acts.device)
+        if self.prefix_tokens:
+            if acts.dim() != 3 or acts.shape[1] <= self.prefix_tokens:
+                raise ValueError(f"{label}: prefix token weighting needs [batch, tokens, units] with more than "
+                                 f"{self.prefix_tokens} tokens, got {tuple(acts.shape)}")
+            weights[:, :self.prefix_tokens] *= (acts.shape[1] - self.prefix_tokens) / self.prefix_tokens
+        return weights.reshape(-1)
 
 
 def _post_norm(block: nn.Module, site: MlpSite, state: BlockState, label: str) -> nn.LayerNorm | None:

@@ -28,10 +28,9 @@ from .blockwise import (
     materialize,
     prune_blocks,
     site_tensors,
-    token_weights,
 )
 from .fit import ActivationStats, holdout_mask
-from .sites import MlpSite, prefix_token_count
+from .sites import MlpSite
 from .surgery import PruneReport, keep_counts, prune_site_tensors
 
 
@@ -102,7 +101,6 @@ def plan_widths(source: BlockSource, budget: Budget, method: str = "diversity", 
     choose = Selection(source, method, generator, scores)
     layout, states = calibration_states(source, calibration, calib_inputs)
     uniform = keep_counts(source.sites, ratio=budget.ratio)
-    prefix_tokens = prefix_token_count(source.tower) if calibration.balance_prefix else 0
     curves, orders = [], {}
     for i, (site, block_path, inner) in enumerate(zip(source.sites, layout.blocks, layout.sites, strict=True)):
         widths = budget.candidates(site.hidden, uniform[site.path])
@@ -112,8 +110,8 @@ def plan_widths(source: BlockSource, budget: Budget, method: str = "diversity", 
             block = materialize(source.tower.get_submodule(block_path), tensors, label=f"{block_path}.",
                                 device=source.device)
         one, two = (sum(t.numel() for t in prune_site_tensors(site, own, torch.arange(n)).values()) for n in (1, 2))
-        errors, states = _block_curve(block, inner, states, orders[site.path], widths, calibration, prefix_tokens,
-                                      site.path, source.reduce)
+        errors, states = _block_curve(block, inner, states, orders[site.path], widths, calibration, site.path,
+                                      source.reduce)
         curves.append(WidthCurve(site.path, widths, errors, two - one))
         del block
         if progress is not None:
@@ -144,11 +142,10 @@ def prune_to_budget(source: BlockSource, budget: Budget, method: str = "diversit
 
 
 def _block_curve(block: nn.Module, site: MlpSite, states: list[BlockState], order: torch.Tensor, widths: list[int],
-                 calibration: Calibration, prefix_tokens: int, label: str, reduce: Callable[[ActivationStats], None]
+                 calibration: Calibration, label: str, reduce: Callable[[ActivationStats], None]
                  ) -> tuple[list[float], list[BlockState]]:
     """Errors of ``block`` at each width on ``states``, and the block's outputs (the next states); ``s`` from
-    ``branch_scale``, behind a post-norm times the norm's gain over the token's scale (first order); tokens
-    weighted as the compensation's fit weighs them (``token_weights``)."""
+    ``branch_scale``, behind a post-norm times the norm's gain over the token's scale (first order)."""
     out = getattr(site.module(block), site.out_name)
     post_norm = _post_norm(block, site, states[0], label)
     end = out if post_norm is None else post_norm
@@ -166,7 +163,6 @@ def _block_curve(block: nn.Module, site: MlpSite, states: list[BlockState], orde
         with torch.no_grad():
             for state in states:
                 o = state.run(block)
-                weights = token_weights(captured["a"], prefix_tokens, state.weight, label)
                 a, y = captured["a"].reshape(-1, hidden), captured["y"].reshape(-1, rows)
                 if not following:  # one probe per block: the factor is the same on every token
                     scale = branch_scale(block, end, state, label, output=o.hidden)
@@ -178,6 +174,7 @@ def _block_curve(block: nn.Module, site: MlpSite, states: list[BlockState], orde
                 joint = torch.cat([a[:, order], y], 1)
                 mask = holdout_mask(seen, joint.shape[0], calibration.holdout_fraction).to(joint.device)
                 seen += joint.shape[0]
+                weights = torch.full((joint.shape[0],), float(state.weight), dtype=torch.float64, device=joint.device)
                 fit.update(joint[~mask], weights[~mask])
                 sq_norm = o.hidden.reshape(joint.shape[0], -1).double().square().sum(1)
                 energy.update(sq_norm[mask, None], weights[mask])
