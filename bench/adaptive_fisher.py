@@ -14,20 +14,15 @@ rule), same calibration draw and evaluation as ``bench.adaptive``.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import os
-import sys
-import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
 import pruning
-from bench.adaptive import RESULTS, SEED, log, mean_sd, row
-from bench.compensation import Evaluator, forward_features, load_images
+from bench.adaptive import RESULTS, SEED
+from bench.compensation import forward_features
+from bench.width_rules import Draw, compare_rules, rule_parser
 from pruning.budget import WidthCurve, allocate, width_errors
 from pruning.fit import ActivationStats, holdout_mask
 
@@ -107,70 +102,22 @@ def curves(tower: nn.Module, batches: list[torch.Tensor], orders: dict[str, torc
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.adaptive_fisher", description=__doc__.splitlines()[0])
-    parser.add_argument("--ratio", type=float, default=1.0)
-    parser.add_argument("--draws", type=int, default=1)
-    parser.add_argument("--calib", type=int, default=128)
-    parser.add_argument("--pool", type=int, default=384)
-    parser.add_argument("--heldout", type=int, default=64)
+    prog = "bench.adaptive_fisher"
+    parser = rule_parser(prog, __doc__.splitlines()[0], RESULTS / "adaptive_fisher.json")
     parser.add_argument("--fisher-images", type=int, default=32, help="calibration pictures the curvature uses")
     parser.add_argument("--projections", type=int, default=4)
-    parser.add_argument("--grid", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=RESULTS / "adaptive_fisher.json")
     args = parser.parse_args(argv)
 
-    from tools.demo import FASHION_MNIST, FULL, fashion_subset
-    from trainer.models.dinov2_onnx import load_dinov2_vits14
+    def fisher(draw: Draw) -> tuple[list[int], dict]:
+        weights = curvature(draw.teacher, draw.images[: args.fisher_images], args.projections,
+                            torch.Generator().manual_seed(SEED + draw.index))
+        widths = draw.budget.candidates(pruning.find_mlp_sites(draw.teacher)[0].hidden, draw.uniform_width)
+        found = curves(draw.teacher, draw.batches, draw.plan.orders, widths, weights, draw.calibration.ridge,
+                       draw.calibration.holdout_fraction)
+        return allocate(found, draw.plan.summary["uniform_units"]), {
+            "curvature_mean": [float(w.mean()) for w in weights], "fisher_curves": {c.path: c.errors for c in found}}
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    t0 = time.perf_counter()
-    pool, heldout = load_images(args.pool, args.heldout, 1_000_000)
-    sizes = FULL.__class__(**{**FULL.__dict__, "knn_train": 1000, "knn_test": 500})
-    teacher = load_dinov2_vits14()
-    evaluate = Evaluator(teacher, heldout, fashion_subset(sizes, FASHION_MNIST), 112)
-    calibration = pruning.Calibration(balance_prefix=True)
-    rows, plans = [], {}
-    for draw in range(args.draws):
-        pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(SEED + draw))[: args.calib]
-        batches = list(pool[pick].split(16))
-        base = copy.deepcopy(teacher).eval()
-        source = pruning.ModelSource(base, forward_features)
-        budget = pruning.Budget(ratio=args.ratio, grid=args.grid)
-        plan = pruning.plan_widths(source, budget, calibration=calibration, calib_inputs=batches)
-        units = plan.summary["uniform_units"]
-        uniform_width = units // len(source.sites)
-        tick = time.perf_counter()
-        weights = curvature(teacher, pool[pick][: args.fisher_images], args.projections,
-                            torch.Generator().manual_seed(SEED + draw))
-        widths = budget.candidates(source.sites[0].hidden, uniform_width)
-        fisher_curves = curves(teacher, batches, plan.orders, widths, weights, calibration.ridge,
-                               calibration.holdout_fraction)
-        fisher = allocate(fisher_curves, units)
-        plans[draw] = {"adaptive": plan.widths, "fisher": fisher, "curvature_mean": [float(w.mean()) for w in weights],
-                       "fisher_s": round(time.perf_counter() - tick, 1),
-                       "fisher_curves": {c.path: c.errors for c in fisher_curves}}
-        log(f"draw {draw}: curvature {[f'{float(w.mean()):.2e}' for w in weights]}; widths adaptive {plan.widths}, "
-            f"fisher {fisher} ({plans[draw]['fisher_s']} s)")
-        for kind, chosen in (("uniform", [uniform_width] * len(source.sites)), ("adaptive", plan.widths),
-                             ("fisher", fisher)):
-            model = copy.deepcopy(teacher).eval()
-            with torch.no_grad():
-                pruning.prune_blocks(pruning.ModelSource(model, forward_features), chosen, calibration=calibration,
-                                     calib_inputs=batches, orders=None if kind == "uniform" else plan.orders)
-            rows.append(row(args.ratio, kind, draw, model, evaluate))
-            r = rows[-1]
-            log(f"draw {draw} {kind}: CLS {r['cls_cosine']:.4f} patch {r['patch_cosine']:.4f} kNN {r['knn_top1']:.1f} "
-                f"({time.perf_counter() - t0:.0f} s)")
-        paired = {f"{kind} - uniform": {m: mean_sd([a[m] - u[m] for a in rows for u in rows if a["kind"] == kind
-                                                     and u["kind"] == "uniform" and a["draw"] == u["draw"]])
-                                        for m in ("cls_cosine", "patch_cosine", "knn_top1")}
-                  for kind in ("adaptive", "fisher")}
-        args.out.write_text(json.dumps({"command": "python -m bench.adaptive_fisher " + " ".join(sys.argv[1:]),
-                                        "teacher": evaluate.teacher_row, "rows": rows, "plans": plans,
-                                        "paired": paired, "elapsed_s": round(time.perf_counter() - t0)},
-                                       indent=1) + "\n")
-        print(json.dumps(paired, indent=1))
-    return 0
+    return compare_rules(prog, args, {"fisher": fisher})
 
 
 if __name__ == "__main__":
