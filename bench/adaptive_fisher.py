@@ -101,6 +101,17 @@ def curves(tower: nn.Module, batches: list[torch.Tensor], orders: dict[str, torc
     return out
 
 
+def fisher_widths(draw: Draw, images: int = 32, projections: int = 4) -> tuple[list[int], dict]:
+    """The curvature rule's widths for a draw (curvature on its first ``images`` pictures), and its facts."""
+    weights = curvature(draw.teacher, draw.images[:images], projections,
+                        torch.Generator().manual_seed(SEED + draw.index))
+    widths = draw.budget.candidates(pruning.find_mlp_sites(draw.teacher)[0].hidden, draw.uniform_width)
+    found = curves(draw.teacher, draw.batches, draw.plan.orders, widths, weights, draw.calibration.ridge,
+                   draw.calibration.holdout_fraction)
+    return allocate(found, draw.plan.summary["uniform_units"]), {
+        "curvature_mean": [float(w.mean()) for w in weights], "fisher_curves": {c.path: c.errors for c in found}}
+
+
 def main(argv: list[str] | None = None) -> int:
     prog = "bench.adaptive_fisher"
     parser = rule_parser(prog, __doc__.splitlines()[0], RESULTS / "adaptive_fisher.json")
@@ -109,13 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def fisher(draw: Draw) -> tuple[list[int], dict]:
-        weights = curvature(draw.teacher, draw.images[: args.fisher_images], args.projections,
-                            torch.Generator().manual_seed(SEED + draw.index))
-        widths = draw.budget.candidates(pruning.find_mlp_sites(draw.teacher)[0].hidden, draw.uniform_width)
-        found = curves(draw.teacher, draw.batches, draw.plan.orders, widths, weights, draw.calibration.ridge,
-                       draw.calibration.holdout_fraction)
-        return allocate(found, draw.plan.summary["uniform_units"]), {
-            "curvature_mean": [float(w.mean()) for w in weights], "fisher_curves": {c.path: c.errors for c in found}}
+        return fisher_widths(draw, args.fisher_images, args.projections)
 
     return compare_rules(prog, args, {"fisher": fisher})
 

@@ -35,6 +35,8 @@ class Draw:
     images: torch.Tensor
     """The draw's calibration pictures, normalised, 224 px."""
     batches: list[torch.Tensor]
+    spare: torch.Tensor
+    """The pool's other pictures (not the held-out ones), in the draw's seeded order."""
     budget: pruning.Budget
     calibration: pruning.Calibration
     plan: pruning.WidthPlan
@@ -76,11 +78,12 @@ def compare_rules(prog: str, args: argparse.Namespace, rules: dict[str, Rule]) -
     budget = pruning.Budget(ratio=args.ratio, grid=args.grid)
     rows, plans = [], {}
     for index in range(args.draws):
-        pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(SEED + index))[: args.calib]
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(SEED + index))
+        pick = order[: args.calib]
         batches = list(pool[pick].split(16))
         source = pruning.ModelSource(copy.deepcopy(teacher).eval(), forward_features)
         plan = pruning.plan_widths(source, budget, calibration=calibration, calib_inputs=batches)
-        draw = Draw(index, teacher, pool[pick], batches, budget, calibration, plan)
+        draw = Draw(index, teacher, pool[pick], batches, pool[order[args.calib:]], budget, calibration, plan)
         chosen = {"uniform": [draw.uniform_width] * len(plan.widths), "adaptive": plan.widths}
         plans[index] = {"adaptive": plan.widths}
         for name, rule in rules.items():
