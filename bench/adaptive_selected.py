@@ -13,15 +13,12 @@ widths. Uniform is a candidate too, so the rule can only lose through validation
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 import pruning
 from bench.adaptive import RESULTS, log
 from bench.adaptive_fisher import fisher_widths
-from bench.compensation import forward_features
-from bench.width_rules import Draw, compare_rules, rule_parser
+from bench.width_rules import Draw, compare_rules, compensated, rule_parser
 from pruning.budget import WidthCurve, allocate
 
 
@@ -62,10 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, chosen in candidates.items():
             if name != "uniform" and chosen in [candidates[k] for k in scores]:
                 continue
-            model = copy.deepcopy(draw.teacher).eval()
-            with torch.no_grad():
-                pruning.prune_blocks(pruning.ModelSource(model, forward_features), chosen, calibration=draw.calibration,
-                                     calib_inputs=draw.batches, orders=None if name == "uniform" else draw.plan.orders)
+            model = compensated(draw, chosen, planned=name != "uniform")
             fid = token_fidelity(features(model, val), teacher_feats)
             cls, patch = fid["cls_cosine"], fid["patch_cosine"]
             scores[name] = {"widths": chosen, "val_cls": cls, "val_patch": patch}

@@ -47,6 +47,16 @@ class Draw:
         return self.plan.summary["uniform_units"] // len(self.plan.widths)
 
 
+def compensated(draw: Draw, widths: list[int], planned: bool = True) -> nn.Module:
+    """A copy of the teacher pruned to ``widths`` and compensated on the draw's pictures (``planned``: with the
+    plan's selection orders; otherwise a fresh selection, as uniform pruning makes)."""
+    model = copy.deepcopy(draw.teacher).eval()
+    with torch.no_grad():
+        pruning.prune_blocks(pruning.ModelSource(model, forward_features), widths, calibration=draw.calibration,
+                             calib_inputs=draw.batches, orders=draw.plan.orders if planned else None)
+    return model
+
+
 Rule = Callable[[Draw], tuple[list[int], dict]]
 """A draw -> (widths, facts for the JSON)."""
 
@@ -92,10 +102,7 @@ def compare_rules(prog: str, args: argparse.Namespace, rules: dict[str, Rule]) -
             plans[index] |= {name: chosen[name], f"{name}_s": round(time.perf_counter() - tick, 1), **facts}
             log(f"draw {index}: widths adaptive {plan.widths}, {name} {chosen[name]} ({plans[index][f'{name}_s']} s)")
         for kind, widths in chosen.items():
-            model = copy.deepcopy(teacher).eval()
-            with torch.no_grad():
-                pruning.prune_blocks(pruning.ModelSource(model, forward_features), widths, calibration=calibration,
-                                     calib_inputs=batches, orders=None if kind == "uniform" else plan.orders)
+            model = compensated(draw, widths, planned=kind != "uniform")
             rows.append(row(args.ratio, kind, index, model, evaluate))
             r = rows[-1]
             log(f"draw {index} {kind}: CLS {r['cls_cosine']:.4f} patch {r['patch_cosine']:.4f} kNN {r['knn_top1']:.1f} "
