@@ -75,6 +75,20 @@ def mean_sd(values: list[float], digits: int = 4) -> str:
     return f"{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}"
 
 
+METRICS = ("cls_cosine", "patch_cosine", "knn_top1")
+
+
+def pairs(rows: list[dict], kind: str = "adaptive") -> list[tuple[dict, dict]]:
+    """(``kind`` row, uniform row) of the same budget and draw."""
+    return [(a, u) for a in rows if a["kind"] == kind for u in rows
+            if u["kind"] == "uniform" and (u["ratio"], u["draw"]) == (a["ratio"], a["draw"])]
+
+
+def paired_difference(matched: list[tuple[dict, dict]]) -> dict[str, str]:
+    """Mean +- sd over the pairs of each measure's difference."""
+    return {m: mean_sd([a[m] - u[m] for a, u in matched]) for m in METRICS}
+
+
 def markdown(rows: list[dict], teacher: dict) -> str:
     lines = ["| budget r | widths (draw 0) | params | CLS cos | patch cos | kNN top-1 % | draws |", "|---|---|---|---|---|---|---|"]
     lines.append(f"| teacher | 1536 x 12 | {teacher['params']:,} | 1 | 1 | {teacher['knn_top1']:.1f} | |")
@@ -153,12 +167,9 @@ def distill(teacher: torch.nn.Module, pool: torch.Tensor, evaluate: Evaluator, a
 
 def write_report(rows: list[dict], teacher_row: dict, plans: dict, notes: dict, args: argparse.Namespace) -> int:
     """Paired differences at the noise ratio into ``notes``, the markdown table and the plots beside ``args.out``."""
-    pairs = [(a, u) for a in rows if a["kind"] == "adaptive" for u in rows
-             if u["kind"] == "uniform" and (u["ratio"], u["draw"]) == (a["ratio"], a["draw"])]
-    noisy = [(a, u) for a, u in pairs if a["ratio"] == args.noise_ratio]
-    metrics = ("cls_cosine", "patch_cosine", "knn_top1")
-    notes["paired_difference_at_noise_ratio"] = {m: mean_sd([a[m] - u[m] for a, u in noisy]) for m in metrics}
-    notes["draw_sd_uniform"] = {m: mean_sd([u[m] for _, u in noisy]) for m in metrics}
+    noisy = pairs([r for r in rows if r["ratio"] == args.noise_ratio])
+    notes["paired_difference_at_noise_ratio"] = paired_difference(noisy)
+    notes["draw_sd_uniform"] = {m: mean_sd([u[m] for _, u in noisy]) for m in METRICS}
     table = markdown(rows, teacher_row)
     args.out.with_suffix(".md").write_text(table + "\n\npaired adaptive - uniform at r=" + f"{args.noise_ratio:g} over "
                                            f"{len(noisy)} draws: {notes['paired_difference_at_noise_ratio']}\n")

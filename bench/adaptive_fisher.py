@@ -46,6 +46,7 @@ def curvature(tower: nn.Module, images: torch.Tensor, projections: int, generato
 
     handles = [lin.register_forward_hook(keep(i)) for i, (_, lin) in enumerate(linears)]
     totals = [torch.zeros(lin.out_features, dtype=torch.float64) for _, lin in linears]
+    count = 0
     try:
         for batch in images.split(8):
             outputs.clear()
@@ -61,10 +62,10 @@ def curvature(tower: nn.Module, images: torch.Tensor, projections: int, generato
                 (direction * u * weight).sum().backward(retain_graph=p < projections - 1)
                 for i, y in outputs.items():
                     totals[i] += y.grad.double().square().reshape(-1, y.shape[-1]).mean(0)
+                count += 1
     finally:
         for h in handles:
             h.remove()
-    count = projections * len(images.split(8))
     return [t / count for t in totals]
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import pruning
-from bench.adaptive import SEED, log, mean_sd, row
+from bench.adaptive import SEED, log, paired_difference, pairs, row
 from bench.compensation import Evaluator, forward_features, load_images
 
 
@@ -107,10 +107,7 @@ def compare_rules(prog: str, args: argparse.Namespace, rules: dict[str, Rule]) -
             r = rows[-1]
             log(f"draw {index} {kind}: CLS {r['cls_cosine']:.4f} patch {r['patch_cosine']:.4f} kNN {r['knn_top1']:.1f} "
                 f"({time.perf_counter() - t0:.0f} s)")
-        paired = {f"{kind} - uniform": {m: mean_sd([a[m] - u[m] for a in rows for u in rows if a["kind"] == kind
-                                                     and u["kind"] == "uniform" and a["draw"] == u["draw"]])
-                                        for m in ("cls_cosine", "patch_cosine", "knn_top1")}
-                  for kind in ("adaptive", *rules)}
+        paired = {f"{kind} - uniform": paired_difference(pairs(rows, kind)) for kind in ("adaptive", *rules)}
         args.out.write_text(json.dumps({"command": f"python -m {prog} " + " ".join(sys.argv[1:]),
                                         "teacher": evaluate.teacher_row, "rows": rows, "plans": plans,
                                         "paired": paired, "elapsed_s": round(time.perf_counter() - t0)},
