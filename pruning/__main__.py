@@ -31,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--grid", type=int, default=Budget.grid, help="with --budget: every width a multiple of this")
     add("--min-width", type=int, help="with --budget: narrowest block (default: --grid)")
     add("--max-width", type=int, help="with --budget: widest block (default: all units)")
-    add("--method", default="diversity", choices=("diversity", "l2", "random"))
+    add("--method", default="diversity", choices=("diversity", "l2", "random", "activation"),
+        help="activation: DGMR on calibration activations (needs --calibration; docs/compensation.md)")
     add("--out", type=Path, required=True, help="output directory (created; must not exist)")
     add("--overwrite", action="store_true", help="replace an existing --out")
     add("--seed", type=int, default=0, help="seeds init weights (no --checkpoint) and --method random")
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             refine_lr=args.refine_lr)
         if args.budget is not None and calibration is None:
             raise ValueError("--budget measures each block's error on calibration images: give --calibration")
+        if args.method == "activation" and calibration is None:
+            raise ValueError("--method activation ranks units on calibration activations: give --calibration")
         budget = None if args.budget is None else Budget(ratio=args.budget, grid=args.grid,
                                                          min_width=args.min_width, max_width=args.max_width)
         if args.model_kwargs is not None and not isinstance(args.model_kwargs, dict):

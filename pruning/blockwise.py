@@ -21,11 +21,14 @@ from torch import nn
 
 from .fit import ActivationStats, fit_output_from_stats, holdout_mask, output_fit_error
 from .refine import TokenPairs, refine_mlp, weighted_error
-from .select import METHODS, select_mlp_channels
+from .select import METHODS, activation_order, select_mlp_channels
 from .sites import MlpSite, find_mlp_sites, prefix_token_count
 from .surgery import PruneReport, SiteReport, install_site, keep_counts, prune_site, prune_site_tensors
 
 Forward = Callable[[nn.Module, torch.Tensor], Any]
+UnitChoice = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(covariance of a block's MLP units' activations [M, M], their covariance with the refit's target [M, D]) ->
+the units to keep: the ``activation`` method, made inside the compensation step where those statistics exist."""
 log = logging.getLogger(__name__)
 
 
@@ -51,6 +54,9 @@ class Calibration:
     """Peak learning rate of the refinement (cosine decay to 0)."""
     refine_batch_tokens: int = 4096
     """Tokens per refinement step."""
+    selection_stride: int = 1
+    """Method ``activation``: rank the units on every k-th calibration batch (the ranking's statistics cost
+    (units + outputs)^2 per token, the fit's (kept + outputs)^2)."""
 
     def __post_init__(self) -> None:
         if not self.ridge >= 0:
@@ -59,6 +65,8 @@ class Calibration:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
         if self.num_images < 1 or self.batch_size < 1:
             raise ValueError(f"num_images and batch_size must be >= 1, got {self.num_images}, {self.batch_size}")
+        if self.selection_stride < 1:
+            raise ValueError(f"selection_stride must be >= 1, got {self.selection_stride}")
         if self.refine_steps < 0 or self.refine_batch_tokens < 1 or not self.refine_lr > 0:
             raise ValueError(f"refinement needs steps >= 0, batch tokens >= 1 and lr > 0, got {self.refine_steps}, "
                              f"{self.refine_batch_tokens}, {self.refine_lr}")
@@ -128,6 +136,8 @@ def prune_blocks(source: BlockSource, widths: Mapping[str, int] | Sequence[int],
     """
     sites = source.sites
     counts = keep_counts(sites, num_keep=widths)
+    if method == "activation" and calibration is None and orders is None:
+        raise ValueError("method='activation' ranks the units on calibration activations: give a calibration")
     choose = Selection(source, method, generator, scores)
     start = time.perf_counter()
     blocks: list[str] = [s.path for s in sites]
@@ -147,7 +157,12 @@ def prune_blocks(source: BlockSource, widths: Mapping[str, int] | Sequence[int],
         with source.read(block_path) as tensors:
             own = site_tensors(site, tensors, inner.path if calib is not None else "")
             count = counts[site.path]
-            keep = orders[site.path][:count] if orders is not None else choose(i, site, own, count)
+            if orders is not None:
+                keep = orders[site.path][:count]
+            elif method == "activation":  # picked from the block's activations by ``calib.step``
+                keep = choose.from_activations(i, count, calibration.ridge)
+            else:
+                keep = choose(i, site, own, count)
             if calib is None:
                 pruned = prune_site_tensors(site, own, keep)
                 before = sum(t.numel() for t in own.values())
@@ -200,6 +215,11 @@ class Selection:
 
         # Random draws from one generator site after site: every process draws every site itself.
         return choose() if self.method == "random" else self.source.select(index, choose, count)
+
+    def from_activations(self, index: int, count: int, ridge: float) -> UnitChoice:
+        """The ``activation`` method's choice for site ``index``: ``count`` units from the block's statistics
+        (identical on every process once reduced; still made on one and shared, as every selection is)."""
+        return lambda gram, cross: self.source.select(index, lambda: activation_order(gram, cross, count, ridge), count)
 
 
 def calibration_states(source: BlockSource, calibration: Calibration,
@@ -364,6 +384,20 @@ def _transient_buffers(module: nn.Module, label: str, skip: str | None = None) -
     return transient
 
 
+@dataclass
+class TokenRows:
+    """One calibration batch's tokens for a block's refit, flattened: ``joint`` = ``[a, e*]`` (the output Linear's
+    inputs, the target pulled back through a post-norm), the target before that pull-back, the MLP's inputs, the
+    token weights, the held-out mask and the branch's scale ``s``."""
+
+    joint: torch.Tensor
+    raw_target: torch.Tensor
+    inputs: torch.Tensor
+    weights: torch.Tensor
+    mask: torch.Tensor
+    scale: torch.Tensor
+
+
 class BlockCalibration:
     """Two streams of hidden states carried block to block, the original blocks' outputs (targets) and the pruned
     ones' (what the pruned tower sees); ``step`` prunes one block and refits it so the second matches the first."""
@@ -391,22 +425,25 @@ class BlockCalibration:
         """Bytes of the carried calibration states (both streams)."""
         return sum(s.nbytes() for s in self.states + self.teacher_states)
 
-    def step(self, block: nn.Module, site: MlpSite, keep: torch.Tensor, report_path: str) -> SiteReport:
-        """Prune ``site`` (relative to ``block``) to ``keep`` with compensation and advance the states."""
+    def step(self, block: nn.Module, site: MlpSite, keep: torch.Tensor | UnitChoice, report_path: str
+             ) -> SiteReport:
+        """Prune ``site`` (relative to ``block``) to ``keep`` with compensation and advance the states; ``keep``
+        may be a ``UnitChoice``, made from the statistics of the unpruned MLP on the carried states."""
         params_before = _site_numel(block, site)
-        new_site, errors = self._output_refit(block, site, keep, report_path)
+        new_site, keep, errors = self._output_refit(block, site, keep, report_path)
         with torch.no_grad():
             self.states = [s.run(block) for s in self.states]
         self.peak_bytes = max(self.peak_bytes, self.hidden_state_bytes())
         return SiteReport(report_path, site.hidden, new_site.hidden, params_before,
                           _site_numel(block, new_site), keep.tolist(), *errors)
 
-    def _output_refit(self, block: nn.Module, site: MlpSite, keep: torch.Tensor, report_path: str
-                      ) -> tuple[MlpSite, tuple[float | None, float | None]]:
+    def _output_refit(self, block: nn.Module, site: MlpSite, keep: torch.Tensor | UnitChoice, report_path: str
+                      ) -> tuple[MlpSite, torch.Tensor, tuple[float | None, float | None]]:
         """Prune ``site`` and refit its output Linear so the block's output matches the original block's: the
         target ``e* = e + (o_t - o) / s`` of the branch's last module (``branch_scale``), pulled back through a
-        post-norm (``norm_pullback``); docs/compensation.md. Returns the new site and the held-out errors of
-        the plain pruned and the refitted Linear."""
+        post-norm (``norm_pullback``); docs/compensation.md. Returns the new site, the kept units and the held-out
+        errors of the plain pruned and the refitted Linear. A ``UnitChoice`` is made first, on the whole MLP's
+        statistics over every ``selection_stride``-th batch (``_choose``)."""
         post_norm = _post_norm(block, site, self.teacher_states[0], report_path)
         teacher_y: list[torch.Tensor] = []
         norm_input = post_norm.register_forward_pre_hook(lambda _m, args: teacher_y.append(args[0].detach())) \
@@ -417,48 +454,25 @@ class BlockCalibration:
         finally:
             if norm_input is not None:
                 norm_input.remove()
+        if callable(keep):
+            keep = self._choose(block, site, keep, teacher_out, teacher_y, post_norm, report_path)
         new_site = prune_site(block, site, keep)
-        out = getattr(new_site.module(block), site.out_name)
-        end = out if post_norm is None else post_norm
+        mlp = new_site.module(block)
+        out = getattr(mlp, site.out_name)
         width, rows = out.weight.shape[1], out.weight.shape[0]
         fit, held = ActivationStats(width + rows), ActivationStats(width + rows)
-        captured: dict[str, torch.Tensor] = {}
-        mlp = new_site.module(block)
-        handles = [out.register_forward_pre_hook(lambda _m, args: captured.__setitem__("a", args[0].detach())),
-                   end.register_forward_hook(lambda _m, _args, e: captured.__setitem__("e", e.detach())),
-                   mlp.register_forward_pre_hook(lambda _m, args: captured.__setitem__("x", args[0].detach()))]
         refining = self.calibration.refine_steps > 0
         pairs: dict[bool, list[TokenPairs]] = {False: [], True: []}  # fit / held-out tokens for the refinement
-        seen = 0
-        try:
-            with torch.no_grad():
-                for i, (student, teacher) in enumerate(zip(self.states, teacher_out, strict=True)):
-                    o = student.run(block).hidden
-                    a, e = captured["a"], captured["e"]
-                    if i == 0:  # one probe per block: the factor is the same on every token
-                        scale = branch_scale(block, end, student, report_path, output=o)
-                    target = raw_target = e + (teacher.hidden - o) / scale
-                    if post_norm is not None:
-                        target = norm_pullback(post_norm, teacher_y[i], target)
-                    joint = torch.cat([a.reshape(-1, width), target.reshape(-1, rows)], dim=1)
-                    weights = self._token_weights(a, report_path, student.weight)
-                    mask = holdout_mask(seen, joint.shape[0], self.holdout_fraction).to(joint.device)
-                    seen += joint.shape[0]
-                    fit.update(joint[~mask], weights[~mask])
-                    held.update(joint[mask], weights[mask])
-                    if refining:  # fit tokens: the norm's output target (post-norm); held out: fc2's, as above
-                        inputs = captured["x"].reshape(-1, captured["x"].shape[-1])
-                        pairs[False].append(TokenPairs(inputs[~mask], raw_target.reshape(-1, rows)[~mask],
-                                                       weights[~mask]))
-                        pairs[True].append(TokenPairs(inputs[mask], target.reshape(-1, rows)[mask], weights[mask]))
-        finally:
-            for h in handles:
-                h.remove()
+        scale = None
+        for r in self._token_rows(block, mlp, out, post_norm, teacher_out, teacher_y, report_path):
+            scale = r.scale
+            fit.update(r.joint[~r.mask], r.weights[~r.mask])
+            held.update(r.joint[r.mask], r.weights[r.mask])
+            if refining:  # fit tokens: the norm's output target (post-norm); held out: fc2's, as above
+                pairs[False].append(TokenPairs(r.inputs[~r.mask], r.raw_target[~r.mask], r.weights[~r.mask]))
+                pairs[True].append(TokenPairs(r.inputs[r.mask], r.joint[r.mask, width:], r.weights[r.mask]))
         holding = self.holdout_fraction > 0
-        for stats in (fit, held) if holding else (fit,):
-            self.reduce(stats)
-        if fit.count == 0 or (holding and held.count == 0):
-            raise ValueError(f"{report_path}: not enough calibration tokens for the fit and the held-out split")
+        self._reduce(fit, held if holding else None, report_path)
         if fit.rows < width + 1 and not self.warned:
             self.warned = True
             log.warning("%s: the compensation fit has %d calibration tokens for %d kept units + a bias: it is "
@@ -480,7 +494,67 @@ class BlockCalibration:
             if holding:
                 errors = (errors[0], weighted_error(mlp, TokenPairs.cat(pairs.pop(True)), torch.ones(rows)))
         self.teacher_states = teacher_out
-        return new_site, errors
+        return new_site, keep, errors
+
+    def _choose(self, block: nn.Module, site: MlpSite, choice: UnitChoice, teacher_out: list[BlockState],
+                teacher_y: list[torch.Tensor], post_norm: nn.LayerNorm | None, report_path: str) -> torch.Tensor:
+        """The units ``choice`` keeps, from the unpruned MLP's ``[a, e*]`` statistics on the fit tokens of every
+        ``selection_stride``-th batch: ``e*`` does not depend on the branch's output (``(o_t - base) / s``)."""
+        mlp = site.module(block)
+        out = getattr(mlp, site.out_name)
+        width, rows = out.weight.shape[1], out.weight.shape[0]
+        fit = ActivationStats(width + rows)
+        for r in self._token_rows(block, mlp, out, post_norm, teacher_out, teacher_y, report_path,
+                                  stride=self.calibration.selection_stride):
+            fit.update(r.joint[~r.mask], r.weights[~r.mask])
+        self._reduce(fit, None, report_path)
+        moment = fit.covariance()  # raw second moments for a Linear without a bias, as the fit uses
+        if out.bias is None:
+            moment = moment + torch.outer(fit.mean(), fit.mean())
+        return choice(moment[:width, :width], moment[:width, width:])
+
+    def _token_rows(self, block: nn.Module, mlp: nn.Module, out: nn.Linear, post_norm: nn.LayerNorm | None,
+                    teacher_out: list[BlockState], teacher_y: list[torch.Tensor], report_path: str, stride: int = 1
+                    ) -> Iterator[TokenRows]:
+        """Run ``block`` on every ``stride``-th carried batch: its tokens' ``[a, e*]`` rows and what goes with them
+        (the held-out split is the one every stride gives: token positions count over all batches)."""
+        end = out if post_norm is None else post_norm
+        captured: dict[str, torch.Tensor] = {}
+        handles = [out.register_forward_pre_hook(lambda _m, args: captured.__setitem__("a", args[0].detach())),
+                   end.register_forward_hook(lambda _m, _args, e: captured.__setitem__("e", e.detach())),
+                   mlp.register_forward_pre_hook(lambda _m, args: captured.__setitem__("x", args[0].detach()))]
+        width, rows = out.weight.shape[1], out.weight.shape[0]
+        seen, scale = 0, None
+        try:
+            with torch.no_grad():
+                for i, (student, teacher) in enumerate(zip(self.states, teacher_out, strict=True)):
+                    tokens = student.hidden.numel() // student.hidden.shape[-1]
+                    if i % stride:
+                        seen += tokens
+                        continue
+                    o = student.run(block).hidden
+                    a, e = captured["a"], captured["e"]
+                    if scale is None:  # one probe per block: the factor is the same on every token
+                        scale = branch_scale(block, end, student, report_path, output=o)
+                    target = raw_target = e + (teacher.hidden - o) / scale
+                    if post_norm is not None:
+                        target = norm_pullback(post_norm, teacher_y[i], target)
+                    joint = torch.cat([a.reshape(-1, width), target.reshape(-1, rows)], dim=1)
+                    mask = holdout_mask(seen, joint.shape[0], self.holdout_fraction).to(joint.device)
+                    seen += joint.shape[0]
+                    x = captured["x"]
+                    yield TokenRows(joint, raw_target.reshape(-1, rows), x.reshape(-1, x.shape[-1]),
+                                    self._token_weights(a, report_path, student.weight), mask, scale)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _reduce(self, fit: ActivationStats, held: ActivationStats | None, report_path: str) -> None:
+        """All-reduce the fit's statistics (and the held-out ones, if any) and check that each has tokens."""
+        for stats in (fit,) if held is None else (fit, held):
+            self.reduce(stats)
+        if fit.count == 0 or (held is not None and held.count == 0):
+            raise ValueError(f"{report_path}: not enough calibration tokens for the fit and the held-out split")
 
     def _token_weights(self, acts: torch.Tensor, label: str, batch_weight: float) -> torch.Tensor:
         """Per-token weights of [batch, tokens, units] activations, flattened: ``batch_weight`` times the prefix

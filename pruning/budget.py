@@ -97,6 +97,9 @@ def plan_widths(source: BlockSource, budget: Budget, method: str = "diversity", 
                          "and calibration images")
     if calibration.holdout_fraction <= 0:
         raise ValueError("a width budget measures errors on held-out tokens: holdout_fraction must be > 0")
+    if method == "activation":
+        raise ValueError("a width budget ranks units by a weight order (diversity, l2, random, taylor): method "
+                         "'activation' picks them inside the compensation, at given widths")
     tick = time.perf_counter()
     choose = Selection(source, method, generator, scores)
     layout, states = calibration_states(source, calibration, calib_inputs)

@@ -1,4 +1,5 @@
-"""Choose which hidden units of an MLP to keep: the DGMR diversity order and the baselines.
+"""Choose which hidden units of an MLP to keep: the DGMR diversity order, its activation-space form and the
+baselines.
 
 Every method returns kept hidden-unit indices in selection order, so the first ``k`` of a
 longer selection are the selection for ``k`` (ratios can be compared without recomputing).
@@ -16,7 +17,8 @@ from threadpoolctl import threadpool_limits
 
 from pruning.native import build
 
-METHODS = ("diversity", "l2", "random", "taylor")
+METHODS = ("diversity", "l2", "random", "taylor", "activation")
+"""``activation`` ranks on calibration activations: only ``prune_blocks`` with a ``Calibration`` runs it."""
 
 # A round ends early once every remaining residual is below this fraction of its largest row norm (float64 /
 # float32): those rows are spanned by the picked ones and the next round restarts (rank-deficient fc1 only).
@@ -64,12 +66,54 @@ def select_mlp_channels(
         if not torch.isfinite(scores).all():
             raise ValueError("scores contain NaN or Inf values")
         return _top_by_score(scores.detach().to(torch.float64), num_keep).to(fc1_weight.device)
+    if method == "activation":
+        raise ValueError("method='activation' ranks on calibration activations: prune with pruning.prune_blocks "
+                         "and a pruning.Calibration (the CLI's --calibration)")
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
 
 def _top_by_score(score: torch.Tensor, num_keep: int) -> torch.LongTensor:
     # A stable sort keeps the lower index first among equal scores, so results are reproducible.
     return torch.sort(score, descending=True, stable=True).indices[:num_keep]
+
+
+def activation_order(gram: torch.Tensor, cross: torch.Tensor, num_keep: int, ridge: float = 1e-3
+                     ) -> torch.LongTensor:
+    """DGMR's greedy Gram-Schmidt on the units' activations instead of their fc1 rows: each pick is the unit whose
+    activation, less what the kept units already explain, most lowers the least-squares error of fitting the
+    compensation's target from the kept units (forward selection by pivoted Cholesky).
+
+    ``gram`` [M, M]: covariance of the M units' activations; ``cross`` [M, D]: their covariance with the target;
+    ``ridge``: relative to the mean variance, as in ``pruning.fit.fit_output_from_stats``.
+    """
+    m = gram.shape[0]
+    if gram.shape != (m, m) or cross.dim() != 2 or cross.shape[0] != m:
+        raise ValueError(f"activation_order: gram [M, M] and cross [M, D] expected, got {tuple(gram.shape)} and "
+                         f"{tuple(cross.shape)}")
+    if not 0 < num_keep <= m:
+        raise ValueError(f"num_keep must be in [1, {m}], got {num_keep}")
+    gram, residual_cross = gram.to(torch.float64), cross.to(torch.float64).clone()
+    variance = gram.diagonal().clone()  # of each unit's activation, less its projection on the kept ones
+    lam = ridge * float(variance.mean())
+    floor = variance * RANK_TOL  # below it a unit is spanned by the kept ones: no new direction
+    factor = torch.zeros(m, num_keep, dtype=torch.float64, device=gram.device)
+    free = torch.ones(m, dtype=torch.bool, device=gram.device)
+    order = []
+    for j in range(num_keep):
+        gain = residual_cross.square().sum(1) / (variance + lam)
+        gain = torch.where(free & (variance > floor), gain, -1.0)
+        if not bool((gain >= 0).any()):  # the rest are spanned or constant: keep the most varied of them
+            gain = torch.where(free, gram.diagonal(), -math.inf)
+        p = int(gain.argmax())
+        order.append(p)
+        free[p] = False
+        pivot = max(float(variance[p]), 0.0) ** 0.5
+        if pivot > 0:
+            column = (gram[:, p] - factor[:, :j] @ factor[p, :j]) / pivot
+            factor[:, j] = column
+            residual_cross -= torch.outer(column, residual_cross[p] / pivot)
+            variance -= column.square()
+    return torch.tensor(order, dtype=torch.long)
 
 
 def diversity_order(weight: torch.Tensor, num_keep: int, *, algorithm: str = "auto",

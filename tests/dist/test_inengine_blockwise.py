@@ -3,7 +3,7 @@
 Each rank carries the hidden states of its own calibration batches through whole teacher blocks gathered
 from the shards, and the fit statistics are all-reduced: the student must equal
 ``pruning.prune_blocks`` on the full teacher in this process, fed every rank's batches, with the same
-held-out errors (FSDP2, ZeRO-3 and ZeRO-2; an open_clip ViT and an EVA-CLIP-E-style timm tower: post-norm blocks, rotary tables and a zero
+held-out errors (FSDP2, ZeRO-3 and ZeRO-2, the units chosen by diversity or, on ZeRO-3, by activation; an open_clip ViT and an EVA-CLIP-E-style timm tower: post-norm blocks, rotary tables and a zero
 ``k_bias`` that are in no checkpoint). One torchrun launch of tests/dist/inengine_worker.py runs every job.
 """
 
@@ -35,7 +35,9 @@ JOBS = {"fsdp": {**CLIP, "engine": "fsdp", "calib_holdout": 0.0},
         "zero3": {**CLIP, "engine": "deepspeed", "zero_stage": 3, "calib_holdout": 0.25},
         "fsdp_eva": {**EVA, "engine": "fsdp", "calib_holdout": 0.0},
         "zero2": {**CLIP, "engine": "deepspeed", "zero_stage": 2, "calib_holdout": 0.25},
-        "fsdp_train": {**CLIP, "engine": "fsdp", "calib_holdout": 0.25, "train": True}}
+        "fsdp_train": {**CLIP, "engine": "fsdp", "calib_holdout": 0.25, "train": True},
+        "zero3_activation": {**CLIP, "engine": "deepspeed", "zero_stage": 3, "calib_holdout": 0.25,
+                             "method": "activation"}}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_file({k: v.contiguous() for k, v in eva.state_dict().items()}, out / "eva.safetensors")
     jobs = [{**spec, "name": name, "pretrained": str(out / ("eva" if spec is JOBS["fsdp_eva"] else "clip")
                                                        ) + ".safetensors",
-             "ratio": RATIO, "method": "diversity", "in_engine": True, "compensate": True, "calib_batches": CALIB,
+             "ratio": RATIO, "method": spec.get("method", "diversity"), "in_engine": True, "compensate": True, "calib_batches": CALIB,
              "ridge": RIDGE, "stream": "synthetic", "train": spec.get("train", False)} for name, spec in JOBS.items()]
     inengine_worker.launch(out, jobs)
     return out
@@ -65,14 +67,14 @@ def host(out: Path, name: str) -> tuple[dict, list]:
 
     spec = JOBS[name]
     job = {**spec, "name": f"host-{name}", "pretrained": str(out / ("eva" if "eva" in name else "clip")) + ".safetensors",
-           "stream": "synthetic", "ratio": RATIO, "method": "diversity", "in_engine": False}
+           "stream": "synthetic", "ratio": RATIO, "method": "diversity", "in_engine": False}  # builds the teacher
     cfg = inengine_worker.config(out / "host", {**job, "engine": "fsdp"}, 1, 0.05)
     adapter = get_adapter(cfg.model.family)
     teacher = adapter.build(cfg.model).eval().requires_grad_(False)
     adapter.strip_head(teacher)
     images = [inengine_worker.stream(job, rank).batch_at(i).model_input() for rank in range(2) for i in range(CALIB)]
     states = stem_states(teacher, block_layout(teacher).blocks[0], images)
-    report = calibrate_blocks(teacher, states, ratio=RATIO, method="diversity", ridge=RIDGE,
+    report = calibrate_blocks(teacher, states, ratio=RATIO, method=spec.get("method", "diversity"), ridge=RIDGE,
                               holdout_fraction=spec["calib_holdout"])
     return teacher.state_dict(), report.sites
 
