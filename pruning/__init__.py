@@ -6,7 +6,8 @@
 - ``Budget`` / ``plan_widths`` / ``WidthPlan`` / ``prune_to_budget``: per-block widths at a uniform ratio's size.
 - ``keep_counts`` (widths per site), ``resize_mlps`` (an architecture at those widths), ``PruneReport`` /
   ``SiteReport`` (what pruning did), ``MlpSite`` / ``find_mlp_sites`` (where each block's MLP lives).
-- ``select_mlp_channels`` / ``METHODS`` (diversity, l2, random, taylor), ``collect_taylor_scores``.
+- ``select_mlp_channels`` / ``METHODS`` (diversity, l2, random, taylor; activation, on calibration activations,
+  inside ``prune_blocks``), ``collect_taylor_scores``.
 - ``ActivationStats`` (fp64 moments a sharded source all-reduces), ``BlockState`` / ``stem_states`` (block 0's
   calibration inputs), ``materialize_outside`` (a tower real outside its blocks), ``parameters_on_meta``.
 - ``load_pruned``: load any export (stock formats where widths are uniform).

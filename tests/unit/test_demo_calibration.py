@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tools.demo import calibration_images, pruned_copy, read_shard_images
+from tools.demo import calibration_images, mixed_calibration, pruned_copy, read_shard_images
 from trainer.data.make_shards import write_shards
 
 pytestmark = pytest.mark.unit
@@ -27,6 +27,9 @@ def test_calibration_pictures_continue_into_the_next_shard(tmp_path):
     assert torch.equal(got[:4], read_shard_images(shards[0], 4))
     assert torch.equal(got[4:], read_shard_images(shards[1], 1))
     assert calibration_images(listing, 3).shape[0] == 3
+    mixed = mixed_calibration(listing, listing, 4, fashion_share=0.25)  # 3 of the first list, 1 of the second
+    assert torch.equal(mixed[:3], got[:3]) and torch.equal(mixed[3:], got[:1])
+    assert torch.equal(mixed_calibration(listing, listing, 4), torch.cat([got[:2], got[:2]]))
 
 
 def test_compensated_copy_is_the_block_wise_output_fit():
@@ -49,3 +52,13 @@ def test_compensated_copy_is_the_block_wise_output_fit():
         assert torch.equal(a, b), name
     plain = pruned_copy(teacher, 1.0, "diversity")
     assert not torch.equal(plain.blocks[1].mlp.fc2.weight, got.blocks[1].mlp.fc2.weight)
+
+
+def test_calibration_bench_variants_parse():
+    from bench.demo_calibration import parse_variant
+
+    assert parse_variant("clip=576,fm=192,stride=4,ridge=1e-2") == {
+        "clip": 576, "fm": 192, "method": "activation", "stride": 4, "ridge": 1e-2, "steps": 300, "lr": 1e-3}
+    assert parse_variant("method=diversity,steps=0")["method"] == "diversity"
+    with pytest.raises(ValueError, match="unknown setting 'foo=1'"):
+        parse_variant("foo=1")
