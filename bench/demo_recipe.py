@@ -35,17 +35,8 @@ from tools.demo import (
     read_curves,
     read_shard_images,
     run_warmup_steps,
+    validation_overrides,
 )
-
-
-def validation_trace(run_dir: Path) -> dict[str, list[list[float]]]:
-    """``val/cos_cls`` and ``val/cos_patch`` as [step, value] pairs from the run's TensorBoard events."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir / "tensorboard"))
-    acc.Reload()
-    return {tag: [[e.step, e.value] for e in acc.Scalars(tag)] for tag in ("val/cos_cls", "val/cos_patch")
-            if tag in acc.Tags()["scalars"]}
 
 
 def main(argv: list[str]) -> int:
@@ -72,16 +63,18 @@ def main(argv: list[str]) -> int:
     teacher_feats = extract_features(teacher, normalised_batches(heldout, 16), forward_tokens, keep_patches=True,
                                      show_progress=False)
     run_dir = out / f"run_{tag}"
-    validation = [f"validation.shards={heldout_shard}", "validation.every_steps=20",
-                  f"validation.num_images={sizes.heldout_images}", "validation.batch_size=16"]
+    validation = validation_overrides(heldout_shard, sizes.heldout_images, 20)
     train_s = launch_training(run_dir, [(train_list, MIX_WEIGHTS["clipart"]), (fashion_list, MIX_WEIGHTS["fashion"])],
                               steps, 2, sizes.batch_size_per_rank, start, overrides=[*validation, *overrides])
     export = export_student(run_dir, out / f"export_{tag}")
     row = evaluate("recovered", load_export(export), heldout, fmnist, teacher_feats, sizes)[0]
-    loss = read_curves(run_dir)["loss/total"][1]
+    curves = read_curves(run_dir)
+    loss = curves["loss/total"][1]
     warmup = run_warmup_steps(run_dir)
     record = {"steps": steps, "warmup_steps": warmup, "overrides": overrides, "train_s": train_s,
-              "row": row.__dict__, "validation": validation_trace(run_dir),
+              "row": row.__dict__,
+              "validation": {tag: [list(p) for p in zip(*curve, strict=True)] for tag, curve in curves.items()
+                             if tag in ("val/cos_cls", "val/cos_patch", "val/loss")},
               "loss": {"first": loss[0], "max_during_warmup": max(loss[: max(1, warmup)]),
                        "last": loss[-1]}}
     (out / f"recovered_{tag}.json").write_text(json.dumps(record, indent=1))

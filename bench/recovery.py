@@ -17,7 +17,8 @@ of the demo's quick probe (1,000 / 300 Fashion-MNIST images at 112 px, the prefi
 1,500 sample), and the mean CLS / patch token cosine to the teacher on the 64 held-out pictures at 224 px.
 
 Rows. Without ``--row`` the rows are the grid ``--ratios`` x ``--methods`` x ``--compensate``. A
-``--row`` is one quoted string of ``key=value`` words: ``method`` (diversity, l2, random, taylor),
+``--row`` is one quoted string of ``key=value`` words: ``method`` (diversity, activation, l2, random, taylor;
+``activation`` only with ``compensate=output``),
 ``ratio`` (the paper's r), optional ``compensate`` (none | output), ``name`` (default
 ``<method>-r<ratio>[-comp]``) and any number of ``set=KEY=VALUE`` trainer overrides (one per word,
 so values may hold commas). ``--set KEY=VALUE`` applies to every row, before the row's own. Every row
@@ -69,7 +70,7 @@ from torch import nn  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "recovery.json"
 CALIB_PICTURES = 32  # taylor scores, as recovery.json was measured
-METHODS = ("diversity", "l2", "random", "taylor")
+METHODS = ("diversity", "activation", "l2", "random", "taylor")
 COMPENSATE = ("none", "output")
 ROW_KEYS = ("name", "method", "ratio", "compensate", "set")
 TAYLOR_BATCH = 8
@@ -111,6 +112,8 @@ def make_row(method: str, ratio: float | str, compensate: str = "none", name: st
         raise ValueError(f"ratio: must be > 0, got {ratio}")
     if compensate not in COMPENSATE:
         raise ValueError(f"compensate: must be one of {COMPENSATE}, got {compensate!r}")
+    if method == "activation" and compensate == "none":
+        raise ValueError("method: activation chooses the units inside the compensation: needs compensate=output")
     name = name or default_name(method, ratio, compensate)
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"name: {name!r} cannot be a folder name")
@@ -152,8 +155,10 @@ def plan_rows(args: argparse.Namespace) -> list[RowSpec]:
     if args.row:
         rows = [parse_row(text, common) for text in args.row]
     else:
+        # activation exists only inside the compensation: the grid skips it where compensate is none.
         rows = [make_row(m, r, c, overrides=common)
-                for r, m, c in itertools.product(args.ratios, args.methods, args.compensate)]
+                for r, m, c in itertools.product(args.ratios, args.methods, args.compensate)
+                if not (m == "activation" and c == "none")]
     names = [r.name for r in rows]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

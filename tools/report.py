@@ -24,7 +24,8 @@ class ModelRow:
     knn_top1: float
     """kNN (k=20) top-1 accuracy on the Fashion-MNIST subset, 0-1."""
     linear_top1: float
-    """Linear-probe top-1 accuracy on the same Fashion-MNIST features (probe fitted on the train subset), 0-1."""
+    """Linear-probe top-1 accuracy on the same Fashion-MNIST features (probe fitted on the train subset, its L2
+    strength chosen there by 5-fold validation), 0-1."""
     cls_cosine: float
     """Mean cosine of the CLS token to the teacher's on the held-out shard."""
     patch_cosine: float
@@ -33,6 +34,8 @@ class ModelRow:
     """kNN top-1 on the quick probe (a prefix of the probe's train and test samples), 0-1; None: not measured."""
     linear_quick: float | None = None
     """Linear-probe top-1 on the quick probe, 0-1."""
+    linear_weight_decay: float | None = None
+    """The probe's L2 strength, chosen on the train features (``trainer.eval.choose_weight_decay``)."""
 
 
 def _canvas(title: str) -> tuple[Image.Image, ImageDraw.ImageDraw, ImageFont.ImageFont]:

@@ -78,6 +78,16 @@ def test_tiny_demo_writes_the_report(tmp_path: Path) -> None:
         assert f"{100 * r['knn_quick']:.1f}" == rows[r["name"]].group(8)
         assert f"{100 * r['linear_quick']:.1f}" == rows[r["name"]].group(9)
     assert results["notes"]["steps"] == 2
+    # The probe's weight decay was chosen per model among the candidates, and the report names it.
+    from trainer.eval.linear_probe import WEIGHT_DECAYS
+
+    assert all(r["linear_weight_decay"] in WEIGHT_DECAYS for r in results["rows"])
+    assert "5-fold" in text
+    # The trainer validated on the held-out shard before the first step and after the last (the held-out loss
+    # the report quotes beside the one-batch training loss).
+    held = results["notes"]["heldout_loss"]
+    assert held["steps"][0] == 0 and held["steps"][-1] == 2 and all(v > 0 for v in held["values"])
+    assert "held-out pictures" in text
     assert any((run / "tensorboard").glob("events.out.tfevents.*"))
 
     # The training stream mixed clip art with unlabeled Fashion-MNIST training images, none of them the probe's.

@@ -31,6 +31,7 @@ def test_a_row_string_names_method_ratio_compensation_and_repeated_trainer_overr
     ("method=l2 ratio=1 lr=3", "unknown key 'lr'"),
     ("method=l2 ratio=1 set=optim.base_lr", "is not of the form KEY=VALUE"),
     ("method=l2 method=random ratio=1", "method given twice"),
+    ("method=activation ratio=1", "needs compensate=output"),
 ])
 def test_bad_rows_are_refused_naming_the_field(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -45,6 +46,9 @@ def test_the_default_grid_is_four_methods_at_r1_then_r2(capsys: pytest.CaptureFi
                        "--set", "optim.base_lr=1e-3"]).rows
     assert grid == [RowSpec("l2-r1", "l2", 1.0, "none", ("optim.base_lr=1e-3",)),
                     RowSpec("l2-r1-comp", "l2", 1.0, "output", ("optim.base_lr=1e-3",))]
+    # activation chooses its units inside the compensation: in the grid only where it is compensated.
+    grid = parse_args(["--methods", "diversity", "activation", "--ratios", "1", "--compensate", "none", "output"]).rows
+    assert [r.name for r in grid] == ["diversity-r1", "diversity-r1-comp", "activation-r1-comp"]
     with pytest.raises(SystemExit):
         parse_args(["--row", "method=l2 ratio=1", "--row", "method=l2 ratio=1"])
     assert "row names must be unique" in capsys.readouterr().err

@@ -5,7 +5,12 @@ from trainer.eval.fashion_mnist import load_fashion_mnist, read_idx
 from trainer.eval.features import Features, ForwardFeatures, extract_features
 from trainer.eval.fidelity import model_fidelity, token_fidelity
 from trainer.eval.knn import knn_accuracy, knn_predict
-from trainer.eval.linear_probe import LinearProbe, fit_linear_probe, linear_probe_accuracy
+from trainer.eval.linear_probe import (
+    LinearProbe,
+    choose_weight_decay,
+    fit_linear_probe,
+    linear_probe_accuracy,
+)
 from trainer.eval.preprocess import image_batches
 from trainer.eval.zero_shot import (
     DEFAULT_TEMPLATES,
@@ -20,6 +25,7 @@ __all__ = [
     "Features",
     "ForwardFeatures",
     "LinearProbe",
+    "choose_weight_decay",
     "extract_features",
     "fit_linear_probe",
     "image_batches",
