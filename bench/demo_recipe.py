@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from tools.demo import (
+    COMPENSATED_FILE,
     FASHION_MNIST,
     FULL,
     MIX_WEIGHTS,
@@ -36,6 +37,7 @@ from tools.demo import (
     read_shard_images,
     run_warmup_steps,
     validation_overrides,
+    validation_trace,
 )
 
 
@@ -48,7 +50,7 @@ def main(argv: list[str]) -> int:
         return 2
     steps, tag, overrides = int(argv[0]), argv[1], argv[2:]
     out = Path("demo_out").resolve()
-    start = out / "compensated_student.safetensors"
+    start = out / COMPENSATED_FILE
     if not start.is_file():
         print(f"error: {start} not found: run python -m tools.demo --out demo_out first", file=sys.stderr)
         return 2
@@ -73,8 +75,7 @@ def main(argv: list[str]) -> int:
     warmup = run_warmup_steps(run_dir)
     record = {"steps": steps, "warmup_steps": warmup, "overrides": overrides, "train_s": train_s,
               "row": row.__dict__,
-              "validation": {tag: [list(p) for p in zip(*curve, strict=True)] for tag, curve in curves.items()
-                             if tag in ("val/cos_cls", "val/cos_patch", "val/loss")},
+              "validation": validation_trace(curves),
               "loss": {"first": loss[0], "max_during_warmup": max(loss[: max(1, warmup)]),
                        "last": loss[-1]}}
     (out / f"recovered_{tag}.json").write_text(json.dumps(record, indent=1))

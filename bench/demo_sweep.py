@@ -67,7 +67,6 @@ def parse_row(text: str) -> tuple[str, int, list[str]]:
 
 def run_row(name: str, steps: int, overrides: list[str], ctx: dict, args: argparse.Namespace) -> dict:
     """Train, validate along the way, export and evaluate one row; its record."""
-    from bench.demo_recipe import validation_trace
     from tools.demo import (
         MIX_WEIGHTS,
         evaluate,
@@ -76,13 +75,13 @@ def run_row(name: str, steps: int, overrides: list[str], ctx: dict, args: argpar
         load_export,
         read_curves,
         run_warmup_steps,
+        validation_overrides,
+        validation_trace,
     )
 
     out = args.out
     run_dir, export_dir = out / "sweep" / name / "run", out / "sweep" / name / "export"
-    every = max(1, steps // args.val_points)
-    validation = [f"validation.shards={ctx['heldout_shard']}", f"validation.every_steps={every}",
-                  f"validation.num_images={ctx['sizes'].heldout_images}", "validation.batch_size=16"]
+    validation = validation_overrides(ctx["heldout_shard"], ctx["sizes"].heldout_images, steps // args.val_points)
     sources = [(ctx["train_list"], MIX_WEIGHTS["clipart"]), (ctx["fashion_list"], MIX_WEIGHTS["fashion"])]
     train_s = launch_training(run_dir, sources, steps, 2, ctx["sizes"].batch_size_per_rank, ctx["start"],
                               overrides=[*validation, *overrides])
@@ -95,7 +94,7 @@ def run_row(name: str, steps: int, overrides: list[str], ctx: dict, args: argpar
     step_s = curves_step_seconds(run_dir)
     return {"name": name, "steps": steps, "overrides": overrides, "warmup_steps": warmup,
             "train_s": round(train_s, 1), "seconds_per_step": step_s, "eval_s": round(time.perf_counter() - t0, 1),
-            "row": row.__dict__, "validation": validation_trace(run_dir),
+            "row": row.__dict__, "validation": validation_trace(curves),
             "loss": {"first": loss[0], "max_during_warmup": max(loss[: max(1, warmup)]), "last": loss[-1]}}
 
 
@@ -113,6 +112,7 @@ def curves_step_seconds(run_dir: Path) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     from tools.demo import (
+        COMPENSATED_FILE,
         FASHION_MNIST,
         FULL,
         build_fashion_shards,
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(name, *ROWS[name]) for name in args.rows] + [parse_row(text) for text in args.row]
     if not plan:
         parser.error("no rows: give --rows and/or --row")
-    start = args.out / "compensated_student.safetensors"
+    start = args.out / COMPENSATED_FILE
     if not start.is_file():
         print(f"error: {start} not found: run python -m tools.demo --out {args.out} first", file=sys.stderr)
         return 2

@@ -67,6 +67,8 @@ class token weighing as much as the patch tokens (CLS cosine 0.87 -> 0.90, bench
 300 Adam steps on its block's calibration tokens; ridge 1e-2 and ``activation`` ranked on every 4th batch: 0.9446
 / 0.9481 on the demo's 768 pictures (bench/results/demo_calibration.json; docs/demo.md)."""
 STUDENT_FILE = "student.safetensors"
+COMPENSATED_FILE = "compensated_student.safetensors"
+"""The compensated start in the demo's folder (``prune.student_init`` of the run)."""
 
 
 @dataclass(frozen=True)
@@ -500,33 +502,31 @@ def knn_eval_model(model: nn.Module, size: int) -> nn.Module:
     return smaller.eval()
 
 
+def fashion_features(model: nn.Module, fmnist: dict, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLS features [N, D] of the probe's train and test images at ``size`` px (positions resampled)."""
+    from trainer.data.base import InputSpec
+    from trainer.eval import extract_features, image_batches
+    from trainer.models.dinov2_onnx import INPUT_SPEC, forward_tokens
+
+    spec = InputSpec(size, INPUT_SPEC.mean, INPUT_SPEC.std)
+    small = knn_eval_model(model, size)
+    return tuple(extract_features(small, image_batches(fmnist[f"{split}_x"], spec, 50), forward_tokens,
+                                  show_progress=False).cls for split in ("train", "test"))
+
+
 def evaluate(name: str, model: nn.Module, heldout: torch.Tensor, fmnist: dict, teacher_features, sizes: Sizes):
     """(row, held-out Features, images/s at 224 px) for one model.
 
     kNN and the linear probe read the same Fashion-MNIST CLS features (one extraction).
     """
     from tools.report import ModelRow
-    from trainer.data.base import InputSpec
-    from trainer.eval import (
-        choose_weight_decay,
-        extract_features,
-        image_batches,
-        knn_accuracy,
-        linear_probe_accuracy,
-        token_fidelity,
-    )
-    from trainer.models.dinov2_onnx import INPUT_SPEC, forward_tokens
+    from trainer.eval import choose_weight_decay, knn_accuracy, linear_probe_accuracy, token_fidelity
 
     start = time.perf_counter()
     feats = heldout_features(model, heldout)
     ips = len(heldout) / (time.perf_counter() - start)
     fid = token_fidelity(feats, teacher_features or feats)
-    spec = InputSpec(sizes.knn_image_size, INPUT_SPEC.mean, INPUT_SPEC.std)
-    small = knn_eval_model(model, sizes.knn_image_size)
-    train_f = extract_features(small, image_batches(fmnist["train_x"], spec, 50), forward_tokens,
-                               show_progress=False).cls
-    test_f = extract_features(small, image_batches(fmnist["test_x"], spec, 50), forward_tokens,
-                              show_progress=False).cls
+    train_f, test_f = fashion_features(model, fmnist, sizes.knn_image_size)
     acc = knn_accuracy(train_f, fmnist["train_y"], test_f, fmnist["test_y"], k=20)
     # One L2 strength per model, validated on the probe's train sample, serves both probes.
     wd = choose_weight_decay(train_f, fmnist["train_y"])
@@ -569,6 +569,11 @@ def read_curves(run_dir: Path) -> dict[str, tuple[list[float], list[float]]]:
     if not curves:
         raise ValueError(f"{run_dir / 'tensorboard'}: no loss scalars")
     return curves
+
+
+def validation_trace(curves: dict[str, tuple[list[float], list[float]]]) -> dict[str, list[list[float]]]:
+    """The trainer's held-out validation along a run, ``[step, value]`` pairs per ``val/*`` tag of ``read_curves``."""
+    return {tag: [list(p) for p in zip(*curve, strict=True)] for tag, curve in curves.items() if tag.startswith("val/")}
 
 
 # ---------------------------------------------------------------- report
@@ -682,7 +687,7 @@ def run_demo(args: argparse.Namespace) -> Path:
                       f"{time.perf_counter() - start:.0f} s")
         rows.append(evaluate("compensated", compensated, heldout, fmnist, teacher_feats, sizes)[0])
         # Distillation starts from the compensated student (same ratio, method and seed: same shapes).
-        student_init = save_student(compensated, out / "compensated_student.safetensors")
+        student_init = save_student(compensated, out / COMPENSATED_FILE)
 
     ranks = 1 if args.tiny else args.ranks
     global_batch = sizes.batch_size_per_rank * ranks

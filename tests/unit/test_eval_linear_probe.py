@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.eval import choose_weight_decay, fit_linear_probe, linear_probe_accuracy
+from trainer.eval import choose_weight_decay, fit_linear_probe, fold_accuracies, linear_probe_accuracy
 
 pytestmark = pytest.mark.unit
 
@@ -50,6 +50,9 @@ def test_weight_decay_is_validated_on_train_features_only():
     train_x, train_y = _noisy_few_samples(200, seed=0)
     test_x, test_y = _noisy_few_samples(2000, seed=1)
     candidates = (1e-5, 1e-1)
+    accuracy = fold_accuracies(train_x, train_y, candidates)
+    assert set(accuracy) == set(candidates) and all(0 <= a <= 1 for a in accuracy.values())
+    assert accuracy[1e-1] > accuracy[1e-5]
     chosen = choose_weight_decay(train_x, train_y, candidates)
     assert chosen == 1e-1  # the strong one
     # It generalises better on data the choice never saw, and the default probe makes the same choice.

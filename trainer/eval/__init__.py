@@ -9,6 +9,7 @@ from trainer.eval.linear_probe import (
     LinearProbe,
     choose_weight_decay,
     fit_linear_probe,
+    fold_accuracies,
     linear_probe_accuracy,
 )
 from trainer.eval.preprocess import image_batches
@@ -28,6 +29,7 @@ __all__ = [
     "choose_weight_decay",
     "extract_features",
     "fit_linear_probe",
+    "fold_accuracies",
     "image_batches",
     "knn_accuracy",
     "knn_predict",

@@ -68,16 +68,16 @@ def fit_linear_probe(
     return LinearProbe(mean, std, weight.detach(), bias.detach())
 
 
-def choose_weight_decay(
+def fold_accuracies(
     features: torch.Tensor,
     labels: torch.Tensor,
     candidates: Sequence[float] = WEIGHT_DECAYS,
     folds: int = FOLDS,
     seed: int = 0,
     max_iter: int = 200,
-) -> float:
-    """The L2 strength of ``candidates`` with the best ``folds``-fold accuracy on these (train) features; ties go
-    to the stronger. Deterministic: the folds are a seeded permutation."""
+) -> dict[float, float]:
+    """Each L2 strength's ``folds``-fold accuracy in [0, 1] on these (train) features; the folds are a seeded
+    permutation, so the result is deterministic."""
     if not candidates:
         raise ValueError("candidates: no weight decay to choose from")
     if folds < 2 or features.shape[0] < folds:
@@ -91,7 +91,21 @@ def choose_weight_decay(
         for wd in candidates:
             probe = fit_linear_probe(features[fit], labels[fit], classes, wd, max_iter)
             correct[wd] += int((probe.predict(features[held]) == labels[held].long()).sum())
-    return max(candidates, key=lambda wd: (correct[wd], wd))
+    return {wd: hits / features.shape[0] for wd, hits in correct.items()}
+
+
+def choose_weight_decay(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    candidates: Sequence[float] = WEIGHT_DECAYS,
+    folds: int = FOLDS,
+    seed: int = 0,
+    max_iter: int = 200,
+) -> float:
+    """The L2 strength of ``candidates`` with the best ``fold_accuracies`` on these (train) features; ties go to
+    the stronger."""
+    accuracy = fold_accuracies(features, labels, candidates, folds, seed, max_iter)
+    return max(candidates, key=lambda wd: (accuracy[wd], wd))
 
 
 def linear_probe_accuracy(
