@@ -30,9 +30,9 @@ from tools.demo import (
     evaluate,
     export_student,
     fashion_subset,
+    heldout_features,
     launch_training,
     load_export,
-    normalised_batches,
     read_curves,
     read_shard_images,
     run_warmup_steps,
@@ -42,8 +42,7 @@ from tools.demo import (
 
 
 def main(argv: list[str]) -> int:
-    from trainer.eval import extract_features
-    from trainer.models.dinov2_onnx import forward_tokens, load_dinov2_vits14
+    from trainer.models.dinov2_onnx import load_dinov2_vits14
 
     if len(argv) < 2:
         print(__doc__, file=sys.stderr)
@@ -62,8 +61,7 @@ def main(argv: list[str]) -> int:
     fmnist = fashion_subset(sizes, FASHION_MNIST)
     fashion_list = build_fashion_shards(out, FASHION_MNIST, sizes, fmnist["train_index"])
     teacher = load_dinov2_vits14().eval()
-    teacher_feats = extract_features(teacher, normalised_batches(heldout, 16), forward_tokens, keep_patches=True,
-                                     show_progress=False)
+    teacher_feats = heldout_features(teacher, heldout)
     run_dir = out / f"run_{tag}"
     validation = validation_overrides(heldout_shard, sizes.heldout_images, 20)
     train_s = launch_training(run_dir, [(train_list, MIX_WEIGHTS["clipart"]), (fashion_list, MIX_WEIGHTS["fashion"])],

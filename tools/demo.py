@@ -520,7 +520,13 @@ def evaluate(name: str, model: nn.Module, heldout: torch.Tensor, fmnist: dict, t
     kNN and the linear probe read the same Fashion-MNIST CLS features (one extraction).
     """
     from tools.report import ModelRow
-    from trainer.eval import choose_weight_decay, knn_accuracy, linear_probe_accuracy, token_fidelity
+    from trainer.eval import (
+        choose_weight_decay,
+        fold_accuracies,
+        knn_accuracy,
+        linear_probe_accuracy,
+        token_fidelity,
+    )
 
     start = time.perf_counter()
     feats = heldout_features(model, heldout)
@@ -529,7 +535,7 @@ def evaluate(name: str, model: nn.Module, heldout: torch.Tensor, fmnist: dict, t
     train_f, test_f = fashion_features(model, fmnist, sizes.knn_image_size)
     acc = knn_accuracy(train_f, fmnist["train_y"], test_f, fmnist["test_y"], k=20)
     # One L2 strength per model, validated on the probe's train sample, serves both probes.
-    wd = choose_weight_decay(train_f, fmnist["train_y"])
+    wd = choose_weight_decay(fold_accuracies(train_f, fmnist["train_y"]))
     linear = linear_probe_accuracy(train_f, fmnist["train_y"], test_f, fmnist["test_y"], weight_decay=wd)
     # The quick probe is a prefix of the probe's random samples: the same features, no second extraction.
     nq, mq = min(sizes.quick_train, len(train_f)), min(sizes.quick_test, len(test_f))

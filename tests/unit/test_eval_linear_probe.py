@@ -53,26 +53,26 @@ def test_weight_decay_is_validated_on_train_features_only():
     accuracy = fold_accuracies(train_x, train_y, candidates)
     assert set(accuracy) == set(candidates) and all(0 <= a <= 1 for a in accuracy.values())
     assert accuracy[1e-1] > accuracy[1e-5]
-    chosen = choose_weight_decay(train_x, train_y, candidates)
+    chosen = choose_weight_decay(accuracy)
     assert chosen == 1e-1  # the strong one
     # It generalises better on data the choice never saw, and the default probe makes the same choice.
     weak = linear_probe_accuracy(train_x, train_y, test_x, test_y, weight_decay=1e-5)
     strong = linear_probe_accuracy(train_x, train_y, test_x, test_y, weight_decay=1e-1)
     assert strong > weak + 0.05
     # Deterministic, and independent of the test set.
-    assert choose_weight_decay(train_x, train_y, candidates) == chosen
+    assert choose_weight_decay(fold_accuracies(train_x, train_y, candidates)) == chosen
     assert linear_probe_accuracy(train_x, train_y, test_x[:500], test_y[:500]) == linear_probe_accuracy(
-        train_x, train_y, test_x[:500], test_y[:500], weight_decay=choose_weight_decay(train_x, train_y))
+        train_x, train_y, test_x[:500], test_y[:500], weight_decay=choose_weight_decay(fold_accuracies(train_x, train_y)))
 
 
 def test_separable_data_keeps_a_weak_weight_decay():
     x, y = _linearly_separable(400, seed=3)
-    assert choose_weight_decay(x, y, (1e-4, 10.0)) == 1e-4  # 10 shrinks the weights until classes blur
+    assert choose_weight_decay(fold_accuracies(x, y, (1e-4, 10.0))) == 1e-4  # 10 shrinks the weights until classes blur
 
 
 def test_bad_folds_are_refused():
     x, y = _linearly_separable(4, seed=0)
     with pytest.raises(ValueError, match="folds"):
-        choose_weight_decay(x, y, folds=5)
+        fold_accuracies(x, y, folds=5)
     with pytest.raises(ValueError, match="candidates"):
-        choose_weight_decay(x, y, ())
+        fold_accuracies(x, y, ())

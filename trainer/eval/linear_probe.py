@@ -1,21 +1,21 @@
 """Multinomial logistic regression on frozen features, fitted full-batch with L-BFGS (plain torch).
 
 The L2 strength is validated, not fixed (the usual linear-evaluation protocol): ``choose_weight_decay`` picks it
-by k-fold accuracy on the train features alone. A fixed weak one (1e-4, the probe's until session 10) overfits
+by its k-fold accuracy on the train features alone (``fold_accuracies``). A fixed weak one (1e-4, the probe's until session 10) overfits
 3,000 samples of 384 good features: the demo's teacher and compensated and recovered students gained 1.0-2.7
 points with the validated one (docs/demo.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 WEIGHT_DECAYS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
-"""L2 strengths (on standardised features) that ``choose_weight_decay`` tries."""
+"""L2 strengths (on standardised features) that ``fold_accuracies`` tries by default."""
 FOLDS = 5
 
 
@@ -95,18 +95,9 @@ def fold_accuracies(
     return {wd: hits / features.shape[0] for wd, hits in correct.items()}
 
 
-def choose_weight_decay(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    candidates: Sequence[float] = WEIGHT_DECAYS,
-    folds: int = FOLDS,
-    seed: int = 0,
-    max_iter: int = 200,
-) -> float:
-    """The L2 strength of ``candidates`` with the best ``fold_accuracies`` on these (train) features; ties go to
-    the stronger."""
-    accuracy = fold_accuracies(features, labels, candidates, folds, seed, max_iter)
-    return max(candidates, key=lambda wd: (accuracy[wd], wd))
+def choose_weight_decay(accuracy: Mapping[float, float]) -> float:
+    """The L2 strength with the best ``fold_accuracies``; ties go to the stronger."""
+    return max(accuracy, key=lambda wd: (accuracy[wd], wd))
 
 
 def linear_probe_accuracy(
@@ -118,9 +109,9 @@ def linear_probe_accuracy(
     max_iter: int = 200,
 ) -> float:
     """Top-1 accuracy in [0, 1] on the test features of a probe fitted on the train features. ``weight_decay``:
-    None chooses it on the train features (``choose_weight_decay``; the test features are never seen)."""
+    None chooses it on the train features (``fold_accuracies``; the test features are never seen)."""
     if weight_decay is None:
-        weight_decay = choose_weight_decay(train_features, train_labels, max_iter=max_iter)
+        weight_decay = choose_weight_decay(fold_accuracies(train_features, train_labels, max_iter=max_iter))
     classes = int(max(train_labels.max().item(), test_labels.max().item()) + 1)
     probe = fit_linear_probe(train_features, train_labels, classes, weight_decay, max_iter)
     return (probe.predict(test_features) == test_labels.long()).float().mean().item()
